@@ -21,7 +21,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
@@ -78,19 +78,28 @@ class ToyConfig:
     # pairs and evaluation
     num_pairs: int = 8192
     eval_samples: int = 20000
-    # distillation (DMD's settings where they transfer; lr, steps and batch sized for a 2D MLP)
-    distill_steps: int = 2500
-    batch: int = 512
-    generator_lr: float = 1e-4
-    fake_lr: float = 1e-4
+    # distillation: DMD's AdamW (wd 0.01, betas 0.9/0.999), warm-up, grad clip 10 and 1:1 updates; lr, batch and
+    # steps sized for a 2D MLP. The fake score keeps a constant lr so it tracks the generator closely (a slower one
+    # lets the two oscillate); the generator's lr anneals to 0 so it settles instead of random-walking on the DM
+    # gradient's noise.
+    distill_steps: int = 3000
+    batch: int = 1024
+    generator_lr: float = 1e-3
+    fake_lr: float = 1e-3
     warmup_steps: int = 100
+    generator_lr_schedule: str = "cosine"
+    fake_lr_schedule: str = "constant"
     grad_clip: float = 10.0
-    lambda_reg: float = 0.25
+    # The DM gradient is normalised to O(1) per element whatever the distance to the target, while an L2 regression
+    # gradient is 2 * lambda * |G(z) - y| and vanishes as G approaches y: lambda must make regression matter at the
+    # scale of a mode's width (~0.07 in normalised units here). DMD's 0.25 was calibrated for LPIPS on images.
+    lambda_reg: float = 25.0
     fake_updates: int = 1
+    # DMD App. C.2: without regression the generator diverges at the full lr; the paper lowered it 5x (5e-5 -> 1e-5)
+    no_regression_lr_scale: float = 0.2
     t_range: tuple[float, float] = (0.02, 0.98)
     generator_timestep: int = 999
     variants: tuple[str, ...] = ("dmd", "dmd_no_regression", "dmd_no_dm")
-    extra: dict = field(default_factory=dict)
 
 
 VARIANTS = {  # name -> (dm_weight, lambda_reg multiplier)
@@ -100,9 +109,20 @@ VARIANTS = {  # name -> (dm_weight, lambda_reg multiplier)
 }
 
 
-def _adamw(params, lr: float, warmup: int):
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warm-up, then constant (DMD) or cosine annealing to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    raise ValueError(f"unknown lr schedule {schedule!r}; expected constant or cosine")
+
+
+def _adamw(params, lr: float, warmup: int, total: int = 0, schedule: str = "constant"):
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total, schedule))
     return opt, sched
 
 
@@ -143,8 +163,9 @@ def distill(
         lambda_reg=cfg.lambda_reg * reg_scale,
         dm_weight=dm_weight,
     )
-    opt_g, sched_g = _adamw(generator.parameters(), cfg.generator_lr, cfg.warmup_steps)
-    opt_f, sched_f = _adamw(fake.parameters(), cfg.fake_lr, cfg.warmup_steps)
+    generator_lr = cfg.generator_lr * (cfg.no_regression_lr_scale if reg_scale == 0 else 1.0)
+    opt_g, sched_g = _adamw(generator.parameters(), generator_lr, cfg.warmup_steps, cfg.distill_steps, cfg.generator_lr_schedule)
+    opt_f, sched_f = _adamw(fake.parameters(), cfg.fake_lr, cfg.warmup_steps, cfg.distill_steps * cfg.fake_updates, cfg.fake_lr_schedule)
     pair_noise, pair_target = pairs
     for step in range(cfg.distill_steps):
         idx = torch.randint(0, pair_noise.shape[0], (cfg.batch,), generator=gen)

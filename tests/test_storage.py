@@ -1,0 +1,74 @@
+"""Storage: local paths and s3:// URIs through the same code, against a real S3 server on 127.0.0.1."""
+import os
+
+import pytest
+
+from dmd_ray import storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "root")
+    return request.getfixturevalue("s3_bucket") + "/some/prefix"
+
+
+def test_write_read_list(root):
+    storage.write_bytes(storage.join(root, "a.json"), b"{}")
+    storage.write_bytes(storage.join(root, "b.bin"), b"x" * 100)
+    assert storage.list_files(root) == ["a.json", "b.bin"]
+    assert storage.read_bytes(storage.join(root, "b.bin")) == b"x" * 100
+    assert storage.exists(storage.join(root, "a.json")) and not storage.exists(storage.join(root, "c"))
+    storage.delete_file(storage.join(root, "a.json"))
+    assert storage.list_files(root) == ["b.bin"]
+    assert storage.list_files(storage.join(root, "missing")) == []
+
+
+def test_local_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = str(tmp_path / "out" / "file.bin")
+
+    def failing(fs, path):
+        with fs.open_output_stream(path) as f:
+            f.write(b"half")
+        raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError):
+        storage.write_atomic(target, failing)
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_s3_uses_endpoint_from_environment(s3_bucket):
+    fs, path = storage.resolve(s3_bucket + "/x")
+    assert "127.0.0.1" in str(os.environ["AWS_ENDPOINT_URL"]) and path.endswith("/x")
+    storage.check_access(s3_bucket)  # no error
+
+
+def test_missing_bucket_is_a_clear_error(s3_server):
+    with pytest.raises(storage.StorageError, match="does not exist"):
+        storage.check_access("s3://no-such-bucket-here/prefix")
+
+
+def test_unreachable_endpoint_is_a_clear_error(s3_bucket, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    with pytest.raises(storage.StorageError, match="cannot reach"):
+        storage.check_access(s3_bucket)
+
+
+def test_unwritable_local_path_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(storage.StorageError, match="cannot write"):
+        storage.check_access(str(blocker / "sub"))
+
+
+def test_download_prefix_selects_files(s3_bucket, tmp_path):
+    for name in ("unet/weights.safetensors", "unet/config.json", "unet/diffusion_pytorch_model.bin", "README.md"):
+        storage.write_bytes(f"{s3_bucket}/model/{name}", b"0")
+    wanted = lambda rel: rel.endswith((".safetensors", ".json"))  # noqa: E731
+    local = storage.download_prefix(s3_bucket + "/model", str(tmp_path / "cache"), wanted)
+    assert sorted(os.listdir(local)) == ["unet"]
+    assert sorted(os.listdir(os.path.join(local, "unet"))) == ["config.json", "weights.safetensors"]
+    assert storage.download_prefix(s3_bucket + "/model", local, wanted) == local  # cached: no second download
+    with pytest.raises(storage.StorageError, match="nothing to download"):
+        storage.download_prefix(s3_bucket + "/model", str(tmp_path / "cache2"), lambda rel: rel.endswith(".ckpt"))
+    assert not os.path.exists(tmp_path / "cache2")
