@@ -21,6 +21,14 @@ from dmd_ray.generator import OneStepGenerator
 from dmd_ray.losses import DenoisingLoss, DistributionMatchingLoss, RegressionLoss
 
 
+def _concat(conds: list[Any]) -> Any:
+    if conds[0] is None:
+        return None
+    if len(conds) == 1:
+        return conds[0]
+    return torch.cat(conds)
+
+
 @dataclass
 class DMDObjective:
     generator: OneStepGenerator
@@ -47,17 +55,26 @@ class DMDObjective:
         pair_target: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """The generator's loss on fresh noise (DM) and on stored teacher pairs (regression)."""
-        total = torch.zeros((), device=noise.device)
+        """The generator's loss on fresh noise (DM) and on stored teacher pairs (regression).
+
+        Both batches go through the generator in one forward (DMD Alg. 1 concatenates them too), so a sharded
+        generator gathers its weights once per step.
+        """
+        use_dm = self.dm_weight != 0
+        use_reg = self.regression is not None and self.lambda_reg != 0
+        if use_reg and (pair_noise is None or pair_target is None):
+            raise ValueError("the regression loss needs a batch of (noise, target) pairs")
+        inputs = ([(noise, cond)] if use_dm else []) + ([(pair_noise, pair_cond)] if use_reg else [])
+        out = self.generator(torch.cat([z for z, _ in inputs]), _concat([c for _, c in inputs]))
+        total = torch.zeros((), device=out.device)
         logs: dict[str, float] = {}
-        if self.dm_weight != 0:
-            loss_dm = self.dm_loss(self.generator(noise, cond), cond, generator=generator)
+        if use_dm:
+            x = out[: noise.shape[0]]
+            loss_dm = self.dm_loss(x, cond, generator=generator)
             total = total + self.dm_weight * loss_dm
             logs["loss_dm"] = loss_dm.item()
-        if self.regression is not None and self.lambda_reg != 0:
-            if pair_noise is None or pair_target is None:
-                raise ValueError("the regression loss needs a batch of (noise, target) pairs")
-            loss_reg = self.regression(self.generator(pair_noise, pair_cond), pair_target)
+        if use_reg:
+            loss_reg = self.regression(out[out.shape[0] - pair_noise.shape[0] :], pair_target)
             total = total + self.lambda_reg * loss_reg
             logs["loss_reg"] = loss_reg.item()
         logs["loss_generator"] = total.item()

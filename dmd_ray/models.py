@@ -356,6 +356,41 @@ def build_tiny_teacher(seed: int = 0, prediction_type: str = "epsilon") -> Teach
     return Teacher(tokenizer, text_encoder, unet, vae, scheduler, source="tiny")
 
 
+def build_sd15_architecture(seed: int = 0, prediction_type: str = "epsilon") -> Teacher:
+    """Stable Diffusion 1.5's architecture (860M-parameter UNet, CLIP ViT-L/14 text encoder, the SD VAE) with
+    seeded random weights: for measuring speed and memory, which do not depend on the weights. Its tokenizer is the
+    tiny one at SD's 77-token length (token ids only need to index the embedding table)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = _tiny_tokenizer()
+    tokenizer.model_max_length = 77
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        )
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+            scaling_factor=0.18215,
+        )
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                              set_alpha_to_one=False, skip_prk_steps=True, prediction_type=prediction_type)
+    _freeze(text_encoder, unet, vae)
+    return Teacher(tokenizer, text_encoder, unet, vae, scheduler, source="sd15-architecture")
+
+
+BUILT_IN = {"tiny": build_tiny_teacher, "sd15-architecture": build_sd15_architecture}
+
+
 # --------------------------------------------------------------------------------------------- loading
 def _looks_like_path(spec: str) -> bool:
     """Hub ids are "name" or "owner/name"; anything with more structure than that was meant as a path."""
@@ -460,8 +495,8 @@ def load_teacher(spec: str, cache_dir: str | None = None, torch_dtype: torch.dty
     Hugging Face cache as usual. `torch_dtype` applies to the three networks.
     """
     spec = str(spec)
-    if spec == "tiny":
-        return build_tiny_teacher().to(dtype=torch_dtype)
+    if spec in BUILT_IN:
+        return BUILT_IN[spec]().to(dtype=torch_dtype)
     if storage.is_s3(spec):
         return _load_folder(_download_s3(spec, cache_dir), spec, torch_dtype)
     local = os.path.expanduser(spec[len("file://") :] if spec.startswith("file://") else spec)
@@ -516,6 +551,8 @@ def describe_teacher(spec: str, cache_dir: str | None = None) -> TeacherInfo:
     if spec == "tiny":
         t = build_tiny_teacher()
         return TeacherInfo(spec, t.unet.config.in_channels, t.vae_scale_factor, t.unet.config.sample_size, t.prediction_type)
+    if spec == "sd15-architecture":
+        return TeacherInfo(spec, 4, 8, 64, "epsilon")
     if storage.is_s3(spec):
         where = _download_s3(spec, cache_dir)
     else:

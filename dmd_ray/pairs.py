@@ -365,3 +365,82 @@ def config_dict(cfg: PairsConfig) -> dict:
 
 def local_threads() -> int:
     return max(1, (os.cpu_count() or 1))
+
+
+class PairStream:
+    """Endless batches of pairs for one of `world` workers, in an order that can be replayed exactly.
+
+    The worker owns shards k with k % world == rank; each epoch visits them in an order drawn from (seed, rank,
+    epoch) and reads them through Ray Data (read_parquet with preserve_order), rows in file order. `state()` is
+    (epoch, rows consumed in the epoch); a stream built from it continues with exactly the next batch. Batches never
+    straddle epochs (the short tail of an epoch is dropped).
+    """
+
+    def __init__(self, uri: str, batch_size: int, rank: int, world: int, seed: int, state: dict | None = None):
+        manifest = load_manifest(uri)
+        shards = shard_uris(uri)
+        cfg = manifest["config"]
+        sizes = [len(range(k * cfg["shard_size"], min((k + 1) * cfg["shard_size"], cfg["num_pairs"]))) for k in range(len(shards))]
+        self.mine = [(shards[k], sizes[k]) for k in range(len(shards)) if k % world == rank]
+        if not self.mine:
+            raise ValueError(f"pairs {uri} have {len(shards)} shards: none for worker {rank} of {world}")
+        per_epoch = sum(n for _, n in self.mine)
+        if per_epoch < batch_size:
+            raise ValueError(f"worker {rank} of {world} has {per_epoch} pairs, fewer than its batch of {batch_size}")
+        self.uri, self.batch_size, self.rank, self.seed = uri, batch_size, rank, seed
+        self.epoch = int((state or {}).get("epoch", 0))
+        self.consumed = int((state or {}).get("consumed", 0))
+        self._batches: Iterator[dict[str, Any]] | None = None
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def _epoch_order(self, epoch: int) -> list[tuple[str, int]]:
+        order = np.random.default_rng([self.seed, self.rank, epoch]).permutation(len(self.mine))
+        return [self.mine[i] for i in order]
+
+    def _epoch_batches(self) -> Iterator[dict[str, Any]]:
+        import ray.data
+
+        files, skip = [], self.consumed
+        for uri, n in self._epoch_order(self.epoch):
+            if skip >= n:
+                skip -= n
+                continue
+            files.append(uri)
+        if not files:  # the checkpoint was taken exactly at the end of an epoch
+            return
+        fs, _ = storage.resolve(self.uri)
+        ds = ray.data.read_parquet([storage.resolve(f)[1] for f in files], filesystem=fs, columns=["prompt", "noise", "target"], shuffle=None, num_cpus=0.25)
+        buffer: list[dict[str, np.ndarray]] = []
+        buffered = 0
+        for chunk in ds.iter_batches(batch_size=max(self.batch_size, 64), batch_format="numpy"):
+            if skip:  # rows of a partly consumed shard, already used before the checkpoint
+                drop = min(skip, len(chunk["noise"]))
+                chunk = {k: v[drop:] for k, v in chunk.items()}
+                skip -= drop
+            buffer.append(chunk)
+            buffered += len(chunk["noise"])
+            while buffered >= self.batch_size:
+                merged = {k: np.concatenate([c[k] for c in buffer]) for k in buffer[0]}
+                batch = {k: v[: self.batch_size] for k, v in merged.items()}
+                rest = {k: v[self.batch_size :] for k, v in merged.items()}
+                buffer, buffered = [rest], buffered - self.batch_size
+                yield {
+                    "prompt": [str(p) for p in batch["prompt"]],
+                    "noise": torch.from_numpy(np.ascontiguousarray(batch["noise"])),
+                    "target": torch.from_numpy(np.ascontiguousarray(batch["target"])),
+                }
+
+    def __iter__(self) -> "PairStream":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        while True:
+            if self._batches is None:
+                self._batches = self._epoch_batches()
+            batch = next(self._batches, None)
+            if batch is not None:
+                self.consumed += self.batch_size
+                return batch
+            self.epoch, self.consumed, self._batches = self.epoch + 1, 0, None

@@ -20,6 +20,10 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
+        # Logical CPUs beyond the cores: Ray Data's read tasks must find a slot next to actors and train workers
+        # that hold one CPU each, or a 2-core machine deadlocks (the threads each actor uses are set separately).
+        if num_cpus is None:
+            num_cpus = (os.cpu_count() or 1) + 4
         ray.init(address="local", include_dashboard=False, num_cpus=num_cpus)
 
 

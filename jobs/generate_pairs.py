@@ -58,7 +58,8 @@ def run(cfg: pairs.PairsConfig) -> dict:
     log(f"teacher {cfg.teacher}, {cfg.sampler} {cfg.steps} steps, guidance {cfg.guidance_scale}, latents {config['latent_shape']} ({config['dtype']})")
     log(f"{cfg.num_pairs} pairs in {cfg.num_shards} shards of {cfg.shard_size} at {cfg.out}: {len(done)} done, {len(missing)} to make")
 
-    made_pairs, elapsed = 0, 0.0
+    made_pairs, elapsed, num_actors = 0, 0.0, 0
+    shard_timings: list[tuple[int, float]] = []  # (pairs, seconds) per shard, timed inside the actor
     if missing:
         gpus = cluster_gpus()
         gpus_per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor >= 0 else (1.0 if gpus > 0 else 0.0)
@@ -82,6 +83,7 @@ def run(cfg: pairs.PairsConfig) -> dict:
             completed.append(int(row["shard"]))
             made_pairs += int(row["rows"])
             elapsed = time.time() - t0
+            shard_timings.append((int(row["rows"]), float(row["seconds"])))
             remaining = cfg.num_pairs - sum(len(cfg.shard_range(k)) for k in completed)
             rate = made_pairs / elapsed if elapsed > 0 else 0.0
             eta = f", about {remaining / rate:.0f} s left" if rate > 0 and remaining else ""
@@ -96,12 +98,22 @@ def run(cfg: pairs.PairsConfig) -> dict:
         "pairs_made": made_pairs,
         "seconds_sampling": round(elapsed, 2),
         "pairs_per_second": round(made_pairs / elapsed, 3) if elapsed > 0 else None,
+        # per actor, from the shards after each actor's first (which pays for model loading and compilation),
+        # times the number of actors: the rate once everything is warm
+        "steady_pairs_per_second": _steady_rate(shard_timings, num_actors if missing else 0),
         "seconds_total": round(time.time() - started, 2),
     }
     pairs.write_manifest(cfg.out, config, complete, {"status": "complete", "last_run": summary})
     rate = f"{summary['pairs_per_second']} pairs/s" if summary["pairs_per_second"] else "nothing to do"
     log(f"done: {made_pairs} new pairs in {elapsed:.1f} s ({rate}); {cfg.num_pairs} pairs at {cfg.out}")
     return summary
+
+
+def _steady_rate(timings: list[tuple[int, float]], num_actors: int) -> float | None:
+    warm = timings[num_actors:]
+    if not num_actors or not warm:
+        return None
+    return round(num_actors * sum(n for n, _ in warm) / sum(s for _, s in warm), 3)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,13 +54,14 @@ def s3_bucket(s3_server):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One embedded Ray cluster for the whole test session (no dashboard: it costs ~1 GB of RAM)."""
+def ray_cluster(s3_server):
+    """One embedded Ray cluster for the whole test session (no dashboard: it costs ~1 GB of RAM). Started after the
+    S3 server so that its workers inherit the AWS environment pointing at it, as a real cluster's nodes would."""
     import ray
 
     if not ray.is_initialized():
         # more logical CPUs than cores: actor pools must never starve Ray Data's other tasks on a 2-core machine
-        ray.init(address="local", include_dashboard=False, num_cpus=4, object_store_memory=512 * 1024**2, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, num_cpus=6, object_store_memory=512 * 1024**2, log_to_driver=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

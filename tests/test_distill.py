@@ -1,0 +1,147 @@
+"""Distillation: Ray Train with two DeepSpeed engines per worker (2 workers, gloo on CPU), checkpoints, resume,
+export to a diffusers folder, and the configuration errors that must stop a job before any worker starts."""
+import dataclasses
+import os
+import sys
+
+import pytest
+import torch
+
+from dmd_ray import pairs, storage
+from dmd_ray.training import DistillConfig, read_history
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "jobs"))
+import distill  # noqa: E402
+import generate_pairs  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def small(output, pairs_uri="", **overrides) -> DistillConfig:
+    """The tiny teacher, 2 workers, ZeRO-2, bf16, L2 regression in latent space: a few seconds per step on CPU."""
+    values = dict(
+        teacher="tiny", output=output, pairs=pairs_uri, num_pairs=32, pair_sampler="ddim", pair_steps=4, pair_shard_size=8,
+        num_workers=2, zero_stage=2, max_steps=4, dm_batch_size=4, reg_batch_size=2, lr=1e-4, warmup_steps=2,
+        regression_space="latent", checkpoint_every=2, sample_every=100, max_failures=1,
+    )
+    values.update(overrides)
+    return DistillConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def shared_pairs(ray_cluster, tmp_path_factory):
+    """One pairs dataset for the runs below (the generation path itself is covered by test_pairs.py)."""
+    out = str(tmp_path_factory.mktemp("pairs") / "pairs")
+    prompts = tmp_path_factory.mktemp("prompts") / "p.txt"
+    prompts.write_text("\n".join(["a small red circle on a blue background", "a large green square on a white background", "a blue triangle"]))
+    generate_pairs.run(pairs.PairsConfig(teacher="tiny", prompts=str(prompts), num_pairs=32, shard_size=8, steps=4, sampler="ddim", guidance_scale=3.0, out=out))
+    return out, str(prompts)
+
+
+def losses(history):
+    return [(row["step"], row["loss_dm"], row["loss_reg"], row["loss_fake"]) for row in history]
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def test_distil_export_and_load_with_diffusers(ray_cluster, tmp_path):
+    """Pairs generated first, 2 workers, LPIPS in pixel space through the VAE; then the export runs in one step."""
+    from diffusers import DiffusionPipeline
+
+    out = str(tmp_path / "run")
+    cfg = small(out, regression_space="pixel", lpips_backbone="alex", lpips_pretrained_backbone=False, lpips_min_size=32, sample_every=2)
+    distill.run(cfg)
+    history = read_history(out)
+    assert [r["step"] for r in history] == [1, 2, 3, 4]
+    for row in history:
+        for key in ("loss_dm", "loss_reg", "loss_fake", "grad_norm_generator", "grad_norm_fake", "lr_generator", "lr_fake", "samples_per_s", "step_time_s"):
+            assert key in row and row[key] == row[key]  # present and not NaN
+    assert history[0]["lr_generator"] < history[-1]["lr_generator"]  # warm-up
+    assert os.path.getsize(os.path.join(out, "samples", "latest.png")) > 1000
+    assert os.path.exists(os.path.join(out, "samples", "step_0000004.png"))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(out, "tensorboard")))
+    assert pairs.load_manifest(os.path.join(out, "pairs"))["status"] == "complete"
+
+    export = os.path.join(out, "export")
+    weights = [f for _, _, files in os.walk(export) for f in files if f.endswith((".bin", ".pt", ".ckpt", ".pth"))]
+    assert weights == []
+    pipe = DiffusionPipeline.from_pretrained(export)
+    image = pipe("a small red circle on a blue background", num_inference_steps=1, guidance_scale=1.0, output_type="np").images
+    assert image.shape == (1, 32, 32, 3) and float(image.std()) > 0
+
+    # the exported pipeline's single step is the generator: x0 of the UNet at t = 999 from the same noise
+    from dmd_ray.generator import OneStepGenerator
+    from dmd_ray.models import load_teacher
+
+    teacher = load_teacher(export)
+    g = OneStepGenerator(teacher.denoiser(), teacher.schedule, teacher.prediction_type, 999)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = teacher.encode_prompts(["a blue triangle"])
+    latents = pipe("a blue triangle", num_inference_steps=1, guidance_scale=1.0, latents=z.clone(), output_type="latent").images
+    torch.testing.assert_close(latents, g(z, cond), rtol=1e-4, atol=1e-4)
+
+
+def test_exact_resume(ray_cluster, shared_pairs, tmp_path):
+    """Stopping after step 2 and resuming gives steps 3-4 with exactly the losses of the uninterrupted run."""
+    pairs_uri, prompts = shared_pairs
+    straight = str(tmp_path / "straight")
+    distill.run(small(straight, pairs_uri, prompts=prompts))
+    resumed = str(tmp_path / "resumed")
+    distill.run(small(resumed, pairs_uri, prompts=prompts, max_steps=2))
+    distill.run(small(resumed, pairs_uri, prompts=prompts, max_steps=4))
+    a, b = losses(read_history(straight)), losses(read_history(resumed))
+    assert [s for s, *_ in b] == [1, 2, 3, 4]
+    assert a == b
+
+
+def test_killed_worker_is_replaced_and_the_run_completes(ray_cluster, shared_pairs, tmp_path):
+    pairs_uri, prompts = shared_pairs
+    out = str(tmp_path / "run")
+    distill.run(small(out, pairs_uri, prompts=prompts, debug_kill_at_step=3, debug_kill_rank=1, max_failures=2))
+    assert storage.exists(os.path.join(out, ".debug_kill_done"))
+    assert [r["step"] for r in read_history(out)] == [1, 2, 3, 4]
+    assert os.path.isdir(os.path.join(out, "export", "unet"))
+
+
+def test_zero3_checkpoints_on_s3(ray_cluster, shared_pairs, s3_bucket):
+    """ZeRO-3 (sharded weights) with the run's storage on the local S3 server: checkpoints, metrics and the
+    export land there, and a second run resumes from the checkpoint in S3."""
+    pairs_uri, prompts = shared_pairs
+    out = f"{s3_bucket}/runs/zero3"
+    distill.run(small(out, pairs_uri, prompts=prompts, zero_stage=3, max_steps=2))
+    keys = {k["Key"] for k in storage.boto3_client().list_objects_v2(Bucket=s3_bucket[5:], Prefix="runs/zero3/")["Contents"]}
+    ckpt = [k for k in keys if "/train/checkpoint_step0000002/" in k]
+    assert any("zero_pp_rank_1" in k and "/generator/" in k for k in ckpt), sorted(keys)[:20]
+    assert any("zero_pp_rank_1" in k and "/fake/" in k for k in ckpt)
+    assert "runs/zero3/export/unet/diffusion_pytorch_model.safetensors" in keys
+    distill.run(small(out, pairs_uri, prompts=prompts, zero_stage=3, max_steps=3))
+    assert [r["step"] for r in read_history(out)] == [1, 2, 3]
+
+
+# ------------------------------------------------------------------------------------------------ bad configs
+def test_bad_configs_fail_before_workers_start(ray_cluster, shared_pairs, tmp_path, s3_server, capsys):
+    pairs_uri, prompts = shared_pairs
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        distill.main(["--output", out, "--learning-rate", "1"])
+    assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+    yaml_file = tmp_path / "bad.yaml"
+    yaml_file.write_text("teacher: tiny\nlearning_rate: 1\n")
+    with pytest.raises(SystemExit) as e:
+        distill.main(["--config", str(yaml_file)])
+    assert e.value.code == 2 and "unknown config key(s) ['learning_rate']" in capsys.readouterr().err
+
+    cases = [
+        (dict(zero_stage=4), "zero_stage must be 0, 1, 2 or 3"),
+        (dict(dm_batch_size=3), "dm_batch_size 3 does not divide over 2 workers"),
+        (dict(reg_batch_size=1), "reg_batch_size 1 does not divide over 2 workers"),
+        (dict(pairs=pairs_uri, resolution=64), "hold latents of shape [4, 8, 8]"),
+        (dict(output="s3://no-such-bucket-dmd/run"), "does not exist"),
+        (dict(pairs=str(tmp_path / "nothing-here")), "does not exist"),
+        (dict(teacher=str(tmp_path / "no-teacher")), "no such folder"),
+    ]
+    for overrides, message in cases:
+        cfg = dataclasses.replace(small(out, pairs_uri, prompts=prompts), **overrides)
+        with pytest.raises(Exception, match=message.replace("[", r"\[").replace("]", r"\]")):
+            distill.run(cfg)
+    assert not os.path.exists(os.path.join(out, "train"))  # no worker ever started
