@@ -435,6 +435,12 @@ class PairStream:
     def __iter__(self) -> "PairStream":
         return self
 
+    def close(self) -> None:
+        """Stops the Ray Data read in flight (call before Ray shuts down)."""
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
+
     def __next__(self) -> dict[str, Any]:
         while True:
             if self._batches is None:

@@ -77,11 +77,12 @@ class DistillConfig:
     use_gpu: str = "auto"  # auto | true | false
     cpus_per_worker: float = 1.0
     # checkpoints, logs, samples
-    checkpoint_every: int = 100
+    checkpoint_every: int = 100  # steps; 0: no checkpoints (nothing to resume from)
     keep_checkpoints: int = 2
     max_failures: int = 2
     log_every: int = 1
-    sample_every: int = 100
+    sample_every: int = 100  # steps; 0: no sample grids
+    export: bool = True  # write <output>/export at the end
     sample_prompts: tuple[str, ...] = DEFAULT_SAMPLE_PROMPTS
     seed: int = 0
     # testing: kill rank `debug_kill_rank` at this step of the first attempt (-1: never)
@@ -121,9 +122,12 @@ def check_config(cfg: DistillConfig) -> None:
         problems.append(f"regression_space must be pixel or latent, got {cfg.regression_space!r}")
     if cfg.use_gpu not in ("auto", "true", "false"):
         problems.append(f"use_gpu must be auto, true or false, got {cfg.use_gpu!r}")
-    for name in ("max_steps", "fake_updates", "checkpoint_every", "log_every", "sample_every", "num_pairs"):
+    for name in ("max_steps", "fake_updates", "log_every", "num_pairs"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("checkpoint_every", "sample_every"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"{name} must be >= 0 (0 turns it off), got {getattr(cfg, name)}")
     if cfg.lr <= 0 or cfg.fake_lr < 0:
         problems.append("lr must be positive and fake_lr non-negative")
     if cfg.lambda_reg < 0:
@@ -225,10 +229,6 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     from ray.data import DataContext
 
-    from dmd_ray.denoiser import GuidedDenoiser, X0Denoiser
-    from dmd_ray.distill import DMDObjective
-    from dmd_ray.generator import OneStepGenerator
-    from dmd_ray.losses import DenoisingLoss, DistributionMatchingLoss, LPIPSDistance, RegressionLoss, squared_l2
     from dmd_ray.models import UNetDenoiser, load_teacher
 
     cfg = DistillConfig(**{**config["cfg"], "sample_prompts": tuple(config["cfg"]["sample_prompts"])})
@@ -245,7 +245,6 @@ def train_loop_per_worker(config: dict) -> None:
 
     # ---- models: the frozen teacher, and two trainable copies of its UNet
     teacher = load_teacher(cfg.teacher, cache_dir=cfg.cache_dir or None)
-    schedule, prediction_type = teacher.schedule, teacher.prediction_type
     generator_unet = copy.deepcopy(teacher.unet).train().requires_grad_(True)
     fake_unet = copy.deepcopy(teacher.unet).train().requires_grad_(True)
     if cfg.gradient_checkpointing:
@@ -255,21 +254,7 @@ def train_loop_per_worker(config: dict) -> None:
     fake_lr = cfg.fake_lr or cfg.lr
     gen_engine, *_ = deepspeed.initialize(model=UNetDenoiser(generator_unet), config=deepspeed_config(cfg, cfg.lr, cfg.local_dm_batch + cfg.local_reg_batch))
     fake_engine, *_ = deepspeed.initialize(model=UNetDenoiser(fake_unet), config=deepspeed_config(cfg, fake_lr, cfg.local_dm_batch))
-    timestep = schedule.num_timesteps - 1 if cfg.generator_timestep < 0 else cfg.generator_timestep
-    generator = OneStepGenerator(gen_engine, schedule, prediction_type, timestep)
-    real_x0 = X0Denoiser(GuidedDenoiser(teacher.denoiser(), cfg.guidance_scale, teacher.uncond_embedding()), schedule, prediction_type)
-    if cfg.regression_space == "pixel":
-        lpips = LPIPSDistance(cfg.lpips_backbone, cfg.lpips_pretrained_backbone, cfg.lpips_min_size).to(device)
-        regression = RegressionLoss(lpips, decode=teacher.decode)
-    else:
-        regression = RegressionLoss(squared_l2)
-    objective = DMDObjective(
-        generator=generator,
-        dm_loss=DistributionMatchingLoss(real_x0, X0Denoiser(fake_engine, schedule, prediction_type), schedule, (cfg.t_min, cfg.t_max)),
-        fake_loss=DenoisingLoss(schedule, prediction_type),
-        regression=regression,
-        lambda_reg=cfg.lambda_reg,
-    )
+    generator, objective = build_objective(cfg, teacher, gen_engine, fake_engine, device)
 
     # ---- state: resume from the latest checkpoint when there is one
     rng = torch.Generator("cpu").manual_seed(cfg.seed * 1000 + rank)
@@ -335,26 +320,7 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"[distill] debug: killing rank {rank} at step {step}", flush=True)
             os.kill(os.getpid(), 9)
         started = time.perf_counter()
-        # generator update: fresh noise and prompts for DM, stored pairs for regression
-        dm_prompts = [prompts[i] for i in torch.randint(0, len(prompts), (cfg.local_dm_batch,), generator=rng).tolist()]
-        noise = torch.randn((cfg.local_dm_batch, *latent_shape), generator=rng).to(device)
-        batch = next(stream)
-        pair_cond = teacher.encode_prompts(batch["prompt"]) if cfg.lambda_reg else None
-        loss, logs = objective.generator_loss(
-            noise, teacher.encode_prompts(dm_prompts), batch["noise"].to(device, torch.float32), pair_cond, batch["target"].to(device, torch.float32), generator=rng
-        )
-        gen_engine.backward(loss)
-        gen_engine.step()
-        logs["grad_norm_generator"] = _grad_norm(gen_engine)
-        # fake-score update(s) on detached generator samples
-        for _ in range(cfg.fake_updates):
-            fake_prompts = [prompts[i] for i in torch.randint(0, len(prompts), (cfg.local_dm_batch,), generator=rng).tolist()]
-            fake_noise = torch.randn((cfg.local_dm_batch, *latent_shape), generator=rng).to(device)
-            loss_f, logs_f = objective.fake_score_loss(fake_engine, fake_noise, teacher.encode_prompts(fake_prompts), generator=rng)
-            fake_engine.backward(loss_f)
-            fake_engine.step()
-            logs.update(logs_f)
-        logs["grad_norm_fake"] = _grad_norm(fake_engine)
+        logs = dmd_iteration(cfg, objective, teacher, prompts, next(stream), rng, latent_shape, device, _engine_update(gen_engine), _engine_update(fake_engine), fake_engine)
         if device.type == "cuda":
             torch.cuda.synchronize()
         step += 1
@@ -377,13 +343,18 @@ def train_loop_per_worker(config: dict) -> None:
                         writer.add_scalar(k, v, step)
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 print("[distill] " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()), flush=True)
-        if step % cfg.sample_every == 0 or step == cfg.max_steps:
+        if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
             sample_grid(f"step_{step:07d}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+        if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
             save_checkpoint(metrics)
         elif step % cfg.log_every == 0:
             ray.train.report(metrics)
 
+    stream.close()
+    if rank == 0:
+        _save_history(cfg.output, history)
+    if not cfg.export:
+        return
     # ---- export (weights gathered on every rank under ZeRO-3; rank 0 writes)
     state = _gathered_state_dict(gen_engine, cfg.zero_stage)
     if rank == 0:
@@ -393,7 +364,7 @@ def train_loop_per_worker(config: dict) -> None:
         export_unet.load_state_dict({k.removeprefix("unet."): v.float().cpu() for k, v in state.items()})
         with tempfile.TemporaryDirectory(prefix="dmd-ray-export-") as d:
             local = os.path.join(d, "export") if storage.is_s3(cfg.output) else os.path.join(storage.resolve(cfg.output)[1], "export")
-            export_generator(teacher.to("cpu", torch.float32), export_unet, local, timestep, {"teacher": cfg.teacher, "steps": step, "guidance_scale": cfg.guidance_scale})
+            export_generator(teacher.to("cpu", torch.float32), export_unet, local, generator.timestep, {"teacher": cfg.teacher, "steps": step, "guidance_scale": cfg.guidance_scale})
             if storage.is_s3(cfg.output):
                 _upload_tree(local, storage.join(cfg.output, "export"))
         if writer is not None:
@@ -402,6 +373,65 @@ def train_loop_per_worker(config: dict) -> None:
         print(f"[distill] export written to {storage.join(cfg.output, 'export')}", flush=True)
     if world > 1:
         torch.distributed.barrier()
+
+
+def build_objective(cfg: DistillConfig, teacher, generator_net, fake_net, device):
+    """The generator and the DMD objective around two trainable denoisers (UNetDenoiser modules, or DeepSpeed
+    engines wrapping them)."""
+    from dmd_ray.denoiser import GuidedDenoiser, X0Denoiser
+    from dmd_ray.distill import DMDObjective
+    from dmd_ray.generator import OneStepGenerator
+    from dmd_ray.losses import DenoisingLoss, DistributionMatchingLoss, LPIPSDistance, RegressionLoss, squared_l2
+
+    schedule, prediction_type = teacher.schedule, teacher.prediction_type
+    timestep = schedule.num_timesteps - 1 if cfg.generator_timestep < 0 else cfg.generator_timestep
+    generator = OneStepGenerator(generator_net, schedule, prediction_type, timestep)
+    real_x0 = X0Denoiser(GuidedDenoiser(teacher.denoiser(), cfg.guidance_scale, teacher.uncond_embedding()), schedule, prediction_type)
+    if cfg.regression_space == "pixel":
+        lpips = LPIPSDistance(cfg.lpips_backbone, cfg.lpips_pretrained_backbone, cfg.lpips_min_size).to(device)
+        regression = RegressionLoss(lpips, decode=teacher.decode)
+    else:
+        regression = RegressionLoss(squared_l2)
+    objective = DMDObjective(
+        generator=generator,
+        dm_loss=DistributionMatchingLoss(real_x0, X0Denoiser(fake_net, schedule, prediction_type), schedule, (cfg.t_min, cfg.t_max)),
+        fake_loss=DenoisingLoss(schedule, prediction_type),
+        regression=regression,
+        lambda_reg=cfg.lambda_reg,
+    )
+    return generator, objective
+
+
+def dmd_iteration(cfg: DistillConfig, objective, teacher, prompts: list[str], batch: dict, rng: torch.Generator, latent_shape, device, update_generator, update_fake, fake_net) -> dict:
+    """One DMD iteration (Alg. 1) on this worker's share of the batch: a generator update on fresh noise and
+    prompts (DM) plus stored pairs (regression), then `fake_updates` fake-score updates on detached samples.
+    `update_*(loss)` backpropagates and steps: a DeepSpeed engine here, a torch optimiser in benchmarks."""
+
+    def fresh(n):
+        chosen = [prompts[i] for i in torch.randint(0, len(prompts), (n,), generator=rng).tolist()]
+        return torch.randn((n, *latent_shape), generator=rng).to(device), teacher.encode_prompts(chosen)
+
+    noise, cond = fresh(cfg.local_dm_batch)
+    pair_cond = teacher.encode_prompts(batch["prompt"]) if cfg.lambda_reg else None
+    loss, logs = objective.generator_loss(
+        noise, cond, batch["noise"].to(device, torch.float32), pair_cond, batch["target"].to(device, torch.float32), generator=rng
+    )
+    logs["grad_norm_generator"] = update_generator(loss)
+    for _ in range(cfg.fake_updates):
+        fake_noise, fake_cond = fresh(cfg.local_dm_batch)
+        loss_f, logs_f = objective.fake_score_loss(fake_net, fake_noise, fake_cond, generator=rng)
+        logs["grad_norm_fake"] = update_fake(loss_f)
+        logs.update(logs_f)
+    return logs
+
+
+def _engine_update(engine):
+    def update(loss) -> float:
+        engine.backward(loss)
+        engine.step()
+        return _grad_norm(engine)
+
+    return update
 
 
 def _grad_norm(engine) -> float:
