@@ -1,0 +1,344 @@
+"""Ray Serve application: an exported one-step generator behind HTTP, with dynamic batching and autoscaling.
+
+    serve run serve/config.yaml                      # or: serve run serve.app:build_app model=/path/to/export
+
+One deployment does everything (HTTP parsing and generation), so a request crosses one hop from the proxy to a
+replica. Concurrent requests on a replica are gathered by `@serve.batch` into batches of at most `max_batch_size`
+images; Serve's proxy caps each replica at `max_ongoing_requests` and queues at most `max_queued_requests` more
+before answering 503 (or 429), and the autoscaler keeps `target_ongoing_requests` per replica.
+
+Routes: POST /v1/images/generations (OpenAI's images API), GET /v1/models, POST /generate (image/png), GET /health,
+GET / (a page that regenerates as you type), /openapi.json and /docs. Errors use OpenAI's error JSON.
+"""
+# No `from __future__ import annotations`: FastAPI must see real types on the methods of a class that Serve
+# pickles by value, where string annotations cannot be resolved.
+import asyncio
+import base64
+import hmac
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dmd_ray import models, serving
+from dmd_ray.serving import GenerationJob, ImageSize, OneStepImageGenerator, RequestError, RequestLimits
+from serve.config import ServiceConfig
+
+logger = logging.getLogger("ray.serve")
+
+PAGE_PATH = Path(__file__).with_name("static") / "index.html"
+UNHEALTHY_AFTER_FAILED_BATCHES = 3  # consecutive failed batches (e.g. a broken GPU) before Serve replaces the replica
+
+# --------------------------------------------------------------------------------------------- HTTP schema
+api = FastAPI(
+    title="dmd-ray one-step generator",
+    version="1",
+    description="A text-to-image generator distilled with DMD into one step, served by Ray Serve. "
+    "POST /v1/images/generations follows OpenAI's images API (with `seed` as an extension).",
+)
+bearer_scheme = HTTPBearer(auto_error=False, description="The API key, when the server sets one")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ImageGenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="What the image shows; at most `max_prompt_chars` characters (1000 by default).")
+    model: str | None = Field(None, description="The served model's id (GET /v1/models); optional.")
+    n: int = Field(1, ge=1, description="How many images; at most `max_images` (4 by default).")
+    size: str | None = Field(None, description='"WIDTHxHEIGHT", one of the served sizes, or "auto" (the default size).')
+    response_format: Literal["b64_json", "url"] | None = Field(None, description="Only b64_json is served.")
+    seed: int | None = Field(None, ge=0, lt=serving.SEED_MODULUS,
+                             description="Extension: image i uses seed + i; the same prompt and seed give the same image.")
+    user: str | None = Field(None, description="Accepted for compatibility; unused.")
+
+
+class GeneratedImage(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+    seed: int
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[GeneratedImage]
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    seed: int | None = Field(None, ge=0, lt=serving.SEED_MODULUS)
+    size: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "dmd-ray"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+    device: str
+    dtype: str
+
+
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 503, 504)}
+
+
+def error_response(status: int, message: str, error_type: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(serving.openai_error(message, error_type, param, code), status_code=status, headers=headers)
+
+
+async def authorize(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme)) -> None:
+    """Bearer-token check against the key the replica read from its environment (none: open). A dependency, so
+    that it runs before the body is validated: without the key, nothing about a request is answered but 401."""
+    expected: str | None = request.app.state.api_key
+    if expected is None:
+        return
+    given = credentials.credentials if credentials is not None else ""
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        message = "Incorrect API key provided." if given else "Missing API key: send 'Authorization: Bearer <key>'."
+        raise RequestError(message, status=401, code="invalid_api_key")
+
+
+AUTHORIZED = [Depends(authorize)]
+api.state.api_key = None
+
+
+@api.exception_handler(RequestError)
+async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return error_response(exc.status, exc.message, exc.error_type, exc.param, exc.code, headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """Schema violations (wrong types, missing fields, malformed JSON) are 400s naming the parameter, as OpenAI
+    answers them, rather than FastAPI's 422."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    message = first.get("msg", "invalid request")
+    if first.get("type") == "extra_forbidden":
+        message = f"Unrecognized request argument supplied: {param}"
+    elif param:
+        message = f"'{param}': {message}"
+    else:
+        message = f"The request body must be a JSON object matching the schema: {message}"
+    return error_response(400, message, param=param, code=first.get("type"))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes (404), wrong methods (405) and the like, in the same error format."""
+    error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return error_response(exc.status_code, str(exc.detail), error_type, headers=getattr(exc, "headers", None))
+
+
+@api.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("request to %s failed", request.url.path)  # the path only: bodies may hold private prompts
+    return error_response(500, "internal server error", "server_error")
+
+
+# --------------------------------------------------------------------------------------------- batching
+def _count_images(jobs: list[GenerationJob]) -> int:
+    return sum(job.num_images for job in jobs)
+
+
+class BatchedGenerator:
+    """A generator behind Serve's dynamic batching: concurrent `generate` calls are gathered for up to
+    `batch_wait_timeout_s` into one batch of at most `max_batch_size` images, run in a worker thread so that the
+    event loop keeps accepting (and batching) requests meanwhile. Works outside a replica too (the benchmark's
+    bare baseline); the batch queue belongs to the method, so one instance per process."""
+
+    def __init__(self, generator: OneStepImageGenerator, max_batch_size: int, batch_wait_timeout_s: float):
+        self.generator = generator
+        self._run_batch.set_max_batch_size(max_batch_size)
+        self._run_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.consecutive_failures = 0
+
+    async def generate(self, job: GenerationJob) -> np.ndarray:
+        """[n, H, W, 3] uint8 images for one job."""
+        return await self._run_batch(job)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005, batch_size_fn=_count_images)
+    async def _run_batch(self, jobs: list[GenerationJob]) -> list[np.ndarray]:
+        try:
+            images = await asyncio.to_thread(self.generator.generate, jobs)
+        except Exception:
+            self.consecutive_failures += 1
+            raise
+        self.consecutive_failures = 0
+        return images
+
+
+async def encode_pngs(images: np.ndarray) -> list[bytes]:
+    # Off the event loop: a 512x512 PNG takes milliseconds, time in which the next batch can already run.
+    return await asyncio.to_thread(lambda: [serving.png_bytes(image) for image in images])
+
+
+# --------------------------------------------------------------------------------------------- the deployment
+def served_model_name(config: ServiceConfig) -> str:
+    if config.model_name:
+        return config.model_name
+    if config.model in models.BUILT_IN_GENERATORS:
+        return config.model
+    return config.model.rstrip("/").rsplit("/", 1)[-1] or config.model
+
+
+# Serve pickles the deployment class by value when it is decorated, with the module's globals as they are then:
+# everything its methods use must be defined above this line.
+@serve.deployment
+@serve.ingress(api)
+class OneStepImageService:
+    def __init__(self, config: ServiceConfig):
+        import ray
+        import torch
+
+        self.config = config
+        api.state.api_key = os.environ.get(config.api_key_env) or None  # read once; never logged
+        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            torch.set_num_threads(max(1, int(config.num_cpus)))
+        folder = serving.resolve_generator(config.model, config.cache_dir or None)
+        self.generator = OneStepImageGenerator(folder, device, config.dtype)
+        sizes = tuple(ImageSize.parse(s) for s in config.sizes) or (self.generator.native_size,)
+        for size in sizes:
+            self.generator.check_size(size)
+        self.limits = RequestLimits(config.max_prompt_chars, config.max_images, sizes)
+        self.model_id = served_model_name(config)
+        self.model_created = int(os.path.getmtime(os.path.join(folder, "dmd_ray.json")))
+        if config.warmup:
+            started = time.perf_counter()
+            self.generator.warmup(config.max_batch_size, sizes)
+            logger.info("warm-up took %.1f s", time.perf_counter() - started)
+        self.batcher = BatchedGenerator(self.generator, config.max_batch_size, config.batch_wait_timeout_s)
+        logger.info("serving %s (%s) on %s in %s; sizes %s; auth %s", self.model_id, config.model, device,
+                    self.generator.dtype, ", ".join(map(str, sizes)), "on" if api.state.api_key else "off")
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: a replica whose batches keep failing is replaced."""
+        if self.batcher.consecutive_failures >= UNHEALTHY_AFTER_FAILED_BATCHES:
+            raise RuntimeError(f"the last {self.batcher.consecutive_failures} batches failed")
+
+    # ----------------------------------------------------------------------------------------- helpers
+    async def _generate(self, job: GenerationJob) -> np.ndarray:
+        try:
+            return await asyncio.wait_for(self.batcher.generate(job), timeout=self.config.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(f"generation did not finish within {self.config.request_timeout_s:g} s", status=504,
+                               code="timeout", error_type="server_error") from None
+
+    # ----------------------------------------------------------------------------------------- routes
+    @api.post("/v1/images/generations", response_model=ImagesResponse, responses=ERROR_RESPONSES, dependencies=AUTHORIZED)
+    async def create_images(self, body: ImageGenerationRequest) -> ImagesResponse:
+        """Generates images from a prompt (OpenAI's images API; `seed` is an extension)."""
+        if body.model is not None and body.model != self.model_id:
+            raise RequestError(f"The model '{body.model}' does not exist; this server serves '{self.model_id}'.",
+                               "model", status=404, code="model_not_found")
+        if body.response_format == "url":
+            raise RequestError("response_format 'url' is not supported: this server returns images inline; use 'b64_json'.",
+                               "response_format", code="unsupported_response_format")
+        job = serving.validate_generation(body.prompt, body.n, body.size, body.seed, self.limits)
+        pngs = await encode_pngs(await self._generate(job))
+        data = [GeneratedImage(b64_json=base64.b64encode(png).decode(), seed=seed) for png, seed in zip(pngs, job.seeds)]
+        return ImagesResponse(created=int(time.time()), data=data)
+
+    @api.post("/generate", response_class=Response, responses={200: {"content": {"image/png": {}}}, **ERROR_RESPONSES}, dependencies=AUTHORIZED)
+    async def generate_png(self, body: GenerateRequest) -> Response:
+        """One image as image/png. Headers: X-Seed (the seed used) and Server-Timing (time spent generating)."""
+        job = serving.validate_generation(body.prompt, 1, body.size, body.seed, self.limits)
+        started = time.perf_counter()
+        images = await self._generate(job)
+        generation_ms = (time.perf_counter() - started) * 1000
+        (png,) = await encode_pngs(images)
+        headers = {"X-Seed": str(job.seeds[0]), "Server-Timing": f"generate;dur={generation_ms:.1f}", "Cache-Control": "no-store"}
+        return Response(png, media_type="image/png", headers=headers)
+
+    @api.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES, dependencies=AUTHORIZED)
+    async def list_models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_id, created=self.model_created)])
+
+    @api.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES, dependencies=AUTHORIZED)
+    async def retrieve_model(self, model_id: str) -> ModelCard:
+        if model_id != self.model_id:
+            raise RequestError(f"The model '{model_id}' does not exist.", "model", status=404, code="model_not_found")
+        return ModelCard(id=self.model_id, created=self.model_created)
+
+    @api.get("/health", response_model=Health)
+    async def health(self) -> Health:
+        """200 while this replica serves; for load balancers (Serve replaces failed replicas by itself)."""
+        return Health(status="ok", model=self.model_id, device=str(self.generator.device), dtype=str(self.generator.dtype).removeprefix("torch."))
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(PAGE_PATH.read_text(), headers={"Cache-Control": "no-cache"})
+
+
+# --------------------------------------------------------------------------------------------- building
+def cluster_has_gpus() -> bool:
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0) > 0
+    import torch  # `serve run module:build_app` builds before it connects to Ray: judge by this machine
+
+    return torch.cuda.is_available()
+
+
+def build_deployment(config: ServiceConfig):
+    """The configured deployment, to be bound to `config` (tests add actor options, e.g. an API key's environment)."""
+    from ray.serve.config import AutoscalingConfig, BackpressureConfig
+
+    use_gpu = config.accelerator == "gpu" or (config.accelerator == "auto" and cluster_has_gpus())
+    actor_options = {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus if use_gpu else 0}
+    return OneStepImageService.options(
+        ray_actor_options=actor_options,
+        max_ongoing_requests=config.max_ongoing_requests,
+        max_queued_requests=config.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=config.overload_status_code, retry_after_s=config.retry_after_s),
+        autoscaling_config=AutoscalingConfig(**config.autoscaling_config),
+        health_check_period_s=config.health_check_period_s,
+        health_check_timeout_s=config.health_check_timeout_s,
+        # a generator that cannot load (missing files, no memory) will not load on the 20th try either
+        max_constructor_retry_count=3,
+    )
+
+
+def build_app(args: dict | None = None):
+    """Ray Serve's application builder: `args` are the keys of ServiceConfig (serve/config.yaml's `args:`)."""
+    config = ServiceConfig.from_args(args)
+    serving.check_generator_spec(config.model)  # a misspelt built-in name fails here, not in every replica
+    return build_deployment(config).bind(config)

@@ -1,0 +1,168 @@
+"""The service's one typed configuration, read from the `args` dict of Ray Serve's application builder.
+
+The same keys come from `args:` in serve/config.yaml (typed YAML values) or from `serve run serve.app:build_app
+key=value ...` (strings), so every value is coerced from a string where needed. Unknown keys are rejected: a typo
+must not silently fall back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+
+ACCELERATORS = ("auto", "gpu", "cpu")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def default_autoscaling() -> dict:
+    return {
+        "min_replicas": 1,
+        "max_replicas": 2,
+        # requests in flight per replica that Serve steers towards: a full batch being generated while the next
+        # one gathers
+        "target_ongoing_requests": 8,
+        "upscale_delay_s": 10.0,
+        "downscale_delay_s": 60.0,
+    }
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    # what to serve
+    model: str = "demo"  # built-in generator name, local folder or s3:// prefix of an exported generator
+    model_name: str = ""  # the id in /v1/models; "" means the built-in name or the folder's name
+    cache_dir: str = ""  # where s3:// generators are downloaded; "" means ~/.cache/dmd_ray/generators
+    accelerator: str = "auto"  # auto: a GPU per replica when the cluster has GPUs, else CPU
+    dtype: str = "auto"  # auto: float16 on GPU, float32 on CPU
+    num_cpus: float = 1.0  # per replica; on CPU also the number of torch threads
+    num_gpus: float = 1.0  # per replica when on GPU (fractions pack replicas onto one GPU)
+    warmup: bool = True  # run full batches at start-up, before the replica takes traffic
+    # dynamic batching (@serve.batch): a batch holds at most max_batch_size images
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.005
+    # backpressure: requests in flight per replica, and queued per proxy before overload answers
+    max_ongoing_requests: int = 16
+    max_queued_requests: int = 64
+    overload_status_code: int = 503  # or 429
+    retry_after_s: float = 1.0
+    autoscaling_config: dict = field(default_factory=default_autoscaling)  # keys of ray.serve.config.AutoscalingConfig
+    health_check_period_s: float = 10.0
+    health_check_timeout_s: float = 30.0
+    # requests
+    request_timeout_s: float = 30.0  # from a request's arrival at a replica to its answer; then 504
+    max_prompt_chars: int = 1000
+    max_images: int = 4  # the most images one request may ask for (`n`)
+    sizes: tuple[str, ...] = ()  # "WxH" sizes served, the first one the default; () means the model's own size
+    api_key_env: str = "DMD_SERVE_API_KEY"  # the environment variable holding the API key; unset or empty: no auth
+
+    @classmethod
+    def from_args(cls, args: dict | None) -> "ServiceConfig":
+        args = dict(args or {})
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - set(known))
+        if unknown:
+            raise ValueError(f"unknown service config key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(known)}")
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for name, value in args.items():
+            try:
+                values[name] = _coerce(value, hints[name])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"service config key {name!r}: {e}") from None
+        if "autoscaling_config" in values:  # partial overrides keep the other defaults
+            values["autoscaling_config"] = {**default_autoscaling(), **values["autoscaling_config"]}
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        problems = []
+        if self.accelerator not in ACCELERATORS:
+            problems.append(f"accelerator must be one of {ACCELERATORS}, not {self.accelerator!r}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {DTYPES}, not {self.dtype!r}")
+        for name in ("max_batch_size", "max_ongoing_requests", "max_prompt_chars", "max_images"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        for name in ("num_cpus", "batch_wait_timeout_s", "retry_after_s"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative")
+        for name in ("health_check_period_s", "health_check_timeout_s", "request_timeout_s"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if self.num_gpus <= 0:
+            problems.append("num_gpus must be positive (use accelerator: cpu for CPU replicas)")
+        # A replica must be able to hold a full batch, or batches never fill and the batching wait is pure latency.
+        if self.max_ongoing_requests < self.max_batch_size:
+            problems.append(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size ({self.max_batch_size})")
+        # A batch counts images; a request for more images than a batch holds could never be scheduled.
+        if self.max_images > self.max_batch_size:
+            problems.append(f"max_images ({self.max_images}) must be <= max_batch_size ({self.max_batch_size})")
+        if self.max_queued_requests < 1 and self.max_queued_requests != -1:
+            problems.append("max_queued_requests must be at least 1, or -1 for an unbounded queue")
+        if self.overload_status_code not in (429, 503):
+            problems.append(f"overload_status_code must be 429 or 503, not {self.overload_status_code}")
+        from dmd_ray.serving import ImageSize
+
+        for size in self.sizes:
+            try:
+                ImageSize.parse(size)
+            except ValueError as e:
+                problems.append(str(e))
+        if len(set(self.sizes)) != len(self.sizes):
+            problems.append(f"sizes lists a size twice: {list(self.sizes)}")
+        if not self.api_key_env or not self.api_key_env.replace("_", "").isalnum():
+            problems.append(f"api_key_env must name an environment variable, not {self.api_key_env!r}")
+        problems += _autoscaling_problems(self.autoscaling_config)
+        if problems:
+            raise ValueError("invalid service config: " + "; ".join(problems))
+
+
+def _autoscaling_problems(autoscaling: dict) -> list[str]:
+    from ray.serve.config import AutoscalingConfig
+
+    unknown = sorted(set(autoscaling) - set(AutoscalingConfig.model_fields))
+    if unknown:
+        return [f"unknown autoscaling_config key(s) {', '.join(map(repr, unknown))}; known: {', '.join(AutoscalingConfig.model_fields)}"]
+    try:
+        AutoscalingConfig(**autoscaling)
+    except Exception as e:  # pydantic's ValidationError: keep only the first line of each error
+        return [f"autoscaling_config: {' '.join(str(e).split())}"]
+    return []
+
+
+def _coerce(value, hint):
+    """A value of type `hint` from YAML (typed) or the command line (strings)."""
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise TypeError(f"expected an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError(f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError(f"expected a string, got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise TypeError(f"expected a list of strings, got {value!r}")
+        return tuple(value)
+    if hint is dict or origin is dict:
+        if isinstance(value, str):
+            value = json.loads(value)
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a mapping, got {value!r}")
+        return dict(value)
+    raise TypeError(f"unsupported config type {hint}")

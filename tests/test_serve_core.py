@@ -1,0 +1,196 @@
+"""The service's Ray-free parts: config, finding a generator, request validation, batched generation.
+
+The generator is a fixture export of the tiny teacher (random weights, 32x32 images): it tests plumbing, not quality.
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from dmd_ray import models, serving
+from dmd_ray.serving import GenerationJob, ImageSize, RequestError, RequestLimits
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def export_tiny_generator(folder) -> str:
+    from dmd_ray.export import export_generator
+
+    teacher = models.build_tiny_teacher()
+    return export_generator(teacher, teacher.unet, str(folder), timestep=teacher.scheduler.config.num_train_timesteps - 1)
+
+
+@pytest.fixture(scope="module")
+def generator_folder(tmp_path_factory):
+    return export_tiny_generator(tmp_path_factory.mktemp("serve") / "tiny-generator")
+
+
+@pytest.fixture(scope="module")
+def generator(generator_folder):
+    return serving.OneStepImageGenerator(generator_folder)
+
+
+# --------------------------------------------------------------------------------------------- config
+def test_config_coerces_command_line_strings_and_rejects_unknown_keys():
+    from serve.config import ServiceConfig
+
+    config = ServiceConfig.from_args({"max_batch_size": "4", "batch_wait_timeout_s": "0.01", "warmup": "false",
+                                      "sizes": "64x64, 32x32", "autoscaling_config": '{"max_replicas": 3}'})
+    assert (config.max_batch_size, config.batch_wait_timeout_s, config.warmup) == (4, 0.01, False)
+    assert config.sizes == ("64x64", "32x32")
+    assert config.autoscaling_config["max_replicas"] == 3 and config.autoscaling_config["min_replicas"] == 1
+    with pytest.raises(ValueError, match=r"unknown service config key\(s\) 'max_batchsize'.*known keys: model"):
+        ServiceConfig.from_args({"max_batchsize": 4})
+    with pytest.raises(ValueError, match="max_ongoing_requests .* must be >= max_batch_size"):
+        ServiceConfig.from_args({"max_batch_size": 8, "max_ongoing_requests": 4})
+    with pytest.raises(ValueError, match="max_images .* must be <= max_batch_size"):
+        ServiceConfig.from_args({"max_batch_size": 2, "max_images": 4})
+    with pytest.raises(ValueError, match="unknown autoscaling_config key"):
+        ServiceConfig.from_args({"autoscaling_config": {"max_replica": 2}})
+    with pytest.raises(ValueError, match="autoscaling_config"):
+        ServiceConfig.from_args({"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}})
+    with pytest.raises(ValueError, match="expected an integer"):
+        ServiceConfig.from_args({"max_images": 2.5})
+    with pytest.raises(ValueError, match="not of the form WIDTHxHEIGHT"):
+        ServiceConfig.from_args({"sizes": ["big"]})
+
+
+def test_config_yaml_is_a_valid_serve_config_with_the_documented_defaults():
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.config import ServiceConfig
+
+    with open(os.path.join(REPO, "serve", "config.yaml")) as f:
+        raw = yaml.safe_load(f)
+    ServeDeploySchema.model_validate(raw)
+    (application,) = raw["applications"]
+    assert application["import_path"] == "serve.app:build_app"
+    assert ServiceConfig.from_args(application["args"]) == ServiceConfig()  # the YAML spells out every default
+
+
+def test_build_app_fails_fast_on_an_unknown_generator_name(monkeypatch):
+    from serve.app import build_app
+
+    monkeypatch.setattr(models, "BUILT_IN_GENERATORS", {"demo": "/nowhere"})
+    with pytest.raises(serving.GeneratorNotFoundError, match=r"'no-such-model'.*built-in: demo"):
+        build_app({"model": "no-such-model"})
+    with pytest.raises(ValueError, match="unknown service config key"):
+        build_app({"model": "demo", "modle": "x"})
+
+
+# --------------------------------------------------------------------------------------------- finding a generator
+def test_resolve_generator_from_a_folder_a_built_in_name_and_s3(generator_folder, s3_bucket, tmp_path, monkeypatch):
+    assert serving.resolve_generator(generator_folder) == generator_folder
+
+    monkeypatch.setattr(models, "BUILT_IN_GENERATORS", {})
+    with pytest.raises(serving.GeneratorNotFoundError, match="none are registered yet"):
+        serving.resolve_generator("demo")
+    monkeypatch.setattr(models, "BUILT_IN_GENERATORS", {"demo": generator_folder})
+    assert serving.resolve_generator("demo") == generator_folder
+
+    teacher_folder = tmp_path / "teacher"  # a plain (multi-step) teacher folder is not a generator
+    models.build_tiny_teacher().save(str(teacher_folder))
+    with pytest.raises(serving.GeneratorNotFoundError, match="no dmd_ray.json"):
+        serving.resolve_generator(str(teacher_folder))
+
+    from dmd_ray.storage import boto3_client
+
+    client = boto3_client()
+    bucket = s3_bucket[len("s3://"):]
+    for root, _, files in os.walk(generator_folder):
+        for name in files:
+            relative = os.path.relpath(os.path.join(root, name), generator_folder)
+            client.upload_file(os.path.join(root, name), bucket, f"generators/tiny/{relative}")
+    folder = serving.resolve_generator(f"{s3_bucket}/generators/tiny", cache_dir=str(tmp_path / "cache"))
+    assert folder.startswith(str(tmp_path / "cache"))
+    assert serving.read_generator_info(folder) == serving.read_generator_info(generator_folder)
+    with pytest.raises(serving.GeneratorNotFoundError):
+        serving.resolve_generator(f"{s3_bucket}/generators/missing", cache_dir=str(tmp_path / "cache"))
+
+
+# --------------------------------------------------------------------------------------------- requests
+LIMITS = RequestLimits(max_prompt_chars=20, max_images=3, sizes=(ImageSize(32, 32), ImageSize(64, 64)))
+
+
+def test_validate_generation_accepts_good_requests():
+    job = serving.validate_generation("a red circle", 2, "64x64", 7, LIMITS)
+    assert job == GenerationJob("a red circle", (7, 8), ImageSize(64, 64))
+    assert serving.validate_generation("x", 1, None, None, LIMITS).size == ImageSize(32, 32)
+    assert serving.validate_generation("x", 1, "auto", 0, LIMITS).size == ImageSize(32, 32)
+    assert serving.validate_generation("x", 2, None, 2**32 - 1, LIMITS).seeds == (2**32 - 1, 0)  # seeds wrap
+
+
+@pytest.mark.parametrize(
+    "prompt, n, size, seed, param",
+    [
+        (None, 1, None, 0, "prompt"),
+        ("   ", 1, None, 0, "prompt"),
+        ("x" * 21, 1, None, 0, "prompt"),
+        ("x", 0, None, 0, "n"),
+        ("x", 4, None, 0, "n"),
+        ("x", True, None, 0, "n"),
+        ("x", 1, "48x48", 0, "size"),
+        ("x", 1, "32 by 32", 0, "size"),
+        ("x", 1, 32, 0, "size"),
+        ("x", 1, None, -1, "seed"),
+        ("x", 1, None, 2**32, "seed"),
+    ],
+)
+def test_validate_generation_names_the_bad_parameter(prompt, n, size, seed, param):
+    with pytest.raises(RequestError) as caught:
+        serving.validate_generation(prompt, n, size, seed, LIMITS)
+    assert caught.value.status == 400 and caught.value.param == param
+    error = caught.value.to_json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+
+
+# --------------------------------------------------------------------------------------------- generation
+@pytest.mark.filterwarnings("ignore:The configuration file of this scheduler:FutureWarning")  # export's steps_offset=0
+def test_generator_matches_the_exported_pipeline(generator, generator_folder):
+    """The direct component path gives the diffusers pipeline's images for the same seed (up to one level of 255:
+    x0 is read out in float64 here, float32 in the DDIM step)."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(generator_folder)
+    pipe.set_progress_bar_config(disable=True)
+    prompts, seeds = ["a small red circle", "a large blue square"], [3, 11]
+    expected = pipe(prompts, num_inference_steps=1, guidance_scale=1.0, output_type="np",
+                    generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    expected = (expected * 255).round().astype(np.uint8)
+    images = generator.generate([GenerationJob(p, (s,), generator.native_size) for p, s in zip(prompts, seeds)])
+    got = np.concatenate(images)
+    assert got.shape == expected.shape == (2, 32, 32, 3)
+    difference = np.abs(got.astype(int) - expected.astype(int))
+    assert difference.max() <= 2 and difference.mean() < 0.1
+    assert np.abs(got[0].astype(int) - got[1].astype(int)).mean() > 5  # different prompts and seeds: different images
+
+
+def test_generation_is_deterministic_per_seed_whatever_the_batch(generator):
+    size = generator.native_size
+    alone = generator.generate([GenerationJob("a green star", (5,), size)])[0]
+    again = generator.generate([GenerationJob("a green star", (5,), size)])[0]
+    assert np.array_equal(alone, again)
+    # n images with seed s are the images of seeds s, s+1, ...; other requests in the batch change nothing
+    batch = generator.generate([GenerationJob("a red ring", (1,), size), GenerationJob("a green star", (4, 5), size),
+                                GenerationJob("a red ring", (9,), ImageSize(64, 64))])
+    assert [b.shape for b in batch] == [(1, 32, 32, 3), (2, 32, 32, 3), (1, 64, 64, 3)]
+    assert np.abs(batch[1][1:].astype(int) - alone.astype(int)).max() <= 1
+    assert not np.array_equal(batch[1][0], batch[1][1])
+
+
+def test_generator_rejects_sizes_its_unet_cannot_take(generator):
+    assert generator.size_multiple == 8
+    generator.check_size(ImageSize(48, 64))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        generator.check_size(ImageSize(36, 36))
+
+
+def test_png_bytes_round_trip(generator):
+    from PIL import Image
+    import io
+
+    image = generator.generate([GenerationJob("a dot", (0,), generator.native_size)])[0][0]
+    decoded = np.asarray(Image.open(io.BytesIO(serving.png_bytes(image))))
+    assert np.array_equal(decoded, image)
