@@ -107,17 +107,16 @@ def test_cluster_yaml_layout_and_security():
 
 
 # ------------------------------------------------------------------------------------------------ KubeRay
-def kuberay_docs() -> dict[str, dict]:
-    docs = {}
+def kuberay_docs() -> list[dict]:
+    docs = []
     for name in sorted(os.listdir(os.path.join(INFRA, "kuberay"))):
         with open(os.path.join(INFRA, "kuberay", name)) as f:
-            for doc in yaml.safe_load_all(f):
-                docs[f"{name}:{doc['kind']}"] = doc
+            docs.extend(yaml.safe_load_all(f))
     return docs
 
 
 def custom_resource(kind: str) -> dict:
-    (doc,) = [d for d in kuberay_docs().values() if d["kind"] == kind]
+    (doc,) = [d for d in kuberay_docs() if d["kind"] == kind]
     return doc
 
 
@@ -164,7 +163,7 @@ def test_kuberay_pod_templates_pass_the_kubernetes_schema():
     import kubernetes_validate
 
     version = kubernetes_validate.latest_version()
-    for name, doc in kuberay_docs().items():
+    for doc in kuberay_docs():
         if doc["apiVersion"] == "ray.io/v1":
             for group, template in pod_templates(cluster_spec(doc)):
                 wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": group}, "template": template}
