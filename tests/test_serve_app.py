@@ -132,6 +132,27 @@ def test_png_route_health_page_and_schema(serve_url):
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
 
 
+def test_concurrent_requests_are_batched_and_stay_deterministic(serve_url):
+    def generate(seed: int) -> bytes:
+        response = requests.post(f"{serve_url}/generate", json={"prompt": "a green ring", "seed": seed}, headers=auth(), timeout=HTTP_TIMEOUT_S)
+        assert response.status_code == 200, response.text
+        return response.content
+
+    def png(content: bytes) -> np.ndarray:
+        from PIL import Image
+
+        return np.asarray(Image.open(io.BytesIO(content))).astype(int)
+
+    alone = {seed: generate(seed) for seed in (100, 105)}
+    before = requests.get(f"{serve_url}/health", timeout=HTTP_TIMEOUT_S).json()
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        together = dict(zip(range(100, 112), pool.map(generate, range(100, 112))))
+    after = requests.get(f"{serve_url}/health", timeout=HTTP_TIMEOUT_S).json()
+    assert after["batches"] - before["batches"] < 12  # some requests shared a batch
+    for seed, content in alone.items():  # batch composition changes an image by rounding at most
+        assert np.abs(png(together[seed]) - png(content)).max() <= 1
+
+
 def test_auth_is_enforced_when_a_key_is_set(serve_url):
     protected = [("post", "/v1/images/generations", {"prompt": "x"}), ("post", "/generate", {"prompt": "x"}),
                  ("get", "/v1/models", None), ("get", "/v1/models/tiny", None),

@@ -1,0 +1,225 @@
+"""Serving overhead: the one-step generator through Ray Serve over HTTP against the same batched generator called
+directly, in one run, at several client concurrencies: requests/s, p50 and p99 latency.
+
+    python benchmarks/bench_serve.py --model tiny                                  # CPU: tiny export, 32x32
+    python benchmarks/bench_serve.py --model demo                                  # a built-in generator
+    python benchmarks/bench_serve.py --model sd15-architecture --concurrency 1,4,8,16,32   # GPU: SD1.5, 512x512, fp16
+
+`--model` is a generator spec (built-in name, folder, s3://), or "tiny" / "sd15-architecture": that architecture
+with random weights (speed does not depend on them), exported into a temporary folder first.
+
+"bare" is `serve.app.BatchedGenerator` (the replica's @serve.batch batching, same max batch size and wait) driven by
+coroutines in this process: generation, PNG encoding and base64, no HTTP. "http" is the service from
+`serve.app.build_app` (one replica) driven by an aiohttp client posting to /v1/images/generations. Each client
+sends its next request when the previous one is answered (closed loop); every request has its own seed.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import datetime
+import itertools
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+import types
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+PROMPTS = ["a small red circle on a blue background", "a large green square", "the yellow triangle at the top",
+           "two purple stars on a white background"]
+
+
+def export_architecture(name: str, folder: str) -> str:
+    from dmd_ray import models
+    from dmd_ray.export import export_generator
+
+    teacher = models.BUILT_IN[name]()
+    return export_generator(teacher, teacher.unet, folder, timestep=teacher.scheduler.config.num_train_timesteps - 1,
+                            metadata={"note": f"{name} with random weights, for benchmarks"})
+
+
+def percentile_ms(latencies: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(latencies) * 1e3, q))
+
+
+async def closed_loop(send, concurrency: int, seconds: float, warmup_per_client: int) -> dict:
+    """`concurrency` clients, each sending its next request when the previous one is answered. Measuring starts
+    once every client has sent `warmup_per_client` unmeasured requests, and stops after `seconds` (requests in
+    flight then are completed and counted). `send(seed)` performs one request."""
+    seeds = itertools.count()
+    latencies: list[float] = []
+    everyone_warm = asyncio.Event()
+    warm_clients = 0
+    started = deadline = 0.0
+
+    async def client() -> None:
+        nonlocal warm_clients, started, deadline
+        for _ in range(warmup_per_client):
+            await send(next(seeds))
+        warm_clients += 1
+        if warm_clients == concurrency:
+            started = time.perf_counter()
+            deadline = started + seconds
+            everyone_warm.set()
+        await everyone_warm.wait()
+        while time.perf_counter() < deadline:
+            request_started = time.perf_counter()
+            await send(next(seeds))
+            latencies.append(time.perf_counter() - request_started)
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    wall = time.perf_counter() - started
+    return {"concurrency": concurrency, "requests": len(latencies), "req_per_s": len(latencies) / wall,
+            "p50_ms": percentile_ms(latencies, 50), "p99_ms": percentile_ms(latencies, 99)}
+
+
+def outside_serve_replica(max_ongoing_requests: int) -> None:
+    """@serve.batch reads the replica's max_ongoing_requests once, for a warning; outside a replica, hand it the
+    service's value so that the very same batching code runs here."""
+    from ray import serve
+
+    config = types.SimpleNamespace(max_ongoing_requests=max_ongoing_requests)
+    serve.get_replica_context = lambda: types.SimpleNamespace(_deployment_config=config)
+
+
+async def run_bare(folder: str, device: str, args, config, concurrencies: list[int]) -> list[dict]:
+    from dmd_ray import serving
+    from serve.app import BatchedGenerator, encode_pngs
+
+    generator = serving.OneStepImageGenerator(folder, device, config.dtype)
+    size = serving.ImageSize.parse(args.size) if args.size else generator.native_size
+    generator.warmup(config.max_batch_size, [size])
+    batcher = BatchedGenerator(generator, config.max_batch_size, config.batch_wait_timeout_s)
+
+    async def send(seed: int) -> None:
+        job = serving.GenerationJob(PROMPTS[seed % len(PROMPTS)], (seed % serving.SEED_MODULUS,), size)
+        pngs = await encode_pngs(await batcher.generate(job))
+        [base64.b64encode(png) for png in pngs]
+
+    rows = []
+    for c in concurrencies:
+        rows.append(await closed_loop(send, c, args.seconds, args.warmup_requests))
+        print(f"bare  c={c:<3} {rows[-1]['req_per_s']:8.1f} req/s  p50 {rows[-1]['p50_ms']:7.1f} ms  p99 {rows[-1]['p99_ms']:7.1f} ms", flush=True)
+    del batcher, generator
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+async def run_http(url: str, args, concurrencies: list[int]) -> list[dict]:
+    import aiohttp
+
+    rows = []
+    connector = aiohttp.TCPConnector(limit=max(concurrencies))
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+
+        async def send(seed: int) -> None:
+            body = {"prompt": PROMPTS[seed % len(PROMPTS)], "seed": seed, "response_format": "b64_json"}
+            if args.size:
+                body["size"] = args.size
+            async with session.post(f"{url}/v1/images/generations", json=body) as response:
+                await response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:300]}")
+
+        for c in concurrencies:
+            rows.append(await closed_loop(send, c, args.seconds, args.warmup_requests))
+            print(f"http  c={c:<3} {rows[-1]['req_per_s']:8.1f} req/s  p50 {rows[-1]['p50_ms']:7.1f} ms  p99 {rows[-1]['p99_ms']:7.1f} ms", flush=True)
+    return rows
+
+
+def start_service(folder: str, service_args: dict) -> str:
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({**service_args, "model": folder}), name="bench", route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny", help='generator spec, or "tiny" / "sd15-architecture" (exported first)')
+    p.add_argument("--size", default="", help="WxH; default: the model's own resolution")
+    p.add_argument("--concurrency", default="1,4,16,32", help="comma-separated client counts")
+    p.add_argument("--seconds", type=float, default=10.0, help="measured time per concurrency and path")
+    p.add_argument("--warmup-requests", type=int, default=3, help="unmeasured requests per client before measuring")
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--batch-wait-ms", type=float, default=5.0)
+    p.add_argument("--max-ongoing-requests", type=int, default=0, help="per replica; default 2x the max batch size")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--num-cpus", type=float, default=float(os.cpu_count() or 1),
+                   help="the replica's CPUs, and torch threads for both paths on CPU")
+    p.add_argument("--json", help="write the results here too")
+    args = p.parse_args()
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+
+    import ray
+
+    from serve.config import ServiceConfig
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    service_args = {
+        "accelerator": "gpu" if device == "cuda" else "cpu", "dtype": args.dtype, "num_cpus": args.num_cpus,
+        "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_ms / 1e3,
+        "max_ongoing_requests": args.max_ongoing_requests or 2 * args.max_batch_size, "max_images": 1, "max_queued_requests": -1,
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "request_timeout_s": 120,
+        "sizes": [args.size] if args.size else [],
+    }
+    config = ServiceConfig.from_args({**service_args, "model": "unused"})
+    if device == "cpu":
+        torch.set_num_threads(max(1, int(args.num_cpus)))  # the replica runs with this many threads too
+    outside_serve_replica(config.max_ongoing_requests)
+
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        folder = args.model
+        if args.model in ("tiny", "sd15-architecture"):
+            started = time.perf_counter()
+            folder = export_architecture(args.model, os.path.join(tmp, args.model))
+            print(f"exported {args.model} in {time.perf_counter() - started:.0f} s", flush=True)
+        from dmd_ray import serving
+
+        folder = serving.resolve_generator(folder)
+        device_name = torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})"
+        print(f"{device_name}; torch {torch.__version__}, ray {ray.__version__}; model {args.model}; "
+              f"max batch {config.max_batch_size}, wait {args.batch_wait_ms:g} ms", flush=True)
+
+        bare = asyncio.run(run_bare(folder, device, args, config, concurrencies))
+        ray.init(address="local", include_dashboard=False, num_cpus=max(4, int(args.num_cpus) + 2), log_to_driver=False)
+        try:
+            url = start_service(folder, service_args)
+            http = asyncio.run(run_http(url, args, concurrencies))
+        finally:
+            from ray import serve
+
+            serve.shutdown()
+            ray.shutdown()
+
+    print(f"\n{device_name}, {args.model} at {args.size or 'native size'}, {datetime.date.today()}")
+    print("| clients | bare req/s | bare p50 ms | bare p99 ms | HTTP req/s | HTTP p50 ms | HTTP p99 ms | HTTP/bare req/s | added p50 ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for b, h in zip(bare, http):
+        print(f"| {b['concurrency']} | {b['req_per_s']:.1f} | {b['p50_ms']:.1f} | {b['p99_ms']:.1f} | {h['req_per_s']:.1f} | "
+              f"{h['p50_ms']:.1f} | {h['p99_ms']:.1f} | {h['req_per_s'] / b['req_per_s']:.2f}x | {h['p50_ms'] - b['p50_ms']:+.1f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device_name, "model": args.model, "args": vars(args), "bare": bare, "http": http}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
