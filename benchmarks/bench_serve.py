@@ -82,6 +82,11 @@ async def closed_loop(send, concurrency: int, seconds: float, warmup_per_client:
             "p50_ms": percentile_ms(latencies, 50), "p99_ms": percentile_ms(latencies, 99)}
 
 
+def report(path: str, row: dict) -> None:
+    print(f"{path:5} c={row['concurrency']:<3} {row['req_per_s']:8.1f} req/s  p50 {row['p50_ms']:7.1f} ms  "
+          f"p99 {row['p99_ms']:7.1f} ms  mean batch {row['mean_batch']:.1f}", flush=True)
+
+
 def outside_serve_replica(max_ongoing_requests: int) -> None:
     """@serve.batch reads the replica's max_ongoing_requests once, for a warning; outside a replica, hand it the
     service's value so that the very same batching code runs here."""
@@ -107,8 +112,10 @@ async def run_bare(folder: str, device: str, args, config, concurrencies: list[i
 
     rows = []
     for c in concurrencies:
+        before = (batcher.batches_run, batcher.images_generated)
         rows.append(await closed_loop(send, c, args.seconds, args.warmup_requests))
-        print(f"bare  c={c:<3} {rows[-1]['req_per_s']:8.1f} req/s  p50 {rows[-1]['p50_ms']:7.1f} ms  p99 {rows[-1]['p99_ms']:7.1f} ms", flush=True)
+        rows[-1]["mean_batch"] = (batcher.images_generated - before[1]) / max(1, batcher.batches_run - before[0])
+        report("bare", rows[-1])
     del batcher, generator
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -131,10 +138,25 @@ async def run_http(url: str, args, concurrencies: list[int]) -> list[dict]:
                 if response.status != 200:
                     raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:300]}")
 
+        async def batch_counts() -> tuple[int, float]:
+            async with session.get(f"{url}/health") as response:
+                health = await response.json()
+            return health["batches"], health["batches"] * health["mean_batch_images"]
+
         for c in concurrencies:
+            before = await batch_counts()
             rows.append(await closed_loop(send, c, args.seconds, args.warmup_requests))
-            print(f"http  c={c:<3} {rows[-1]['req_per_s']:8.1f} req/s  p50 {rows[-1]['p50_ms']:7.1f} ms  p99 {rows[-1]['p99_ms']:7.1f} ms", flush=True)
-    return rows
+            after = await batch_counts()
+            rows[-1]["mean_batch"] = (after[1] - before[1]) / max(1, after[0] - before[0])
+            report("http", rows[-1])
+
+        async def health(_seed: int) -> None:
+            async with session.get(f"{url}/health") as response:
+                await response.read()
+
+        # Serve's own cost: the same path with nothing to compute (the replica answers GET /health at once)
+        floor = [await closed_loop(health, c, args.seconds / 2, args.warmup_requests) for c in (1, max(concurrencies))]
+    return rows, floor
 
 
 def start_service(folder: str, service_args: dict) -> str:
@@ -160,7 +182,7 @@ def main() -> int:
     p.add_argument("--warmup-requests", type=int, default=3, help="unmeasured requests per client before measuring")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
-    p.add_argument("--max-ongoing-requests", type=int, default=0, help="per replica; default 2x the max batch size")
+    p.add_argument("--max-ongoing-requests", type=int, default=0, help="per replica; default: the service's")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--num-cpus", type=float, default=float(os.cpu_count() or 1),
                    help="the replica's CPUs, and torch threads for both paths on CPU")
@@ -176,7 +198,8 @@ def main() -> int:
     service_args = {
         "accelerator": "gpu" if device == "cuda" else "cpu", "dtype": args.dtype, "num_cpus": args.num_cpus,
         "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_ms / 1e3,
-        "max_ongoing_requests": args.max_ongoing_requests or 2 * args.max_batch_size, "max_images": 1, "max_queued_requests": -1,
+        "max_ongoing_requests": args.max_ongoing_requests or max(ServiceConfig.max_ongoing_requests, args.max_batch_size),
+        "max_images": 1, "max_queued_requests": -1,
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "request_timeout_s": 120,
         "sizes": [args.size] if args.size else [],
     }
@@ -202,7 +225,7 @@ def main() -> int:
         ray.init(address="local", include_dashboard=False, num_cpus=max(4, int(args.num_cpus) + 2), log_to_driver=False)
         try:
             url = start_service(folder, service_args)
-            http = asyncio.run(run_http(url, args, concurrencies))
+            http, floor = asyncio.run(run_http(url, args, concurrencies))
         finally:
             from ray import serve
 
@@ -210,14 +233,19 @@ def main() -> int:
             ray.shutdown()
 
     print(f"\n{device_name}, {args.model} at {args.size or 'native size'}, {datetime.date.today()}")
-    print("| clients | bare req/s | bare p50 ms | bare p99 ms | HTTP req/s | HTTP p50 ms | HTTP p99 ms | HTTP/bare req/s | added p50 ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| clients | bare req/s | bare p50 ms | bare p99 ms | HTTP req/s | HTTP p50 ms | HTTP p99 ms | HTTP/bare req/s "
+          "| added p50 ms | mean batch bare / HTTP |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for b, h in zip(bare, http):
         print(f"| {b['concurrency']} | {b['req_per_s']:.1f} | {b['p50_ms']:.1f} | {b['p99_ms']:.1f} | {h['req_per_s']:.1f} | "
-              f"{h['p50_ms']:.1f} | {h['p99_ms']:.1f} | {h['req_per_s'] / b['req_per_s']:.2f}x | {h['p50_ms'] - b['p50_ms']:+.1f} |")
+              f"{h['p50_ms']:.1f} | {h['p99_ms']:.1f} | {h['req_per_s'] / b['req_per_s']:.2f}x | {h['p50_ms'] - b['p50_ms']:+.1f} | "
+              f"{b['mean_batch']:.1f} / {h['mean_batch']:.1f} |")
+    print(f"Serve's floor (GET /health, nothing computed): p50 {floor[0]['p50_ms']:.1f} ms with 1 client; "
+          f"{floor[1]['req_per_s']:.0f} req/s with {floor[1]['concurrency']} clients")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device_name, "model": args.model, "args": vars(args), "bare": bare, "http": http}, f, indent=1)
+            json.dump({"device": device_name, "model": args.model, "args": vars(args), "bare": bare, "http": http,
+                       "floor": floor}, f, indent=1)
     return 0
 
 

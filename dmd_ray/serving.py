@@ -272,11 +272,14 @@ class OneStepImageGenerator:
         x0 = self.generator(noise, embeddings)
         return to_uint8(c.decode(x0))
 
-    def warmup(self, batch_size: int, sizes: Sequence[ImageSize] = ()) -> None:
-        """Runs full batches once per size, so that the first users do not pay for kernel selection, allocator
-        growth and lazy initialisation (seconds on a GPU)."""
+    def warmup(self, max_batch_size: int, sizes: Sequence[ImageSize] = ()) -> None:
+        """Generates once per size and batch size before the first user does, who would otherwise pay for lazy
+        initialisation, kernel selection and allocator growth (seconds on a GPU, for every new batch shape). On a
+        CPU only the largest batch is run: nothing there depends on the shape for long."""
+        batch_sizes = range(1, max_batch_size + 1) if self.device.type == "cuda" else [max_batch_size]
         for size in sizes or [self.native_size]:
-            self.generate([GenerationJob("warm-up", tuple(range(batch_size)), size)])
+            for batch_size in batch_sizes:
+                self.generate([GenerationJob("warm-up", tuple(range(batch_size)), size)])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

@@ -3,9 +3,10 @@
     serve run serve/config.yaml                      # or: serve run serve.app:build_app model=/path/to/export
 
 One deployment does everything (HTTP parsing and generation), so a request crosses one hop from the proxy to a
-replica. Concurrent requests on a replica are gathered by `@serve.batch` into batches of at most `max_batch_size`
-images; Serve's proxy caps each replica at `max_ongoing_requests` and queues at most `max_queued_requests` more
-before answering 503 (or 429), and the autoscaler keeps `target_ongoing_requests` per replica.
+replica. Concurrent requests on a replica are gathered by `@serve.batch` and generated in batches of at most
+`max_batch_size` images (see BatchedGenerator); Serve's proxy caps each replica at `max_ongoing_requests` and
+queues at most `max_queued_requests` more before answering 503 (or 429), and the autoscaler keeps
+`target_ongoing_requests` per replica. docs/serving.md has the API, the configuration and the measurements.
 
 Routes: POST /v1/images/generations (OpenAI's images API), GET /v1/models, POST /generate (image/png), GET /health,
 GET / (a page that regenerates as you type), /openapi.json and /docs. Errors use OpenAI's error JSON.
@@ -125,7 +126,8 @@ def error_response(status: int, message: str, error_type: str = "invalid_request
 
 async def authorize(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme)) -> None:
     """Bearer-token check against the key the replica read from its environment (none: open). A dependency, so
-    that it runs before the body is validated: without the key, nothing about a request is answered but 401."""
+    that it runs before the body is checked against the schema: without the key, a caller learns nothing but 401
+    (malformed JSON excepted, which FastAPI rejects first)."""
     expected: str | None = request.app.state.api_key
     if expected is None:
         return
@@ -278,7 +280,9 @@ class OneStepImageService:
 
         self.config = config
         api.state.api_key = os.environ.get(config.api_key_env) or None  # read once; never logged
-        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("Ray assigned this replica a GPU, but torch cannot use CUDA here (a CPU-only torch?)")
         if device == "cpu":
             torch.set_num_threads(max(1, int(config.num_cpus)))
         folder = serving.resolve_generator(config.model, config.cache_dir or None)
@@ -327,7 +331,8 @@ class OneStepImageService:
 
     @api.post("/generate", response_class=Response, responses={200: {"content": {"image/png": {}}}, **ERROR_RESPONSES}, dependencies=AUTHORIZED)
     async def generate_png(self, body: GenerateRequest) -> Response:
-        """One image as image/png. Headers: X-Seed (the seed used) and Server-Timing (time spent generating)."""
+        """One image as image/png. Headers: X-Seed (the seed used) and Server-Timing (from the request's arrival at
+        the replica to its image: batching wait and generation)."""
         job = serving.validate_generation(body.prompt, 1, body.size, body.seed, self.limits)
         started = time.perf_counter()
         images = await self._generate(job)
