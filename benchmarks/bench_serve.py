@@ -107,8 +107,8 @@ async def run_bare(folder: str, device: str, args, config, concurrencies: list[i
 
     async def send(seed: int) -> None:
         job = serving.GenerationJob(PROMPTS[seed % len(PROMPTS)], (seed % serving.SEED_MODULUS,), size)
-        pngs = await encode_pngs(await batcher.generate(job))
-        [base64.b64encode(png) for png in pngs]
+        for png in await encode_pngs(await batcher.generate(job)):
+            base64.b64encode(png)  # as the service encodes its response
 
     rows = []
     for c in concurrencies:
@@ -122,7 +122,8 @@ async def run_bare(folder: str, device: str, args, config, concurrencies: list[i
     return rows
 
 
-async def run_http(url: str, args, concurrencies: list[int]) -> list[dict]:
+async def run_http(url: str, args, concurrencies: list[int]) -> tuple[list[dict], list[dict]]:
+    """The HTTP rows, and Serve's floor: GET /health (nothing computed) with 1 and with the most clients."""
     import aiohttp
 
     rows = []

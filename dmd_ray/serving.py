@@ -32,7 +32,7 @@ from dmd_ray import models, storage
 from dmd_ray.generator import OneStepGenerator
 from dmd_ray.images import to_uint8
 
-SEED_MODULUS = 2**32  # seeds are uint32: they survive JSON in a browser (2**53) and index numpy's generators too
+SEED_MODULUS = 2**32  # seeds are uint32: exact in a browser's JSON numbers (up to 2**53), easy to type and share
 GENERATOR_FORMAT = "dmd-ray-generator/1"
 
 

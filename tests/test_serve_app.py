@@ -19,6 +19,9 @@ import requests
 
 from test_serve_core import export_tiny_generator
 
+# Each test, its fixtures included, ends within 10 minutes even if a replica never gets scheduled (serve.run waits).
+pytestmark = pytest.mark.timeout(600)
+
 API_KEY = "test-key-not-a-secret"
 KEY_ENV = "DMD_SERVE_TEST_API_KEY"
 MAIN_APP, AUX_APP = "dmd", "aux"
@@ -263,7 +266,8 @@ def test_killed_replica_is_replaced_and_requests_succeed_again(serve_url):
 
 # --------------------------------------------------------------------------------------------- load and failure
 @pytest.fixture(scope="module")
-def aux_url(serve_url, generator_folder):
+def aux_url(serve_url):
+    """A second application beside the main one, redeployed by each test below with the settings it needs."""
     from ray import serve
 
     yield f"{serve_url}/{AUX_APP}"
