@@ -292,24 +292,32 @@ def _tiny_tokenizer() -> Any:
     return tokenizer
 
 
-def build_tiny_teacher(seed: int = 0, prediction_type: str = "epsilon") -> Teacher:
-    """SD 1.5's architecture and scheduler at toy size, with seeded random weights; no downloads.
-
-    32x32 images, 4x8x8 latents, 16-token prompts of 32-dim embeddings. The global RNG state is left untouched.
-    """
+def build_small_sd(
+    seed: int = 0,
+    prediction_type: str = "epsilon",
+    text_width: int = 32,
+    unet_channels: tuple[int, ...] = (32, 64),
+    attention_levels: tuple[bool, ...] = (False, True),
+    vae_channels: tuple[int, ...] = (16, 32, 32),
+    source: str = "tiny",
+) -> Teacher:
+    """SD 1.5's architecture and scheduler at a small size, with seeded random weights and the shapes-domain
+    tokenizer; no downloads. 32x32 images; latents of 4 channels at 32 / 2**(len(vae_channels) - 1) pixels;
+    16-token prompts. The global RNG state is left untouched."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     _check_prediction_type(prediction_type)
     tokenizer = _tiny_tokenizer()
+    latent_size = 32 // 2 ** (len(vae_channels) - 1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=64,
-                projection_dim=32,
+                hidden_size=text_width,
+                intermediate_size=2 * text_width,
+                projection_dim=text_width,
                 num_hidden_layers=2,
                 num_attention_heads=2,
                 max_position_embeddings=_TINY_MAX_LENGTH,
@@ -319,23 +327,23 @@ def build_tiny_teacher(seed: int = 0, prediction_type: str = "epsilon") -> Teach
             )
         )
         unet = UNet2DConditionModel(
-            sample_size=8,
+            sample_size=latent_size,
             in_channels=4,
             out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(32, 64),
+            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels),
+            up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels)),
+            block_out_channels=unet_channels,
             layers_per_block=1,
-            cross_attention_dim=32,
+            cross_attention_dim=text_width,
             attention_head_dim=4,
             norm_num_groups=8,
         )
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(16, 32, 32),
+            down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+            block_out_channels=vae_channels,
             layers_per_block=1,
             latent_channels=4,
             norm_num_groups=8,
@@ -353,7 +361,18 @@ def build_tiny_teacher(seed: int = 0, prediction_type: str = "epsilon") -> Teach
         prediction_type=prediction_type,
     )
     _freeze(text_encoder, unet, vae)
-    return Teacher(tokenizer, text_encoder, unet, vae, scheduler, source="tiny")
+    return Teacher(tokenizer, text_encoder, unet, vae, scheduler, source=source)
+
+
+def build_tiny_teacher(seed: int = 0, prediction_type: str = "epsilon") -> Teacher:
+    """The smallest SD: 32x32 images, 4x8x8 latents, 32-dim text; for tests and smoke runs (random weights)."""
+    return build_small_sd(seed, prediction_type)
+
+
+def build_demo_architecture(seed: int = 0, prediction_type: str = "epsilon") -> Teacher:
+    """The `demo` teacher's architecture, untrained: jobs/train_teacher.py trains it on the shapes domain."""
+    return build_small_sd(seed, prediction_type, text_width=64, unet_channels=(48, 96, 96), attention_levels=(False, True, True),
+                          vae_channels=(32, 64, 64), source="demo-architecture")
 
 
 def build_sd15_architecture(seed: int = 0, prediction_type: str = "epsilon") -> Teacher:
@@ -389,6 +408,13 @@ def build_sd15_architecture(seed: int = 0, prediction_type: str = "epsilon") -> 
 
 
 BUILT_IN = {"tiny": build_tiny_teacher, "sd15-architecture": build_sd15_architecture}
+
+# Trained models that ship inside the package (see README, "The demo teacher"): name -> local diffusers folder.
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+PACKAGED_TEACHERS = {"demo": os.path.join(ASSETS, "demo-teacher")}
+
+# Exported one-step generators that ship inside the package: name -> local diffusers folder (see export.py).
+BUILT_IN_GENERATORS: dict[str, str] = {}
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -488,6 +514,13 @@ def _download_s3(uri: str, cache_dir: str | None) -> str:
         raise storage.StorageError(f"cannot download teacher {uri!r}: {_brief(e)}") from e
 
 
+def _packaged(name: str) -> str:
+    folder = PACKAGED_TEACHERS[name]
+    if not os.path.isdir(folder):
+        raise TeacherNotFoundError(f"the packaged teacher {name!r} is missing from this installation ({folder}); remake it with jobs/train_teacher.py")
+    return folder
+
+
 def load_teacher(spec: str, cache_dir: str | None = None, torch_dtype: torch.dtype = torch.float32) -> Teacher:
     """A frozen teacher (eval mode, requires_grad False) from "tiny", a local folder, an s3:// prefix or a hub id.
 
@@ -497,6 +530,8 @@ def load_teacher(spec: str, cache_dir: str | None = None, torch_dtype: torch.dty
     spec = str(spec)
     if spec in BUILT_IN:
         return BUILT_IN[spec]().to(dtype=torch_dtype)
+    if spec in PACKAGED_TEACHERS:
+        return _load_folder(_packaged(spec), spec, torch_dtype)
     if storage.is_s3(spec):
         return _load_folder(_download_s3(spec, cache_dir), spec, torch_dtype)
     local = os.path.expanduser(spec[len("file://") :] if spec.startswith("file://") else spec)
@@ -553,6 +588,8 @@ def describe_teacher(spec: str, cache_dir: str | None = None) -> TeacherInfo:
         return TeacherInfo(spec, t.unet.config.in_channels, t.vae_scale_factor, t.unet.config.sample_size, t.prediction_type)
     if spec == "sd15-architecture":
         return TeacherInfo(spec, 4, 8, 64, "epsilon")
+    if spec in PACKAGED_TEACHERS:
+        spec = _packaged(spec)
     if storage.is_s3(spec):
         where = _download_s3(spec, cache_dir)
     else:

@@ -48,9 +48,12 @@ class DistillConfig:
     pair_sampler: str = "pndm"
     pair_steps: int = 50
     pair_shard_size: int = 64
+    pair_batch_size: int = 16  # pairs per sampler call (small models on a GPU want hundreds: they are launch-bound)
+    pair_gpus_per_actor: float = -1.0  # -1: 1 when the cluster has GPUs at the start, else 0 (set 1 for autoscaling GPU clusters)
     # the method
     guidance_scale: float = 3.0  # real score's classifier-free guidance (DMD: 3 for FID, 8 for visual quality)
-    lambda_reg: float = 0.25
+    lambda_reg: float = 0.25  # 0: the "without regression" ablation
+    dm_weight: float = 1.0  # 0: the "without distribution matching" ablation (regression only; no fake score updates)
     t_min: float = 0.02  # DM-loss timesteps, as fractions of T
     t_max: float = 0.98
     generator_timestep: int = -1  # -1: T - 1 (999 for SD)
@@ -118,6 +121,8 @@ def check_config(cfg: DistillConfig) -> None:
         problems.append(f"precision must be bf16 or fp32, got {cfg.precision!r} (fp16 diverges, see DMD2)")
     if not 0.0 <= cfg.t_min <= cfg.t_max <= 1.0:
         problems.append(f"need 0 <= t_min <= t_max <= 1, got t_min {cfg.t_min}, t_max {cfg.t_max}")
+    if cfg.dm_weight < 0 or cfg.lambda_reg < 0 or (cfg.dm_weight == 0 and cfg.lambda_reg == 0):
+        problems.append(f"dm_weight and lambda_reg must be >= 0 and not both 0 (the generator would learn nothing), got {cfg.dm_weight} and {cfg.lambda_reg}")
     if cfg.regression_space not in ("pixel", "latent"):
         problems.append(f"regression_space must be pixel or latent, got {cfg.regression_space!r}")
     if cfg.use_gpu not in ("auto", "true", "false"):
@@ -168,6 +173,7 @@ def pairs_config(cfg: DistillConfig, prompts_uri: str, out: str) -> pairs.PairsC
     return pairs.PairsConfig(
         teacher=cfg.teacher, prompts=prompts_uri, num_pairs=cfg.num_pairs, out=out, sampler=cfg.pair_sampler, steps=cfg.pair_steps,
         guidance_scale=cfg.guidance_scale, resolution=cfg.resolution, seed=cfg.seed, shard_size=cfg.pair_shard_size, cache_dir=cfg.cache_dir,
+        batch_size=cfg.pair_batch_size, gpus_per_actor=cfg.pair_gpus_per_actor,
     )
 
 
@@ -398,6 +404,7 @@ def build_objective(cfg: DistillConfig, teacher, generator_net, fake_net, device
         fake_loss=DenoisingLoss(schedule, prediction_type),
         regression=regression,
         lambda_reg=cfg.lambda_reg,
+        dm_weight=cfg.dm_weight,
     )
     return generator, objective
 
@@ -417,7 +424,7 @@ def dmd_iteration(cfg: DistillConfig, objective, teacher, prompts: list[str], ba
         noise, cond, batch["noise"].to(device, torch.float32), pair_cond, batch["target"].to(device, torch.float32), generator=rng
     )
     logs["grad_norm_generator"] = update_generator(loss)
-    for _ in range(cfg.fake_updates):
+    for _ in range(cfg.fake_updates if objective.needs_fake_score else 0):
         fake_noise, fake_cond = fresh(cfg.local_dm_batch)
         loss_f, logs_f = objective.fake_score_loss(fake_net, fake_noise, fake_cond, generator=rng)
         logs["grad_norm_fake"] = update_fake(loss_f)

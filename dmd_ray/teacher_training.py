@@ -1,0 +1,323 @@
+"""Training a small Stable Diffusion-style teacher on the shapes domain: the pieces in pure PyTorch, and the Ray Train
+worker loop that jobs/train_teacher.py launches (Ray is imported inside it only).
+
+Two stages, as SD was made: first the VAE (reconstruction plus a small KL term, then its latents' scale measured
+and stored as `scaling_factor`), then the UNet and text encoder together on the teacher's own denoising loss
+(`DenoisingLoss`, the very loss the fake score trains on) with classifier-free-guidance dropout: a prompt is
+replaced by "" with probability `cfg_dropout`, which is what the empty-prompt embedding of CFG then means.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dmd_ray import shapes, storage
+
+
+class TextConditionedUNet(nn.Module):
+    """UNet and text encoder as one module: a denoiser over token ids, so that one DDP wrapper trains both."""
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, x_t: Tensor, t: Tensor, input_ids: Tensor) -> Tensor:
+        cond = self.text_encoder(input_ids).last_hidden_state
+        return self.unet(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+
+
+class EMA:
+    """Exponential moving average of a module's floating-point parameters (the weights that get shipped)."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        current = module.state_dict()
+        keys = list(self.shadow)
+        torch._foreach_lerp_([self.shadow[k] for k in keys], [current[k].float() for k in keys], 1 - self.decay)
+
+    def copy_to(self, module: nn.Module) -> None:
+        module.load_state_dict({**module.state_dict(), **self.shadow})
+
+
+class PromptTokens:
+    """Token ids per prompt, cached: the domain has a few hundred distinct prompts, and tokenising a thousand strings
+    every step costs more than the small UNet's step itself."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def __call__(self, prompts: list[str], device) -> Tensor:
+        missing = sorted({p for p in prompts if p not in self.cache})
+        if missing:
+            ids = self.tokenizer(missing, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+            self.cache.update(zip(missing, ids))
+        return torch.stack([self.cache[p] for p in prompts]).to(device, non_blocking=True)
+
+
+def training_batch(rng: random.Random, batch_size: int, device, partial: float, cfg_dropout: float) -> tuple[Tensor, list[str]]:
+    """Freshly rendered images and their prompts; with CFG dropout some prompts are ""."""
+    scenes = shapes.random_scenes(batch_size, rng, partial=partial)
+    images = shapes.render(scenes, seed=rng.getrandbits(62), device=device)
+    prompts = ["" if rng.random() < cfg_dropout else s.prompt for s in scenes]
+    return images, prompts
+
+
+def vae_loss(vae: nn.Module, images: Tensor, kl_weight: float) -> tuple[Tensor, dict[str, float]]:
+    posterior = vae.encode(images).latent_dist
+    recon = vae.decode(posterior.sample()).sample
+    l1, mse = F.l1_loss(recon, images), F.mse_loss(recon, images)
+    kl = posterior.kl().mean()
+    return l1 + mse + kl_weight * kl, {"loss_l1": l1.item(), "loss_mse": mse.item(), "kl": kl.item()}
+
+
+@torch.no_grad()
+def latent_scale(vae: nn.Module, device, num_images: int = 2048, seed: int = 1234) -> float:
+    """1 / std of the VAE's latents over the domain: SD's `scaling_factor`, which makes latents unit-variance."""
+    rng = random.Random(seed)
+    latents = []
+    for _ in range(num_images // 256):
+        images = shapes.render(shapes.random_scenes(256, rng), seed=rng.getrandbits(62), device=device)
+        latents.append(vae.encode(images).latent_dist.mean.float())
+    return float(1.0 / torch.cat(latents).std())
+
+
+# --------------------------------------------------------------------------------------------- the Ray Train worker
+@dataclass
+class TeacherConfig:
+    """Config of `jobs/train_teacher.py` (every key can be set in YAML or as --key-name on the command line)."""
+
+    output: str = "runs/teacher"  # local folder or s3://bucket/prefix; the teacher lands in <output>/teacher
+    run_name: str = "train"
+    prediction_type: str = "epsilon"  # as SD 1.5
+    seed: int = 0
+    # stage 1: the VAE
+    vae_steps: int = 3000
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    # stage 2: UNet and text encoder
+    unet_steps: int = 12000
+    lr: float = 5e-4
+    warmup_steps: int = 500
+    cfg_dropout: float = 0.1  # prompts replaced by "" (classifier-free guidance's null condition)
+    partial_prompts: float = 0.25  # prompts that leave size and background unsaid
+    ema_decay: float = 0.999
+    # both stages
+    batch_size: int = 256  # global, split over workers
+    grad_clip: float = 1.0
+    precision: str = "bf16"  # autocast on GPU; CPU runs in fp32
+    num_workers: int = 1
+    use_gpu: str = "auto"  # auto | true | false
+    cpus_per_worker: float = 1.0
+    log_every: int = 200
+    checkpoint_every: int = 2000  # steps of either stage; 0: only at the end of each stage
+    compile: bool = False  # torch.compile the UNet and text encoder (the small model is launch-bound on a GPU)
+    save_dtype: str = "float16"  # the shipped folder's weights (float16 halves its size); float32 for exact copies
+
+    def check(self) -> None:
+        problems = []
+        if self.batch_size % self.num_workers:
+            problems.append(f"batch_size {self.batch_size} does not divide over {self.num_workers} workers")
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            problems.append(f"prediction_type must be epsilon, v_prediction or sample, got {self.prediction_type!r}")
+        if self.vae_steps < 1 or self.unet_steps < 1:
+            problems.append("vae_steps and unet_steps must be >= 1")
+        if not 0 <= self.cfg_dropout < 1 or not 0 <= self.partial_prompts <= 1:
+            problems.append("cfg_dropout must be in [0, 1) and partial_prompts in [0, 1]")
+        if self.precision not in ("bf16", "fp32") or self.save_dtype not in ("float16", "float32"):
+            problems.append("precision must be bf16 or fp32, save_dtype float16 or float32")
+        if self.use_gpu not in ("auto", "true", "false"):
+            problems.append(f"use_gpu must be auto, true or false, got {self.use_gpu!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+# what a resumed run must share with the run that wrote the checkpoint (the rest, e.g. log_every, may change)
+RESUME_KEYS = ("prediction_type", "seed", "vae_steps", "vae_lr", "kl_weight", "unet_steps", "lr", "warmup_steps", "cfg_dropout",
+               "partial_prompts", "ema_decay", "batch_size", "num_workers")
+
+
+def log(msg: str) -> None:
+    print(f"[train_teacher {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _save_checkpoint(rank: int, state: dict, models: dict, optimizer, emas: dict, metrics: dict) -> None:
+    """Weights in safetensors; the optimizer state through torch.save (read back with weights_only=True). Every
+    rank reports (Ray Train expects it); rank 0 alone writes, since the replicas are identical."""
+    import ray.train
+    import torch
+    from safetensors.torch import save_file
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        tensors = {f"{name}.{k}": v.detach().float().cpu().contiguous() for name, m in models.items() for k, v in m.state_dict().items()}
+        tensors.update({f"ema_{name}.{k}": v.cpu().contiguous() for name, ema in emas.items() for k, v in ema.shadow.items()})
+        save_file(tensors, os.path.join(d, "weights.safetensors"))
+        if optimizer is not None:  # None between stages: the next stage starts its own optimizer
+            torch.save(optimizer.state_dict(), os.path.join(d, "optimizer.pt"))
+        with open(os.path.join(d, "state.json"), "w") as f:
+            json.dump(state, f)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _load_checkpoint(checkpoint, models: dict, emas: dict, device) -> tuple[dict, dict]:
+    import torch
+    from safetensors.torch import load_file
+
+    with checkpoint.as_directory() as d:
+        tensors = load_file(os.path.join(d, "weights.safetensors"))
+        for name, m in models.items():
+            m.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        for name, ema in emas.items():
+            ema.shadow.update({k[len(name) + 5 :]: v.to(device) for k, v in tensors.items() if k.startswith(f"ema_{name}.")})
+        optimizer_path = os.path.join(d, "optimizer.pt")
+        optimizer_state = torch.load(optimizer_path, map_location=device, weights_only=True) if os.path.exists(optimizer_path) else None
+        with open(os.path.join(d, "state.json")) as f:
+            return json.load(f), optimizer_state
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import math
+    import random
+
+    import ray.train
+    import ray.train.torch
+    import torch
+    from torch import nn
+
+    from dmd_ray.losses import DenoisingLoss
+    from dmd_ray.models import build_demo_architecture
+    
+    cfg = TeacherConfig(**config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16" and device.type == "cuda")
+    local_batch = cfg.batch_size // world
+    teacher = build_demo_architecture(cfg.seed, cfg.prediction_type)
+    vae, denoiser = teacher.vae, TextConditionedUNet(teacher.unet, teacher.text_encoder)
+    for m in (vae, denoiser):
+        m.to(device).train().requires_grad_(True)
+    emas = {"denoiser": EMA(denoiser, cfg.ema_decay)}
+    state = {"stage": "vae", "step": 0, "scaling_factor": None, "config": config}
+
+    def optimizer_for(stage: str):
+        params, lr, warmup = (vae.parameters(), cfg.vae_lr, 100) if stage == "vae" else (denoiser.parameters(), cfg.lr, cfg.warmup_steps)
+        steps = cfg.vae_steps if stage == "vae" else cfg.unet_steps
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+        # linear warm-up, then cosine decay to 0: a function of the step, so resuming just replays it
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        return opt, sched
+
+    models = {"vae": vae, "denoiser": denoiser}
+    checkpoint = ray.train.get_checkpoint()
+    optimizer_state = None
+    if checkpoint is not None:
+        state, optimizer_state = _load_checkpoint(checkpoint, models, emas, device)
+        changed = {k: (v, config[k]) for k, v in state.get("config", {}).items() if k in RESUME_KEYS and config[k] != v}
+        if changed:
+            raise ValueError(f"{cfg.output}/{cfg.run_name} holds a run with another recipe ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}); "
+                             "use another --output or --run-name, or the same settings to resume")
+        if rank == 0:
+            log(f"resumed: stage {state['stage']}, step {state['step']}")
+    if state["scaling_factor"] is not None:
+        vae.register_to_config(scaling_factor=state["scaling_factor"])
+    # a fresh data stream per (rank, stage, resumed step): the images are random draws, never a fixed epoch order
+    rng = random.Random(cfg.seed * 1000 + rank + 7919 * state["step"] + (10**6 if state["stage"] != "vae" else 0))
+
+    def run_stage(stage: str, steps: int, step_fn, trained: nn.Module):
+        nonlocal optimizer_state
+        opt, sched = optimizer_for(stage)
+        if optimizer_state is not None:
+            opt.load_state_dict(optimizer_state)
+            optimizer_state = None
+        for _ in range(state["step"]):
+            sched.step()
+        model = ray.train.torch.prepare_model(trained, move_to_device=False) if world > 1 else trained
+        t0, seen = time.perf_counter(), 0
+        while state["step"] < steps:
+            with autocast:
+                loss, logs = step_fn(model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            if stage == "unet":
+                emas["denoiser"].update(denoiser)
+            state["step"] += 1
+            seen += cfg.batch_size
+            step = state["step"]
+            metrics = None
+            if step % cfg.log_every == 0 or step == steps:
+                metrics = {"stage": stage, "step": step, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0],
+                           "images_per_s": seen / (time.perf_counter() - t0), **logs}
+                if rank == 0:
+                    log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+                t0, seen = time.perf_counter(), 0
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
+                _save_checkpoint(rank, state, models, opt, emas, metrics or {"stage": stage, "step": step})
+            elif metrics is not None:
+                ray.train.report(metrics)
+        return opt
+
+    if state["stage"] == "vae":
+        run_stage("vae", cfg.vae_steps, lambda m: vae_loss(m, training_batch(rng, local_batch, device, 0.0, 0.0)[0], cfg.kl_weight), vae)
+        scale = latent_scale(vae, device)
+        vae.register_to_config(scaling_factor=scale)
+        state.update(stage="unet", step=0, scaling_factor=scale)
+        _save_checkpoint(rank, state, models, None, emas, {"stage": "vae", "step": cfg.vae_steps, "scaling_factor": scale})
+        if rank == 0:
+            log(f"VAE done; latent scaling_factor {scale:.4f}")
+    vae.eval().requires_grad_(False)
+    if state["stage"] == "unet":
+        denoising = DenoisingLoss(teacher.schedule, cfg.prediction_type)
+        tokens = PromptTokens(teacher.tokenizer)
+        compiled = torch.compile(denoiser) if cfg.compile else denoiser
+
+        def unet_step(model):
+            images, prompts = training_batch(rng, local_batch, device, cfg.partial_prompts, cfg.cfg_dropout)
+            with torch.no_grad():
+                latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+            return denoising(compiled if model is denoiser else model, latents.float(), tokens(prompts, device)), {}
+
+        opt = run_stage("unet", cfg.unet_steps, unet_step, denoiser)
+        state.update(stage="done")
+        _save_checkpoint(rank, state, models, opt, emas, {"stage": "unet", "step": cfg.unet_steps})
+
+    if rank == 0:
+        emas["denoiser"].copy_to(denoiser)
+        dtype = torch.float16 if cfg.save_dtype == "float16" else torch.float32
+        teacher.to(device="cpu", dtype=dtype)
+        teacher.source = "demo"
+        _publish_folder(teacher, storage.join(cfg.output, "teacher"))
+        log(f"teacher written to {storage.join(cfg.output, 'teacher')}")
+
+
+def _publish_folder(teacher, uri: str) -> None:
+    """Saves the teacher folder locally (atomically), or stages it and uploads it file by file to S3."""
+    if not storage.is_s3(uri):
+        teacher.save(storage.resolve(uri)[1])
+        return
+    with tempfile.TemporaryDirectory() as d:
+        teacher.save(os.path.join(d, "teacher"))
+        for root, _, files in os.walk(os.path.join(d, "teacher")):
+            for name in files:
+                rel = os.path.relpath(os.path.join(root, name), os.path.join(d, "teacher"))
+                with open(os.path.join(root, name), "rb") as f:
+                    storage.write_bytes(storage.join(uri, rel), f.read())
