@@ -72,3 +72,73 @@ def test_download_prefix_selects_files(s3_bucket, tmp_path):
     with pytest.raises(storage.StorageError, match="nothing to download"):
         storage.download_prefix(s3_bucket + "/model", str(tmp_path / "cache2"), lambda rel: rel.endswith(".ckpt"))
     assert not os.path.exists(tmp_path / "cache2")
+
+
+class _DenyingS3(object):
+    """An S3 endpoint on 127.0.0.1 that rejects every request's credentials, as AWS does for a wrong key: 403 with
+    S3's InvalidAccessKeyId error document (HEAD responses carry no body, so clients see the bare 403)."""
+
+    def __enter__(self):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _deny(self):
+                body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InvalidAccessKeyId</Code><Message>The AWS Access '
+                        b'Key Id you provided does not exist in our records.</Message></Error>')
+                self.send_response(403)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _deny
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_wrong_credentials_fail_clearly_before_any_sampling(monkeypatch, tmp_path, prompts_file):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
+    import generate_pairs
+
+    from dmd_ray.pairs import PairsConfig
+
+    import boto3
+
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # boto3 caches resolved credentials in its default session
+    with _DenyingS3() as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+        monkeypatch.setenv("AWS_REGION", "us-east-1")
+        with pytest.raises(storage.StorageError, match="denied .*check the AWS credentials"):
+            storage.check_access("s3://bucket/prefix")
+        with pytest.raises(storage.StorageError, match="denied"):
+            generate_pairs.prepare(PairsConfig(teacher="tiny", prompts=prompts_file, num_pairs=4, out="s3://bucket/pairs"))
+
+
+def test_missing_credentials_fail_clearly(monkeypatch, tmp_path):
+    import boto3
+
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # boto3 caches resolved credentials in its default session
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role lookup from a test
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    with pytest.raises(storage.StorageError, match="no AWS credentials found"):
+        storage.check_access("s3://bucket/prefix")
