@@ -1,6 +1,5 @@
 """The shapes domain, its judge, the packaged demo teacher and the teacher-training job (CPU)."""
 import os
-import random
 
 import pytest
 import torch
