@@ -2,7 +2,7 @@
 
     python jobs/distill.py                                    # the demo, on an embedded local Ray, into runs/distill-demo
     python jobs/distill.py --config my.yaml --max-steps 20000
-    ray job submit --working-dir . -- python jobs/distill.py --config configs/sd15.yaml --output s3://bucket/run1
+    ray job submit --working-dir . -- python jobs/distill.py --config my-sd15.yaml --output s3://bucket/run1
 
 Without --pairs, the teacher's ODE pairs are generated first into <output>/pairs (jobs/generate_pairs.py's code).
 A rerun with the same --output and --run-name resumes from the latest checkpoint. `--help` lists every key.
