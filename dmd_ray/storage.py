@@ -72,6 +72,21 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri[len("file://") :] if uri.startswith("file://") else uri)
 
 
+def absolute(uri: str, only_if_exists: bool = False) -> str:
+    """A local path made absolute against this process's working directory; s3:// URIs and "" unchanged.
+
+    Jobs call it on every path before handing it to Ray workers and actors, which run in other directories. With
+    `only_if_exists`, specs that may name something else (a built-in model, a hub id) are changed only when they
+    are an existing local path.
+    """
+    if not uri or is_s3(uri):
+        return uri
+    local = os.path.expanduser(uri[len("file://") :] if uri.startswith("file://") else uri)
+    if only_if_exists and not os.path.exists(local):
+        return uri
+    return os.path.abspath(local)
+
+
 def join(uri: str, *parts: str) -> str:
     if is_s3(uri):
         return "s3://" + posixpath.join(uri[len("s3://") :].rstrip("/"), *parts)

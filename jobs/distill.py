@@ -53,6 +53,9 @@ def run(cfg: DistillConfig):
     from dmd_ray.ray_utils import cluster_gpus
     from dmd_ray.training import train_loop_per_worker
 
+    # Ray Train workers and Ray Data actors run in other directories: every local path becomes absolute here
+    cfg = dataclasses.replace(cfg, output=storage.absolute(cfg.output), pairs=storage.absolute(cfg.pairs), prompts=storage.absolute(cfg.prompts),
+                              teacher=storage.absolute(cfg.teacher, only_if_exists=True), cache_dir=storage.absolute(cfg.cache_dir))
     prompts, prompts_uri, facts = prepare(cfg)
     if not cfg.pairs:
         import generate_pairs

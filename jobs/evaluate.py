@@ -17,8 +17,10 @@ AlexNet backbone with the package's calibrated heads, offline): 0 is a collapsed
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -75,8 +77,6 @@ def sample_rows(cfg: EvalConfig) -> list[dict]:
 
 def generate(spec: str, cfg: EvalConfig) -> tuple[np.ndarray, list[str]]:
     """All samples of one model through a Ray Data actor pool; returned in row order."""
-    import dataclasses
-
     import ray.data
 
     from dmd_ray.ray_utils import cluster_gpus
@@ -100,6 +100,10 @@ def run(cfg: EvalConfig) -> dict:
     from dmd_ray.images import grid, png_bytes
 
     cfg.check()
+    # the actors run in another directory: local model folders become absolute paths here
+    specs = [kind + storage.absolute(rest, only_if_exists=True) for kind, rest in
+             (re.match(r"^((?:teacher|teacher-onestep):)?(.*)$", m).groups("") for m in cfg.models())]
+    cfg = dataclasses.replace(cfg, model=",".join(specs), output=storage.absolute(cfg.output))
     storage.check_access(cfg.output)
     judge = shapes.load_classifier()
     rows = sample_rows(cfg)

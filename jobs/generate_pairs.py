@@ -52,6 +52,9 @@ def run(cfg: pairs.PairsConfig) -> dict:
     from dmd_ray.ray_utils import cluster_gpus
 
     started = time.time()
+    # the actors run in other directories: every local path becomes absolute here
+    cfg = dataclasses.replace(cfg, out=storage.absolute(cfg.out), prompts=storage.absolute(cfg.prompts),
+                              teacher=storage.absolute(cfg.teacher, only_if_exists=True), cache_dir=storage.absolute(cfg.cache_dir))
     prompts, config, done = prepare(cfg)
     missing = [k for k in range(cfg.num_shards) if k not in set(done)]
     pairs.write_manifest(cfg.out, config, done, {"status": "running"})

@@ -31,6 +31,7 @@ def run(cfg: TeacherConfig):
     from dmd_ray.ray_utils import cluster_gpus
 
     cfg.check()
+    cfg = dataclasses.replace(cfg, output=storage.absolute(cfg.output))  # the workers run in another directory
     storage.check_access(cfg.output)
     use_gpu = cfg.use_gpu == "true" or (cfg.use_gpu == "auto" and cluster_gpus() > 0)
     fs = storage.s3_filesystem() if storage.is_s3(cfg.output) else None

@@ -44,12 +44,14 @@ def losses(history):
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-def test_distil_export_and_load_with_diffusers(ray_cluster, tmp_path):
-    """Pairs generated first, 2 workers, LPIPS in pixel space through the VAE; then the export runs in one step."""
+def test_distil_export_and_load_with_diffusers(ray_cluster, tmp_path, monkeypatch):
+    """Pairs generated first, 2 workers, LPIPS in pixel space through the VAE; then the export runs in one step.
+    The output is a relative path, as in the demo: workers and actors run in other directories."""
     from diffusers import DiffusionPipeline
 
+    monkeypatch.chdir(tmp_path)
     out = str(tmp_path / "run")
-    cfg = small(out, regression_space="pixel", lpips_backbone="alex", lpips_pretrained_backbone=False, lpips_min_size=32, sample_every=2)
+    cfg = small("run", regression_space="pixel", lpips_backbone="alex", lpips_pretrained_backbone=False, lpips_min_size=32, sample_every=2)
     distill.run(cfg)
     history = read_history(out)
     assert [r["step"] for r in history] == [1, 2, 3, 4]
