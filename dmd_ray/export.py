@@ -31,12 +31,13 @@ def one_step_scheduler(teacher_scheduler, timestep: int):
     return DDIMScheduler.from_config(teacher_scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=0, clip_sample=False)
 
 
-def export_generator(teacher, generator_unet: nn.Module, path: str, timestep: int, metadata: dict | None = None) -> str:
-    """Writes the one-step pipeline folder at `path` (local; atomically) and returns it."""
+def export_generator(teacher, generator_unet: nn.Module, path: str, timestep: int, metadata: dict | None = None,
+                     dtype: torch.dtype = torch.float32) -> str:
+    """Writes the one-step pipeline folder at `path` (local; atomically) with weights in `dtype`, and returns it."""
     from dmd_ray.models import Teacher
 
-    unet = generator_unet.to(torch.float32).eval().requires_grad_(False)
-    exported = Teacher(teacher.tokenizer, teacher.text_encoder.float(), unet, teacher.vae.float(), one_step_scheduler(teacher.scheduler, timestep), source=path)
+    unet = generator_unet.to(dtype).eval().requires_grad_(False)
+    exported = Teacher(teacher.tokenizer, teacher.text_encoder.to(dtype), unet, teacher.vae.to(dtype), one_step_scheduler(teacher.scheduler, timestep), source=path)
     exported.save(path)
     info = {"format": "dmd-ray-generator/1", "generator_timestep": timestep, "usage": ONE_STEP_NOTE, **(metadata or {})}
     with open(os.path.join(path, "dmd_ray.json"), "w") as f:

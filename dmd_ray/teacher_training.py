@@ -102,6 +102,7 @@ class TeacherConfig:
     run_name: str = "train"
     prediction_type: str = "epsilon"  # as SD 1.5
     seed: int = 0
+    init_from: str = ""  # a teacher (name, folder, s3://) to keep training: its VAE is kept (stage 1 skipped), its UNet and text encoder go on
     # stage 1: the VAE
     vae_steps: int = 3000
     vae_lr: float = 1e-3
@@ -124,6 +125,7 @@ class TeacherConfig:
     checkpoint_every: int = 2000  # steps of either stage; 0: only at the end of each stage
     compile: bool = False  # torch.compile the UNet and text encoder (the small model is launch-bound on a GPU)
     save_dtype: str = "float16"  # the shipped folder's weights (float16 halves its size); float32 for exact copies
+    time_limit_minutes: float = 0.0  # > 0: the UNet stage stops at this wall time (the lr schedule is cut short) and the EMA is saved
 
     def check(self) -> None:
         problems = []
@@ -139,12 +141,14 @@ class TeacherConfig:
             problems.append("precision must be bf16 or fp32, save_dtype float16 or float32")
         if self.use_gpu not in ("auto", "true", "false"):
             problems.append(f"use_gpu must be auto, true or false, got {self.use_gpu!r}")
+        if self.time_limit_minutes < 0:
+            problems.append(f"time_limit_minutes must be >= 0, got {self.time_limit_minutes}")
         if problems:
             raise ValueError("; ".join(problems))
 
 
 # what a resumed run must share with the run that wrote the checkpoint (the rest, e.g. log_every, may change)
-RESUME_KEYS = ("prediction_type", "seed", "vae_steps", "vae_lr", "kl_weight", "unet_steps", "lr", "warmup_steps", "cfg_dropout",
+RESUME_KEYS = ("prediction_type", "seed", "init_from", "vae_steps", "vae_lr", "kl_weight", "unet_steps", "lr", "warmup_steps", "cfg_dropout",
                "partial_prompts", "ema_decay", "batch_size", "num_workers")
 
 
@@ -199,9 +203,10 @@ def train_loop_per_worker(config: dict) -> None:
     from torch import nn
 
     from dmd_ray.losses import DenoisingLoss
-    from dmd_ray.models import build_demo_architecture
-    
+    from dmd_ray.models import build_demo_architecture, load_teacher
+
     cfg = TeacherConfig(**config)
+    started = time.monotonic()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -209,12 +214,18 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16" and device.type == "cuda")
     local_batch = cfg.batch_size // world
-    teacher = build_demo_architecture(cfg.seed, cfg.prediction_type)
+    if cfg.init_from:  # go on training a teacher: its VAE (and latent scale) stay, stage 1 is skipped
+        teacher = load_teacher(cfg.init_from)
+        if teacher.prediction_type != cfg.prediction_type:
+            raise ValueError(f"init_from {cfg.init_from!r} predicts {teacher.prediction_type}, the config says {cfg.prediction_type}")
+        state = {"stage": "unet", "step": 0, "scaling_factor": float(teacher.vae.config.scaling_factor), "config": config}
+    else:
+        teacher = build_demo_architecture(cfg.seed, cfg.prediction_type)
+        state = {"stage": "vae", "step": 0, "scaling_factor": None, "config": config}
     vae, denoiser = teacher.vae, TextConditionedUNet(teacher.unet, teacher.text_encoder)
     for m in (vae, denoiser):
         m.to(device).train().requires_grad_(True)
     emas = {"denoiser": EMA(denoiser, cfg.ema_decay)}
-    state = {"stage": "vae", "step": 0, "scaling_factor": None, "config": config}
 
     def optimizer_for(stage: str):
         params, lr, warmup = (vae.parameters(), cfg.vae_lr, 100) if stage == "vae" else (denoiser.parameters(), cfg.lr, cfg.warmup_steps)
@@ -240,6 +251,13 @@ def train_loop_per_worker(config: dict) -> None:
     # a fresh data stream per (rank, stage, resumed step): the images are random draws, never a fixed epoch order
     rng = random.Random(cfg.seed * 1000 + rank + 7919 * state["step"] + (10**6 if state["stage"] != "vae" else 0))
 
+    def out_of_time() -> bool:
+        """Past the time limit on any worker: the decision is all-reduced, so that every worker stops at one step."""
+        late = torch.tensor([float(time.monotonic() - started > 60 * cfg.time_limit_minutes)], device=device)
+        if world > 1:
+            torch.distributed.all_reduce(late, op=torch.distributed.ReduceOp.MAX)
+        return bool(late.item())
+
     def run_stage(stage: str, steps: int, step_fn, trained: nn.Module):
         nonlocal optimizer_state
         opt, sched = optimizer_for(stage)
@@ -251,6 +269,10 @@ def train_loop_per_worker(config: dict) -> None:
         model = ray.train.torch.prepare_model(trained, move_to_device=False) if world > 1 else trained
         t0, seen = time.perf_counter(), 0
         while state["step"] < steps:
+            if stage == "unet" and cfg.time_limit_minutes and state["step"] % 20 == 0 and out_of_time():
+                if rank == 0:
+                    log(f"time limit of {cfg.time_limit_minutes} minutes reached at step {state['step']} of {steps}: stopping the UNet stage here")
+                break
             with autocast:
                 loss, logs = step_fn(model)
             opt.zero_grad(set_to_none=True)

@@ -79,6 +79,7 @@ class DistillConfig:
     num_workers: int = 1
     use_gpu: str = "auto"  # auto | true | false
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # < 1 lets several small runs share one GPU (e.g. ablations side by side)
     # checkpoints, logs, samples
     checkpoint_every: int = 100  # steps; 0: no checkpoints (nothing to resume from)
     keep_checkpoints: int = 2
@@ -86,6 +87,7 @@ class DistillConfig:
     log_every: int = 1
     sample_every: int = 100  # steps; 0: no sample grids
     export: bool = True  # write <output>/export at the end
+    export_dtype: str = "float32"  # the exported weights: float32, or float16 (half the size; what serving runs on GPUs)
     sample_prompts: tuple[str, ...] = DEFAULT_SAMPLE_PROMPTS
     seed: int = 0
     # testing: kill rank `debug_kill_rank` at this step of the first attempt (-1: never)
@@ -108,6 +110,10 @@ class ConfigProblem(ValueError):
 def check_config(cfg: DistillConfig) -> None:
     """The checks that need no I/O: values, ranges and batch arithmetic."""
     problems = []
+    if cfg.export_dtype not in ("float32", "float16", "bfloat16"):
+        problems.append(f"export_dtype must be float32, float16 or bfloat16, got {cfg.export_dtype!r}")
+    if not 0 < cfg.gpus_per_worker <= 1 and cfg.gpus_per_worker != int(cfg.gpus_per_worker):
+        problems.append(f"gpus_per_worker must be a fraction in (0, 1] or a whole number, got {cfg.gpus_per_worker}")
     if cfg.zero_stage not in (0, 1, 2, 3):
         problems.append(f"zero_stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
     if cfg.num_workers < 1:
@@ -370,7 +376,7 @@ def train_loop_per_worker(config: dict) -> None:
         export_unet.load_state_dict({k.removeprefix("unet."): v.float().cpu() for k, v in state.items()})
         with tempfile.TemporaryDirectory(prefix="dmd-ray-export-") as d:
             local = os.path.join(d, "export") if storage.is_s3(cfg.output) else os.path.join(storage.resolve(cfg.output)[1], "export")
-            export_generator(teacher.to("cpu", torch.float32), export_unet, local, generator.timestep, {"teacher": cfg.teacher, "steps": step, "guidance_scale": cfg.guidance_scale})
+            export_generator(teacher.to("cpu", torch.float32), export_unet, local, generator.timestep, {"teacher": cfg.teacher, "steps": step, "guidance_scale": cfg.guidance_scale}, dtype=getattr(torch, cfg.export_dtype))
             if storage.is_s3(cfg.output):
                 _upload_tree(local, storage.join(cfg.output, "export"))
         if writer is not None:

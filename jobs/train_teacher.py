@@ -31,11 +31,13 @@ def run(cfg: TeacherConfig):
     from dmd_ray.ray_utils import cluster_gpus
 
     cfg.check()
-    cfg = dataclasses.replace(cfg, output=storage.absolute(cfg.output))  # the workers run in another directory
+    # the workers run in another directory: local paths become absolute
+    cfg = dataclasses.replace(cfg, output=storage.absolute(cfg.output), init_from=storage.absolute(cfg.init_from, only_if_exists=True) if cfg.init_from else "")
     storage.check_access(cfg.output)
     use_gpu = cfg.use_gpu == "true" or (cfg.use_gpu == "auto" and cluster_gpus() > 0)
     fs = storage.s3_filesystem() if storage.is_s3(cfg.output) else None
-    log(f"training on {cfg.num_workers} worker(s) ({'GPU' if use_gpu else 'CPU'}): VAE {cfg.vae_steps} steps, UNet {cfg.unet_steps} steps, batch {cfg.batch_size}")
+    vae = f"VAE from {cfg.init_from}" if cfg.init_from else f"VAE {cfg.vae_steps} steps"
+    log(f"training on {cfg.num_workers} worker(s) ({'GPU' if use_gpu else 'CPU'}): {vae}, UNet {cfg.unet_steps} steps, batch {cfg.batch_size}")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=dataclasses.asdict(cfg),
