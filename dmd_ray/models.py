@@ -207,6 +207,7 @@ class Teacher:
                 requires_safety_checker=False,
             )
             pipe.save_pretrained(tmp, safe_serialization=True)
+            _drop_source_paths(tmp)
             if os.path.exists(path):
                 old = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.old")
                 os.rename(path, old)
@@ -415,6 +416,20 @@ PACKAGED_TEACHERS = {"demo": os.path.join(ASSETS, "demo-teacher")}
 
 # Exported one-step generators that ship inside the package: name -> local diffusers folder (see export.py).
 BUILT_IN_GENERATORS: dict[str, str] = {}
+
+
+def _drop_source_paths(folder: str) -> None:
+    """diffusers writes the folder a component was loaded from into its config ("_name_or_path"): a local path of
+    the machine that saved it, meaningless elsewhere. Saved folders leave it out."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if name.endswith("config.json"):
+                path = os.path.join(root, name)
+                with open(path) as f:
+                    config = json.load(f)
+                if isinstance(config, dict) and config.pop("_name_or_path", None) is not None:
+                    with open(path, "w") as f:
+                        json.dump(config, f, indent=2, sort_keys=True)
 
 
 # --------------------------------------------------------------------------------------------- loading

@@ -204,9 +204,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     from dmd_ray.losses import DenoisingLoss
     from dmd_ray.models import build_demo_architecture, load_teacher
+    from dmd_ray.training import past_deadline
 
     cfg = TeacherConfig(**config)
-    started = time.monotonic()
+    deadline = time.monotonic() + 60 * cfg.time_limit_minutes
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -251,13 +252,6 @@ def train_loop_per_worker(config: dict) -> None:
     # a fresh data stream per (rank, stage, resumed step): the images are random draws, never a fixed epoch order
     rng = random.Random(cfg.seed * 1000 + rank + 7919 * state["step"] + (10**6 if state["stage"] != "vae" else 0))
 
-    def out_of_time() -> bool:
-        """Past the time limit on any worker: the decision is all-reduced, so that every worker stops at one step."""
-        late = torch.tensor([float(time.monotonic() - started > 60 * cfg.time_limit_minutes)], device=device)
-        if world > 1:
-            torch.distributed.all_reduce(late, op=torch.distributed.ReduceOp.MAX)
-        return bool(late.item())
-
     def run_stage(stage: str, steps: int, step_fn, trained: nn.Module):
         nonlocal optimizer_state
         opt, sched = optimizer_for(stage)
@@ -269,7 +263,7 @@ def train_loop_per_worker(config: dict) -> None:
         model = ray.train.torch.prepare_model(trained, move_to_device=False) if world > 1 else trained
         t0, seen = time.perf_counter(), 0
         while state["step"] < steps:
-            if stage == "unet" and cfg.time_limit_minutes and state["step"] % 20 == 0 and out_of_time():
+            if stage == "unet" and cfg.time_limit_minutes and state["step"] % 20 == 0 and past_deadline(deadline, device):
                 if rank == 0:
                     log(f"time limit of {cfg.time_limit_minutes} minutes reached at step {state['step']} of {steps}: stopping the UNet stage here")
                 break

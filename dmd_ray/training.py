@@ -32,6 +32,15 @@ DEFAULT_SAMPLE_PROMPTS = (
 )
 
 
+def past_deadline(deadline: float, device: torch.device) -> bool:
+    """True when any worker is past `deadline` (time.monotonic()): all-reduced, so that every worker of a
+    distributed run stops at the same step."""
+    late = torch.tensor([float(time.monotonic() > deadline)], device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(late, op=torch.distributed.ReduceOp.MAX)
+    return bool(late.item())
+
+
 @dataclass
 class DistillConfig:
     """Config of `jobs/distill.py` (every key can be set in YAML or as --key-name on the command line)."""
@@ -65,6 +74,7 @@ class DistillConfig:
     resolution: int = 0  # pixels; 0: the teacher's default
     # optimisation (DMD: AdamW, wd 0.01, betas (0.9, 0.999), 500 warm-up steps, clip 10, lr 1e-5 for SD 1.5)
     max_steps: int = 1000
+    time_limit_minutes: float = 0.0  # > 0: stop (checkpoint, samples, export) at this wall time even before max_steps
     dm_batch_size: int = 8  # global, split over workers
     reg_batch_size: int = 4  # global, split over workers
     lr: float = 1e-5
@@ -110,6 +120,8 @@ class ConfigProblem(ValueError):
 def check_config(cfg: DistillConfig) -> None:
     """The checks that need no I/O: values, ranges and batch arithmetic."""
     problems = []
+    if cfg.time_limit_minutes < 0:
+        problems.append(f"time_limit_minutes must be >= 0, got {cfg.time_limit_minutes}")
     if cfg.export_dtype not in ("float32", "float16", "bfloat16"):
         problems.append(f"export_dtype must be float32, float16 or bfloat16, got {cfg.export_dtype!r}")
     if not 0 < cfg.gpus_per_worker <= 1 and cfg.gpus_per_worker != int(cfg.gpus_per_worker):
@@ -326,7 +338,9 @@ def train_loop_per_worker(config: dict) -> None:
     kill_marker = storage.join(cfg.output, ".debug_kill_done")
     if step == 0 and cfg.sample_every:
         sample_grid("step_0000000")
-    while step < cfg.max_steps:
+    deadline = time.monotonic() + 60 * cfg.time_limit_minutes
+    last = step >= cfg.max_steps  # a finished run that is rerun only exports again
+    while not last:
         if step == cfg.debug_kill_at_step and rank == cfg.debug_kill_rank and not storage.exists(kill_marker):
             storage.write_bytes(kill_marker, b"killed once")
             print(f"[distill] debug: killing rank {rank} at step {step}", flush=True)
@@ -337,6 +351,9 @@ def train_loop_per_worker(config: dict) -> None:
             torch.cuda.synchronize()
         step += 1
         seconds = time.perf_counter() - started
+        last = step >= cfg.max_steps or bool(cfg.time_limit_minutes and step % 10 == 0 and past_deadline(deadline, device))
+        if last and step < cfg.max_steps and rank == 0:
+            print(f"[distill] time limit of {cfg.time_limit_minutes} minutes reached at step {step} of {cfg.max_steps}: stopping here", flush=True)
         metrics = {
             "step": step,
             **logs,
@@ -353,11 +370,11 @@ def train_loop_per_worker(config: dict) -> None:
                 for k, v in metrics.items():
                     if k != "step":
                         writer.add_scalar(k, v, step)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if step % cfg.log_every == 0 or last:
                 print("[distill] " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()), flush=True)
-        if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+        if cfg.sample_every and (step % cfg.sample_every == 0 or last):
             sample_grid(f"step_{step:07d}")
-        if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
+        if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or last):
             save_checkpoint(metrics)
         elif step % cfg.log_every == 0:
             ray.train.report(metrics)
