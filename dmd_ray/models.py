@@ -415,7 +415,7 @@ ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 PACKAGED_TEACHERS = {"demo": os.path.join(ASSETS, "demo-teacher")}
 
 # Exported one-step generators that ship inside the package: name -> local diffusers folder (see export.py).
-BUILT_IN_GENERATORS: dict[str, str] = {}
+BUILT_IN_GENERATORS: dict[str, str] = {"demo": os.path.join(ASSETS, "demo-generator")}
 
 
 def _drop_source_paths(folder: str) -> None:

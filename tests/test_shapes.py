@@ -1,4 +1,4 @@
-"""The shapes domain, its judge, the packaged demo teacher and the teacher-training job (CPU)."""
+"""The shapes domain, its judge, the packaged demo teacher and generator, and the teacher-training job (CPU)."""
 import os
 
 import pytest
@@ -64,6 +64,26 @@ def test_demo_teacher_loads_offline_and_follows_prompts():
             accuracy[guidance] = shapes.prompt_accuracy(judge, teacher.decode(latents).clamp(-1, 1), prompts)
     assert accuracy[3.0] >= 0.4, accuracy
     assert accuracy[3.0] > accuracy[1.0], accuracy
+
+
+def test_demo_generator_is_built_in_and_beats_the_teacher_in_one_step():
+    """The packaged one-step student `demo` (DMD from the demo teacher on an H100; BENCHMARKS.md) as the service and
+    the evaluation job load it: one network call per image, prompts followed far above chance (1/180), and far better
+    than the teacher's own network in one step, which is where distillation started."""
+    import numpy as np
+
+    from dmd_ray.evaluation import ImageMaker
+    from dmd_ray.serving import read_generator_info, resolve_generator
+
+    assert read_generator_info(resolve_generator("demo"))["teacher"] == "demo"
+    judge, prompts = shapes.load_classifier(), shapes.evaluation_prompts()[:90]
+    rows = {"prompt": np.array(prompts), "seed": np.arange(len(prompts))}
+    accuracy = {}
+    for spec in ("demo", "teacher-onestep:demo"):
+        images = ImageMaker(spec, {"guidance_scale": 3.0})(rows)["image"]
+        accuracy[spec] = shapes.prompt_accuracy(judge, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, prompts)
+    assert accuracy["demo"] >= 0.2, accuracy
+    assert accuracy["demo"] >= accuracy["teacher-onestep:demo"] + 0.1, accuracy
 
 
 @pytest.mark.slow
