@@ -132,11 +132,13 @@ def write_bytes(uri: str, data: bytes) -> None:
     write_atomic(uri, _write)
 
 
-def list_files(uri: str) -> list[str]:
-    """Names (relative to `uri`) of the files directly under a folder or prefix; [] if it does not exist."""
+def list_files(uri: str, folders: bool = False) -> list[str]:
+    """Names (relative to `uri`) of the files (or, with `folders`, the sub-folders) directly under a folder or
+    prefix; [] if it does not exist."""
     fs, path = resolve(uri)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
-    return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File)
+    wanted = pafs.FileType.Directory if folders else pafs.FileType.File
+    return sorted(posixpath.basename(i.path) for i in infos if i.type == wanted)
 
 
 def delete_file(uri: str) -> None:

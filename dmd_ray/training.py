@@ -172,6 +172,7 @@ def check_storage_and_data(cfg: DistillConfig, prompts: list[str]) -> dict:
     if cfg.generator_timestep >= 1000:
         raise ConfigProblem(f"generator_timestep {cfg.generator_timestep} is outside the teacher's [0, 999]")
     storage.check_access(cfg.output, write=True)
+    _check_resume_world_size(cfg)
     pairs_uri = cfg.pairs or storage.join(cfg.output, "pairs")
     if cfg.pairs:
         storage.check_access(cfg.pairs, write=False)
@@ -185,6 +186,24 @@ def check_storage_and_data(cfg: DistillConfig, prompts: list[str]) -> dict:
         if manifest["num_shards"] < cfg.num_workers:
             raise ConfigProblem(f"pairs {cfg.pairs!r} have {manifest['num_shards']} shards for {cfg.num_workers} workers: each worker needs at least one")
     return {"latent_shape": list(latent_shape), "resolution": resolution, "pairs": pairs_uri, "prediction_type": info.prediction_type}
+
+
+def _check_resume_world_size(cfg: DistillConfig) -> None:
+    """A rerun resumes from the run's latest checkpoint. Under ZeRO 1-3 each worker's checkpoint holds its partition
+    of the optimizer state, and DeepSpeed (0.19) refuses to load them into another number of workers: say so before
+    any worker starts."""
+    run_dir = storage.join(cfg.output, cfg.run_name)
+    checkpoints = [name for name in storage.list_files(run_dir, folders=True) if name.startswith("checkpoint_step")]
+    if not checkpoints:
+        return
+    state = json.loads(storage.read_bytes(storage.join(run_dir, checkpoints[-1], "trainer_state.json")))
+    saved_stage = state.get("config", {}).get("zero_stage", cfg.zero_stage)
+    if state["world_size"] != cfg.num_workers and max(saved_stage, cfg.zero_stage) >= 1:
+        raise ConfigProblem(
+            f"{run_dir} resumes from {checkpoints[-1]}, written by {state['world_size']} worker(s) under ZeRO-{saved_stage}; DeepSpeed cannot "
+            f"re-partition ZeRO optimizer states over {cfg.num_workers} worker(s). Resume with --num-workers {state['world_size']}, "
+            "or start a new run (--run-name or --output)"
+        )
 
 
 def pairs_config(cfg: DistillConfig, prompts_uri: str, out: str) -> pairs.PairsConfig:

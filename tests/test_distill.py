@@ -94,6 +94,9 @@ def test_exact_resume(ray_cluster, shared_pairs, tmp_path):
     a, b = losses(read_history(straight)), losses(read_history(resumed))
     assert [s for s, *_ in b] == [1, 2, 3, 4]
     assert a == b
+    # ZeRO-2 optimizer partitions cannot move to another number of workers: refused before any worker starts
+    with pytest.raises(distill.ConfigProblem, match="written by 2 worker.*ZeRO-2.*--num-workers 2"):
+        distill.run(small(resumed, pairs_uri, prompts=prompts, max_steps=6, num_workers=1))
 
 
 def test_killed_worker_is_replaced_and_the_run_completes(ray_cluster, shared_pairs, tmp_path):
