@@ -124,7 +124,7 @@ def check_config(cfg: DistillConfig) -> None:
         problems.append(f"time_limit_minutes must be >= 0, got {cfg.time_limit_minutes}")
     if cfg.export_dtype not in ("float32", "float16", "bfloat16"):
         problems.append(f"export_dtype must be float32, float16 or bfloat16, got {cfg.export_dtype!r}")
-    if not 0 < cfg.gpus_per_worker <= 1 and cfg.gpus_per_worker != int(cfg.gpus_per_worker):
+    if cfg.gpus_per_worker <= 0 or (cfg.gpus_per_worker > 1 and cfg.gpus_per_worker != int(cfg.gpus_per_worker)):
         problems.append(f"gpus_per_worker must be a fraction in (0, 1] or a whole number, got {cfg.gpus_per_worker}")
     if cfg.zero_stage not in (0, 1, 2, 3):
         problems.append(f"zero_stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")

@@ -138,6 +138,9 @@ def test_bad_configs_fail_before_workers_start(ray_cluster, shared_pairs, tmp_pa
 
     cases = [
         (dict(zero_stage=4), "zero_stage must be 0, 1, 2 or 3"),
+        (dict(gpus_per_worker=0.0), "gpus_per_worker must be a fraction"),
+        (dict(export_dtype="int8"), "export_dtype must be float32, float16 or bfloat16"),
+        (dict(time_limit_minutes=-1.0), "time_limit_minutes must be >= 0"),
         (dict(dm_batch_size=3), "dm_batch_size 3 does not divide over 2 workers"),
         (dict(reg_batch_size=1), "reg_batch_size 1 does not divide over 2 workers"),
         (dict(pairs=pairs_uri, resolution=64), "hold latents of shape [4, 8, 8]"),

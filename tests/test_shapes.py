@@ -106,3 +106,11 @@ def test_train_teacher_job_runs_resumes_and_refuses_another_recipe(ray_cluster, 
     # the same output with another recipe is refused instead of mixing two runs
     with pytest.raises(Exception, match="another recipe"):
         train_teacher.run(train_teacher.TeacherConfig(**{**cfg.__dict__, "unet_steps": 5}))
+
+    # going on from that teacher: its VAE is kept as it is, its UNet trains further
+    train_teacher.run(train_teacher.TeacherConfig(**{**cfg.__dict__, "output": str(tmp_path / "t2"), "init_from": str(tmp_path / "t" / "teacher"),
+                                                                   "ema_decay": 0.0, "warmup_steps": 1, "save_dtype": "float32"}))
+    continued = load_teacher(str(tmp_path / "t2" / "teacher"))
+    assert continued.vae.config.scaling_factor == teacher.vae.config.scaling_factor
+    assert all(torch.equal(a, b) for a, b in zip(continued.vae.state_dict().values(), teacher.vae.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(continued.unet.state_dict().values(), teacher.unet.state_dict().values()))
