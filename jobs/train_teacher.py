@@ -1,13 +1,15 @@
 """Train a small Stable Diffusion-style teacher on the shapes domain with Ray Train (CPU or GPU).
 
-    python jobs/train_teacher.py --output runs/teacher                      # the `demo` teacher's recipe (GPU: ~6 min)
+    python jobs/train_teacher.py --output runs/teacher                      # a teacher from scratch (GPU)
+    python jobs/train_teacher.py --output runs/t2 --init-from runs/teacher/teacher --time-limit-minutes 7   # train it on
     python jobs/train_teacher.py --output runs/t --vae-steps 20 --unet-steps 20   # a smoke run on CPU
     ray job submit --working-dir . -- python jobs/train_teacher.py --num-workers 4 --output s3://bucket/teacher
 
 The teacher is SD's five components (tokenizer, CLIP text encoder, UNet2DConditionModel, AutoencoderKL, scheduler)
 at a small size (models.build_demo_architecture); see dmd_ray/teacher_training.py for the two training stages.
 It lands at <output>/teacher as a diffusers folder (safetensors) that `load_teacher` and `DiffusionPipeline` load.
-The packaged `demo` teacher is this job's output with its defaults, copied to dmd_ray/assets/demo-teacher.
+The packaged `demo` teacher (dmd_ray/assets/demo-teacher) is this job's output after three runs, each going on from
+the last; BENCHMARKS.md gives the commands.
 Checkpoints go to <output>/<run_name>; a rerun with the same output resumes.
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ def run(cfg: TeacherConfig):
 
     cfg.check()
     # the workers run in another directory: local paths become absolute
-    cfg = dataclasses.replace(cfg, output=storage.absolute(cfg.output), init_from=storage.absolute(cfg.init_from, only_if_exists=True) if cfg.init_from else "")
+    cfg = dataclasses.replace(cfg, output=storage.absolute(cfg.output), init_from=storage.absolute(cfg.init_from, only_if_exists=True))
     storage.check_access(cfg.output)
     use_gpu = cfg.use_gpu == "true" or (cfg.use_gpu == "auto" and cluster_gpus() > 0)
     fs = storage.s3_filesystem() if storage.is_s3(cfg.output) else None
