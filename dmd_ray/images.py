@@ -24,8 +24,10 @@ def grid(images: np.ndarray, columns: int) -> np.ndarray:
     return out
 
 
-def png_bytes(image: np.ndarray, min_size: int = 0) -> bytes:
-    """PNG of an [H, W, 3] uint8 array; upscaled (nearest) so its short side is at least `min_size`."""
+def png_bytes(image: np.ndarray, min_size: int = 0, compress_level: int = 1) -> bytes:
+    """PNG of an [H, W, 3] uint8 array; upscaled (nearest) so its short side is at least `min_size`. Level 1
+    compresses a 512x512 image several times faster than PIL's default 6, for files about 10-20% larger: on a GPU
+    replica, encoding is a visible share of a request."""
     from PIL import Image
 
     img = Image.fromarray(image)
@@ -33,5 +35,5 @@ def png_bytes(image: np.ndarray, min_size: int = 0) -> bytes:
         scale = -(-min_size // min(img.size))
         img = img.resize((img.size[0] * scale, img.size[1] * scale), Image.NEAREST)
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()

@@ -32,9 +32,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dmd_ray import models, serving
-from dmd_ray.serving import GenerationJob, ImageSize, OneStepImageGenerator, RequestError, RequestLimits
+from dmd_ray.images import png_bytes
+from dmd_ray.sd import resolve
+from dmd_ray.sd.one_step import SEED_MODULUS, GenerationJob, ImageSize, OneStepImageGenerator
 from serve.config import ServiceConfig
+from serve.requests import RequestError, RequestLimits, openai_error, validate_generation
 
 logger = logging.getLogger("ray.serve")
 
@@ -70,7 +72,7 @@ class ImageGenerationRequest(BaseModel):
     n: int = Field(1, ge=1, description="How many images; at most `max_images` (4 by default).")
     size: str | None = Field(None, description='"WIDTHxHEIGHT", one of the served sizes, or "auto" (the default size).')
     response_format: Literal["b64_json", "url"] | None = Field(None, description="Only b64_json is served.")
-    seed: int | None = Field(None, ge=0, lt=serving.SEED_MODULUS,
+    seed: int | None = Field(None, ge=0, lt=SEED_MODULUS,
                              description="Extension: image i uses seed + i; the same prompt and seed give the same image.")
     user: str | None = Field(None, description="Accepted for compatibility; unused.")
 
@@ -90,7 +92,7 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str
-    seed: int | None = Field(None, ge=0, lt=serving.SEED_MODULUS)
+    seed: int | None = Field(None, ge=0, lt=SEED_MODULUS)
     size: str | None = None
 
 
@@ -121,7 +123,7 @@ ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404
 
 def error_response(status: int, message: str, error_type: str = "invalid_request_error", param: str | None = None,
                    code: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(serving.openai_error(message, error_type, param, code), status_code=status, headers=headers)
+    return JSONResponse(openai_error(message, error_type, param, code), status_code=status, headers=headers)
 
 
 async def authorize(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme)) -> None:
@@ -257,14 +259,14 @@ class BatchedGenerator:
 
 async def encode_pngs(images: np.ndarray) -> list[bytes]:
     # Off the event loop: a 512x512 PNG takes milliseconds, time in which the next batch can already run.
-    return await asyncio.to_thread(lambda: [serving.png_bytes(image) for image in images])
+    return await asyncio.to_thread(lambda: [png_bytes(image) for image in images])
 
 
 # --------------------------------------------------------------------------------------------- the deployment
 def served_model_name(config: ServiceConfig) -> str:
     if config.model_name:
         return config.model_name
-    if config.model in models.BUILT_IN_GENERATORS:
+    if config.model in resolve.BUILT_IN_GENERATORS:
         return config.model
     return config.model.rstrip("/").rsplit("/", 1)[-1] or config.model
 
@@ -285,7 +287,7 @@ class OneStepImageService:
             raise RuntimeError("Ray assigned this replica a GPU, but torch cannot use CUDA here (a CPU-only torch?)")
         if device == "cpu":
             torch.set_num_threads(max(1, int(config.num_cpus)))
-        folder = serving.resolve_generator(config.model, config.cache_dir or None)
+        folder = resolve.resolve_generator(config.model, config.cache_dir or None)
         self.generator = OneStepImageGenerator(folder, device, config.dtype)
         sizes = tuple(ImageSize.parse(s) for s in config.sizes) or (self.generator.native_size,)
         for size in sizes:
@@ -324,7 +326,7 @@ class OneStepImageService:
         if body.response_format == "url":
             raise RequestError("response_format 'url' is not supported: this server returns images inline; use 'b64_json'.",
                                "response_format", code="unsupported_response_format")
-        job = serving.validate_generation(body.prompt, body.n, body.size, body.seed, self.limits)
+        job = validate_generation(body.prompt, body.n, body.size, body.seed, self.limits)
         pngs = await encode_pngs(await self._generate(job))
         data = [GeneratedImage(b64_json=base64.b64encode(png).decode(), seed=seed) for png, seed in zip(pngs, job.seeds)]
         return ImagesResponse(created=int(time.time()), data=data)
@@ -333,7 +335,7 @@ class OneStepImageService:
     async def generate_png(self, body: GenerateRequest) -> Response:
         """One image as image/png. Headers: X-Seed (the seed used) and Server-Timing (from the request's arrival at
         the replica to its image: batching wait and generation)."""
-        job = serving.validate_generation(body.prompt, 1, body.size, body.seed, self.limits)
+        job = validate_generation(body.prompt, 1, body.size, body.seed, self.limits)
         started = time.perf_counter()
         images = await self._generate(job)
         generation_ms = (time.perf_counter() - started) * 1000
@@ -398,5 +400,5 @@ def build_deployment(config: ServiceConfig):
 def build_app(args: dict | None = None):
     """Ray Serve's application builder: `args` are the keys of ServiceConfig (serve/config.yaml's `args:`)."""
     config = ServiceConfig.from_args(args)
-    serving.check_generator_spec(config.model)  # a misspelt built-in name fails here, not in every replica
+    resolve.check_generator_spec(config.model)  # a misspelt built-in name fails here, not in every replica
     return build_deployment(config).bind(config)

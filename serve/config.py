@@ -1,18 +1,18 @@
 """The service's one typed configuration, read from the `args` dict of Ray Serve's application builder.
 
 The same keys come from `args:` in serve/config.yaml (typed YAML values) or from `serve run serve.app:build_app
-key=value ...` (strings), so every value is coerced from a string where needed. Unknown keys are rejected: a typo
-must not silently fall back to a default.
+key=value ...` (strings); both go through the jobs' coercion (dmd_ray.typed_config), so a value is spelt the same
+everywhere. Unknown keys are rejected: a typo must not silently fall back to a default.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import typing
 from dataclasses import dataclass, field
 
+from dmd_ray.sd.one_step import ImageSize
+from dmd_ray.sd.teacher import DTYPES
+from dmd_ray.typed_config import from_dict, raise_problems
+
 ACCELERATORS = ("auto", "gpu", "cpu")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 def default_autoscaling() -> dict:
@@ -61,30 +61,20 @@ class ServiceConfig:
 
     @classmethod
     def from_args(cls, args: dict | None) -> "ServiceConfig":
-        args = dict(args or {})
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(args) - set(known))
-        if unknown:
-            raise ValueError(f"unknown service config key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(known)}")
-        hints = typing.get_type_hints(cls)
-        values = {}
-        for name, value in args.items():
-            try:
-                values[name] = _coerce(value, hints[name])
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"service config key {name!r}: {e}") from None
+        values = dict(args or {})
         if "autoscaling_config" in values:  # partial overrides keep the other defaults
-            values["autoscaling_config"] = {**default_autoscaling(), **values["autoscaling_config"]}
-        config = cls(**values)
-        config.validate()
+            autoscaling = from_dict(cls, {"autoscaling_config": values["autoscaling_config"]}).autoscaling_config
+            values["autoscaling_config"] = {**default_autoscaling(), **autoscaling}
+        config = from_dict(cls, values)
+        config.check()
         return config
 
-    def validate(self) -> None:
+    def check(self) -> None:
         problems = []
         if self.accelerator not in ACCELERATORS:
             problems.append(f"accelerator must be one of {ACCELERATORS}, not {self.accelerator!r}")
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {DTYPES}, not {self.dtype!r}")
+        if self.dtype not in ("auto", *DTYPES):
+            problems.append(f"dtype must be auto or one of {tuple(DTYPES)}, not {self.dtype!r}")
         for name in ("max_batch_size", "max_ongoing_requests", "max_prompt_chars", "max_images"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
@@ -106,8 +96,6 @@ class ServiceConfig:
             problems.append("max_queued_requests must be at least 1, or -1 for an unbounded queue")
         if self.overload_status_code not in (429, 503):
             problems.append(f"overload_status_code must be 429 or 503, not {self.overload_status_code}")
-        from dmd_ray.serving import ImageSize
-
         for size in self.sizes:
             try:
                 ImageSize.parse(size)
@@ -118,8 +106,7 @@ class ServiceConfig:
         if not self.api_key_env or not self.api_key_env.replace("_", "").isalnum():
             problems.append(f"api_key_env must name an environment variable, not {self.api_key_env!r}")
         problems += _autoscaling_problems(self.autoscaling_config)
-        if problems:
-            raise ValueError("invalid service config: " + "; ".join(problems))
+        raise_problems("ServiceConfig", problems)
 
 
 def _autoscaling_problems(autoscaling: dict) -> list[str]:
@@ -133,39 +120,3 @@ def _autoscaling_problems(autoscaling: dict) -> list[str]:
     except Exception as e:  # pydantic's ValidationError: keep only the first line of each error
         return [f"autoscaling_config: {' '.join(str(e).split())}"]
     return []
-
-
-def _coerce(value, hint):
-    """A value of type `hint` from YAML (typed) or the command line (strings)."""
-    origin = typing.get_origin(hint)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ValueError(f"expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise TypeError(f"expected an integer, got {value!r}")
-        return int(value)
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise TypeError(f"expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise TypeError(f"expected a string, got {value!r}")
-        return value
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise TypeError(f"expected a list of strings, got {value!r}")
-        return tuple(value)
-    if hint is dict or origin is dict:
-        if isinstance(value, str):
-            value = json.loads(value)
-        if not isinstance(value, dict):
-            raise TypeError(f"expected a mapping, got {value!r}")
-        return dict(value)
-    raise TypeError(f"unsupported config type {hint}")

@@ -46,7 +46,7 @@ def s3_server():
 @pytest.fixture
 def s3_bucket(s3_server):
     """A fresh, empty bucket on the local S3 server; yields its s3:// URI."""
-    from dmd_ray.storage import boto3_client
+    from dmd_ray.data.storage import boto3_client
 
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3_client().create_bucket(Bucket=name)

@@ -3,11 +3,12 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from dmd_ray.denoiser import GuidedDenoiser, X0Denoiser
-from dmd_ray.generator import OneStepGenerator
-from dmd_ray.losses import DenoisingLoss, DistributionMatchingLoss, LPIPSDistance, RegressionLoss, squared_l2
-from dmd_ray.sampling import make_scheduler, ode_sample
-from dmd_ray.schedule import PREDICTION_TYPES, NoiseSchedule
+from dmd_ray.method.denoiser import GuidedDenoiser, X0Denoiser
+from dmd_ray.method.generator import OneStepGenerator
+from dmd_ray.method.losses import DenoisingLoss, DistributionMatchingLoss, LPIPSDistance, RegressionLoss, squared_l2
+from dmd_ray.method.sampling import ode_sample
+from dmd_ray.sd.teacher_sampler import make_scheduler
+from dmd_ray.method.schedule import PREDICTION_TYPES, NoiseSchedule
 
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 

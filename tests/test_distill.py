@@ -2,18 +2,16 @@
 export to a diffusers folder, and the configuration errors that must stop a job before any worker starts."""
 import dataclasses
 import os
-import sys
 
 import pytest
 import torch
 
-from dmd_ray import pairs, storage
-from dmd_ray.training import DistillConfig, read_history
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "jobs"))
-import distill  # noqa: E402
-import generate_pairs  # noqa: E402
+from dmd_ray.config import DistillConfig, PairsConfig
+from dmd_ray.data import pairs, storage
+from dmd_ray.distributed.distill_driver import distill
+from dmd_ray.distributed.pair_job import generate_pairs
+from dmd_ray.distributed.run_records import read_history
+from dmd_ray.typed_config import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +33,7 @@ def shared_pairs(ray_cluster, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("pairs") / "pairs")
     prompts = tmp_path_factory.mktemp("prompts") / "p.txt"
     prompts.write_text("\n".join(["a small red circle on a blue background", "a large green square on a white background", "a blue triangle"]))
-    generate_pairs.run(pairs.PairsConfig(teacher="tiny", prompts=str(prompts), num_pairs=32, shard_size=8, steps=4, sampler="ddim", guidance_scale=3.0, out=out))
+    generate_pairs(PairsConfig(teacher="tiny", prompts=str(prompts), num_pairs=32, shard_size=8, steps=4, sampler="ddim", guidance_scale=3.0, out=out))
     return out, str(prompts)
 
 
@@ -52,7 +50,7 @@ def test_distil_export_and_load_with_diffusers(ray_cluster, tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     out = str(tmp_path / "run")
     cfg = small("run", regression_space="pixel", lpips_backbone="alex", lpips_pretrained_backbone=False, lpips_min_size=32, sample_every=2)
-    distill.run(cfg)
+    distill(cfg)
     history = read_history(out)
     assert [r["step"] for r in history] == [1, 2, 3, 4]
     for row in history:
@@ -72,8 +70,8 @@ def test_distil_export_and_load_with_diffusers(ray_cluster, tmp_path, monkeypatc
     assert image.shape == (1, 32, 32, 3) and float(image.std()) > 0
 
     # the exported pipeline's single step is the generator: x0 of the UNet at t = 999 from the same noise
-    from dmd_ray.generator import OneStepGenerator
-    from dmd_ray.models import load_teacher
+    from dmd_ray.method.generator import OneStepGenerator
+    from dmd_ray.sd.resolve import load_teacher
 
     teacher = load_teacher(export)
     g = OneStepGenerator(teacher.denoiser(), teacher.schedule, teacher.prediction_type, 999)
@@ -87,22 +85,22 @@ def test_exact_resume(ray_cluster, shared_pairs, tmp_path):
     """Stopping after step 2 and resuming gives steps 3-4 with exactly the losses of the uninterrupted run."""
     pairs_uri, prompts = shared_pairs
     straight = str(tmp_path / "straight")
-    distill.run(small(straight, pairs_uri, prompts=prompts))
+    distill(small(straight, pairs_uri, prompts=prompts))
     resumed = str(tmp_path / "resumed")
-    distill.run(small(resumed, pairs_uri, prompts=prompts, max_steps=2))
-    distill.run(small(resumed, pairs_uri, prompts=prompts, max_steps=4))
+    distill(small(resumed, pairs_uri, prompts=prompts, max_steps=2))
+    distill(small(resumed, pairs_uri, prompts=prompts, max_steps=4))
     a, b = losses(read_history(straight)), losses(read_history(resumed))
     assert [s for s, *_ in b] == [1, 2, 3, 4]
     assert a == b
     # ZeRO-2 optimizer partitions cannot move to another number of workers: refused before any worker starts
-    with pytest.raises(distill.ConfigProblem, match="written by 2 worker.*ZeRO-2.*--num-workers 2"):
-        distill.run(small(resumed, pairs_uri, prompts=prompts, max_steps=6, num_workers=1))
+    with pytest.raises(ConfigError, match="written by 2 worker.*ZeRO-2.*--num-workers 2"):
+        distill(small(resumed, pairs_uri, prompts=prompts, max_steps=6, num_workers=1))
 
 
 def test_killed_worker_is_replaced_and_the_run_completes(ray_cluster, shared_pairs, tmp_path):
     pairs_uri, prompts = shared_pairs
     out = str(tmp_path / "run")
-    distill.run(small(out, pairs_uri, prompts=prompts, debug_kill_at_step=3, debug_kill_rank=1, max_failures=2))
+    distill(small(out, pairs_uri, prompts=prompts, debug_kill_at_step=3, debug_kill_rank=1, max_failures=2))
     assert storage.exists(os.path.join(out, ".debug_kill_done"))
     assert [r["step"] for r in read_history(out)] == [1, 2, 3, 4]
     assert os.path.isdir(os.path.join(out, "export", "unet"))
@@ -113,43 +111,48 @@ def test_zero3_checkpoints_on_s3(ray_cluster, shared_pairs, s3_bucket):
     export land there, and a second run resumes from the checkpoint in S3."""
     pairs_uri, prompts = shared_pairs
     out = f"{s3_bucket}/runs/zero3"
-    distill.run(small(out, pairs_uri, prompts=prompts, zero_stage=3, max_steps=2))
+    distill(small(out, pairs_uri, prompts=prompts, zero_stage=3, max_steps=2))
     keys = {k["Key"] for k in storage.boto3_client().list_objects_v2(Bucket=s3_bucket[5:], Prefix="runs/zero3/")["Contents"]}
     ckpt = [k for k in keys if "/train/checkpoint_step0000002/" in k]
     assert any("zero_pp_rank_1" in k and "/generator/" in k for k in ckpt), sorted(keys)[:20]
     assert any("zero_pp_rank_1" in k and "/fake/" in k for k in ckpt)
     assert "runs/zero3/export/unet/diffusion_pytorch_model.safetensors" in keys
-    distill.run(small(out, pairs_uri, prompts=prompts, zero_stage=3, max_steps=3))
+    distill(small(out, pairs_uri, prompts=prompts, zero_stage=3, max_steps=3))
     assert [r["step"] for r in read_history(out)] == [1, 2, 3]
 
 
 # ------------------------------------------------------------------------------------------------ bad configs
-def test_bad_configs_fail_before_workers_start(ray_cluster, shared_pairs, tmp_path, s3_server, capsys):
+def test_bad_configs_fail_before_workers_start(ray_cluster, shared_pairs, tmp_path, s3_server):
+    """The refusals that need a cluster's storage or the pairs (pure-value ones are tested in test_config.py)."""
     pairs_uri, prompts = shared_pairs
     out = str(tmp_path / "run")
-    with pytest.raises(SystemExit) as e:
-        distill.main(["--output", out, "--learning-rate", "1"])
-    assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
-    yaml_file = tmp_path / "bad.yaml"
-    yaml_file.write_text("teacher: tiny\nlearning_rate: 1\n")
-    with pytest.raises(SystemExit) as e:
-        distill.main(["--config", str(yaml_file)])
-    assert e.value.code == 2 and "unknown config key(s) ['learning_rate']" in capsys.readouterr().err
-
     cases = [
-        (dict(zero_stage=4), "zero_stage must be 0, 1, 2 or 3"),
-        (dict(gpus_per_worker=0.0), "gpus_per_worker must be a fraction"),
-        (dict(export_dtype="int8"), "export_dtype must be float32, float16 or bfloat16"),
-        (dict(time_limit_minutes=-1.0), "time_limit_minutes must be >= 0"),
-        (dict(dm_batch_size=3), "dm_batch_size 3 does not divide over 2 workers"),
-        (dict(reg_batch_size=1), "reg_batch_size 1 does not divide over 2 workers"),
-        (dict(pairs=pairs_uri, resolution=64), "hold latents of shape [4, 8, 8]"),
+        (dict(pairs=pairs_uri, resolution=64), "latent_shape: [4, 8, 8] there, [4, 16, 16] now"),
+        (dict(pairs=pairs_uri, guidance_scale=8.0), "guidance_scale: 3.0 there, 8.0 now"),
         (dict(output="s3://no-such-bucket-dmd/run"), "does not exist"),
         (dict(pairs=str(tmp_path / "nothing-here")), "does not exist"),
-        (dict(teacher=str(tmp_path / "no-teacher")), "no such folder"),
+        (dict(teacher=str(tmp_path / "no-teacher")), "does not exist"),
     ]
     for overrides, message in cases:
         cfg = dataclasses.replace(small(out, pairs_uri, prompts=prompts), **overrides)
         with pytest.raises(Exception, match=message.replace("[", r"\[").replace("]", r"\]")):
-            distill.run(cfg)
+            distill(cfg)
     assert not os.path.exists(os.path.join(out, "train"))  # no worker ever started
+
+
+def test_a_worker_error_no_retry_can_fix_surfaces_as_itself(ray_cluster, prompts_file, tmp_path):
+    """A teacher whose weights break after the driver's checks: the workers' TeacherNotFoundError ends the run (the
+    failure policy does not retry it: see test_config.py) and reaches the caller as itself."""
+    from dmd_ray.sd.architectures import build_tiny_teacher
+    from dmd_ray.sd.resolve import TeacherNotFoundError
+
+    folder = str(tmp_path / "teacher")
+    build_tiny_teacher().save(folder)
+    pairs_uri = str(tmp_path / "pairs")
+    generate_pairs(PairsConfig(teacher=folder, prompts=prompts_file, num_pairs=8, shard_size=8, steps=2, sampler="ddim", out=pairs_uri))
+    with open(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"), "wb") as f:
+        f.write(b"not safetensors")  # the configs the driver reads are intact
+    cfg = small(str(tmp_path / "run"), pairs_uri, prompts=prompts_file, teacher=folder, pair_steps=2, num_workers=1,
+                dm_batch_size=2, reg_batch_size=2, max_failures=3)
+    with pytest.raises(TeacherNotFoundError, match="could not load the folder"):
+        distill(cfg)

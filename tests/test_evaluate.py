@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 def test_image_maker_is_deterministic_per_seed():
     import evaluate
 
-    from dmd_ray.evaluation import ImageMaker
+    from dmd_ray.demos.shapes_eval import ImageMaker
 
     cfg = evaluate.EvalConfig(steps=3).__dict__
     maker = ImageMaker("teacher:demo", cfg)
@@ -26,8 +26,8 @@ def test_image_maker_is_deterministic_per_seed():
 def test_evaluate_job_end_to_end(ray_cluster, tmp_path):
     import evaluate
 
-    from dmd_ray.export import export_generator
-    from dmd_ray.models import load_teacher
+    from dmd_ray.sd.export import export_generator
+    from dmd_ray.sd.resolve import load_teacher
 
     # an exported one-step generator: the demo teacher's own network (what DMD starts from), through the export path
     teacher = load_teacher("demo")

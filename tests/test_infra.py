@@ -196,8 +196,8 @@ def job_commands(entrypoint: str) -> list[tuple[str, list[str]]]:
 def test_rayjob_runs_the_real_jobs_with_real_config_keys():
     """The RayJob's commands are the repository's job scripts, and their own parsers accept every argument."""
     from dmd_ray.config import parse_args
-    from dmd_ray.pairs import PairsConfig
-    from dmd_ray.training import DistillConfig, check_config
+    from dmd_ray.config import PairsConfig
+    from dmd_ray.config import DistillConfig
 
     commands = job_commands(custom_resource("RayJob")["spec"]["entrypoint"])
     assert [script for script, _ in commands] == ["jobs/generate_pairs.py", "jobs/distill.py"]
@@ -290,8 +290,8 @@ def test_constraints_agree_with_pyproject():
 
 # ------------------------------------------------------------------------------------------------ the guide
 def test_deploy_guide_names_only_real_files_and_config_keys():
-    from dmd_ray.pairs import PairsConfig
-    from dmd_ray.training import DistillConfig
+    from dmd_ray.config import PairsConfig
+    from dmd_ray.config import DistillConfig
 
     guide = open(os.path.join(REPO, "docs", "deploy.md")).read().replace("\\\n", " ")  # join continued lines
     paths = set(re.findall(r"\b((?:infra|jobs|serve|docs|dmd_ray)/[\w./-]*\w)", guide))
@@ -438,7 +438,7 @@ def submit(head: LocalHead, name: str, entrypoint: list[str], env_vars: dict, ti
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_ray_job_submit_runs_both_jobs_on_a_local_head(local_head, s3_server, s3_bucket):
-    from dmd_ray import pairs, storage
+    from dmd_ray.data import pairs, storage
 
     env_vars = {"AWS_ENDPOINT_URL": s3_server}
     pairs_uri, run_uri = f"{s3_bucket}/smoke/pairs", f"{s3_bucket}/smoke/run"

@@ -5,10 +5,12 @@ import shutil
 import pytest
 import torch
 
-from dmd_ray import storage
-from dmd_ray.denoiser import GuidedDenoiser
-from dmd_ray.models import TeacherNotFoundError, UNetDenoiser, build_tiny_teacher, load_teacher
-from dmd_ray.schedule import NoiseSchedule
+from dmd_ray.data import storage
+from dmd_ray.method.denoiser import GuidedDenoiser
+from dmd_ray.sd.architectures import build_tiny_teacher
+from dmd_ray.sd.resolve import TeacherNotFoundError, load_teacher
+from dmd_ray.sd.teacher import UNetDenoiser
+from dmd_ray.method.schedule import NoiseSchedule
 
 PROMPT = "a small red circle on a blue background"
 

@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def export_tiny_generator(folder) -> str:
-    from dmd_ray.export import export_generator
+    from dmd_ray.sd.export import export_generator
 
     teacher = models.build_tiny_teacher()
     with warnings.catch_warnings():  # diffusers calls the one-step scheduler's steps_offset=0 outdated; it is meant
@@ -98,7 +98,7 @@ def test_resolve_generator_from_a_folder_a_built_in_name_and_s3(generator_folder
     with pytest.raises(serving.GeneratorNotFoundError, match="no dmd_ray.json"):
         serving.resolve_generator(str(teacher_folder))
 
-    from dmd_ray.storage import boto3_client
+    from dmd_ray.data.storage import boto3_client
 
     client = boto3_client()
     bucket = s3_bucket[len("s3://"):]

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from dmd_ray import shapes
+from dmd_ray.demos import shapes
 
 
 def test_prompts_round_trip_and_cover_the_domain():
@@ -51,8 +51,8 @@ def test_packaged_judge_reads_clean_renders():
 def test_demo_teacher_loads_offline_and_follows_prompts():
     """The packaged teacher (trained by jobs/train_teacher.py on an H100) through load_teacher("demo"): its guided
     samples match their prompts far above chance (chance of all four attributes: 1/180), and guidance helps."""
-    from dmd_ray.models import load_teacher
-    from dmd_ray.pairs import PairSampler
+    from dmd_ray.sd.resolve import load_teacher
+    from dmd_ray.sd.teacher_sampler import PairSampler
 
     judge, teacher = shapes.load_classifier(), load_teacher("demo")
     prompts = shapes.evaluation_prompts()[:48]
@@ -72,8 +72,8 @@ def test_demo_generator_is_built_in_and_beats_the_teacher_in_one_step():
     than the teacher's own network in one step, which is where distillation started."""
     import numpy as np
 
-    from dmd_ray.evaluation import ImageMaker
-    from dmd_ray.serving import read_generator_info, resolve_generator
+    from dmd_ray.demos.shapes_eval import ImageMaker
+    from dmd_ray.sd.resolve import read_generator_info, resolve_generator
 
     assert read_generator_info(resolve_generator("demo"))["teacher"] == "demo"
     judge, prompts = shapes.load_classifier(), shapes.evaluation_prompts()[:90]
@@ -93,7 +93,7 @@ def test_train_teacher_job_runs_resumes_and_refuses_another_recipe(ray_cluster, 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
     import train_teacher
 
-    from dmd_ray.models import load_teacher
+    from dmd_ray.sd.resolve import load_teacher
 
     cfg = train_teacher.TeacherConfig(output=str(tmp_path / "t"), vae_steps=3, unet_steps=3, batch_size=8, log_every=1, checkpoint_every=2)
     train_teacher.run(cfg)

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from dmd_ray import storage
+from dmd_ray.data import storage
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -113,7 +113,7 @@ def test_wrong_credentials_fail_clearly_before_any_sampling(monkeypatch, tmp_pat
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
     import generate_pairs
 
-    from dmd_ray.pairs import PairsConfig
+    from dmd_ray.config import PairsConfig
 
     import boto3
 

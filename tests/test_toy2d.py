@@ -6,8 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from dmd_ray import toy2d
-from dmd_ray.mixture import GaussianMixture, energy_distance, mode_statistics
+from dmd_ray.demos import toy2d
+from dmd_ray.demos.mixture import GaussianMixture, energy_distance, mode_statistics
 
 KEYS = ("teacher_ode", "teacher_onestep", "dmd", "dmd_no_regression", "dmd_no_dm")
 

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dmd_ray.denoiser import Denoiser
-from dmd_ray.schedule import NoiseSchedule, _check_prediction_type
+from dmd_ray.method.denoiser import Denoiser
+from dmd_ray.method.schedule import NoiseSchedule, check_prediction_type
 
 
 def _per_sample_mean(x: Tensor) -> Tensor:
@@ -57,7 +57,7 @@ class DenoisingLoss:
     """
 
     def __init__(self, schedule: NoiseSchedule, prediction_type: str = "epsilon", t_range: tuple[float, float] = (0.0, 1.0)):
-        _check_prediction_type(prediction_type)
+        check_prediction_type(prediction_type)
         self.schedule = schedule
         self.prediction_type = prediction_type
         self.t_range = t_range

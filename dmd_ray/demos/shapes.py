@@ -238,7 +238,7 @@ def load_classifier(path: str = CLASSIFIER_PATH, device: str | torch.device = "c
     from safetensors.torch import load_file
 
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no shapes classifier at {path}: train one with `python -m dmd_ray.shapes --out {path}`")
+        raise FileNotFoundError(f"no shapes classifier at {path}: train one with `python -m dmd_ray.demos.shapes --out {path}`")
     model = ShapesClassifier()
     model.load_state_dict(load_file(path))
     return model.to(device).eval().requires_grad_(False)

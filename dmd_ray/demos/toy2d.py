@@ -1,6 +1,6 @@
 """DMD on a 2D mixture of Gaussians, through the same core as Stable Diffusion.
 
-    python -m dmd_ray.toy2d --out runs/toy2d [--target JSON] [--seed N]
+    python -m dmd_ray.demos.toy2d --out runs/toy2d [--target JSON] [--seed N] [--config toy.yaml] [--key-name value]
 
 1. trains an MLP teacher (epsilon prediction, SD 1.5's noise schedule) with the denoising loss;
 2. builds (noise, output) pairs with the teacher's deterministic DDIM sampler;
@@ -14,7 +14,6 @@ metrics are computed in the original coordinates.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -26,13 +25,17 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from dmd_ray.denoiser import X0Denoiser
-from dmd_ray.distill import DMDObjective
-from dmd_ray.generator import OneStepGenerator
-from dmd_ray.losses import DenoisingLoss, DistributionMatchingLoss, RegressionLoss, squared_l2
-from dmd_ray.mixture import GaussianMixture, energy_distance, mode_statistics
-from dmd_ray.sampling import make_scheduler, ode_sample
-from dmd_ray.schedule import NoiseSchedule
+from dmd_ray.config import ToyConfig
+from dmd_ray.demos.mixture import GaussianMixture, energy_distance, mode_statistics
+from dmd_ray.method.denoiser import X0Denoiser
+from dmd_ray.method.generator import OneStepGenerator
+from dmd_ray.method.losses import DenoisingLoss, DistributionMatchingLoss, RegressionLoss, squared_l2
+from dmd_ray.method.objective import DMDObjective, DMDStep, read_logs
+from dmd_ray.method.optim import adamw, optimizer_update
+from dmd_ray.method.sampling import ode_sample
+from dmd_ray.method.schedule import NoiseSchedule
+from dmd_ray.sd.teacher_sampler import make_scheduler
+from dmd_ray.typed_config import cli_main
 
 
 # --------------------------------------------------------------------------------------------------- network
@@ -65,65 +68,11 @@ class MLPDenoiser(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------- config
-@dataclass
-class ToyConfig:
-    seed: int = 0
-    # teacher
-    prediction_type: str = "v_prediction"
-    teacher_steps: int = 4000
-    teacher_batch: int = 1024
-    teacher_lr: float = 1e-3
-    sampler: str = "ddim"
-    sampler_steps: int = 100
-    # pairs and evaluation
-    num_pairs: int = 8192
-    eval_samples: int = 20000
-    # distillation: DMD's AdamW (wd 0.01, betas 0.9/0.999), warm-up, grad clip 10 and 1:1 updates; lr, batch and
-    # steps sized for a 2D MLP. The fake score keeps a constant lr so it tracks the generator closely (a slower one
-    # lets the two oscillate); the generator's lr anneals to 0 so it settles instead of random-walking on the DM
-    # gradient's noise.
-    distill_steps: int = 3000
-    batch: int = 1024
-    generator_lr: float = 1e-3
-    fake_lr: float = 1e-3
-    warmup_steps: int = 100
-    generator_lr_schedule: str = "cosine"
-    fake_lr_schedule: str = "constant"
-    grad_clip: float = 10.0
-    # The DM gradient is normalised to O(1) per element whatever the distance to the target, while an L2 regression
-    # gradient is 2 * lambda * |G(z) - y| and vanishes as G approaches y: lambda must make regression matter at the
-    # scale of a mode's width (~0.07 in normalised units here). DMD's 0.25 was calibrated for LPIPS on images.
-    lambda_reg: float = 25.0
-    fake_updates: int = 1
-    # DMD App. C.2: without regression the generator diverges at the full lr; the paper lowered it 5x (5e-5 -> 1e-5)
-    no_regression_lr_scale: float = 0.2
-    t_range: tuple[float, float] = (0.02, 0.98)
-    generator_timestep: int = 999
-    variants: tuple[str, ...] = ("dmd", "dmd_no_regression", "dmd_no_dm")
-
-
 VARIANTS = {  # name -> (dm_weight, lambda_reg multiplier)
     "dmd": (1.0, 1.0),
     "dmd_no_regression": (1.0, 0.0),
     "dmd_no_dm": (0.0, 1.0),
 }
-
-
-def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Linear warm-up, then constant (DMD) or cosine annealing to 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    raise ValueError(f"unknown lr schedule {schedule!r}; expected constant or cosine")
-
-
-def _adamw(params, lr: float, warmup: int, total: int = 0, schedule: str = "constant"):
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total, schedule))
-    return opt, sched
 
 
 def _log(msg: str) -> None:
@@ -164,29 +113,24 @@ def distill(
         dm_weight=dm_weight,
     )
     generator_lr = cfg.generator_lr * (cfg.no_regression_lr_scale if reg_scale == 0 else 1.0)
-    opt_g, sched_g = _adamw(generator.parameters(), generator_lr, cfg.warmup_steps, cfg.distill_steps, cfg.generator_lr_schedule)
-    opt_f, sched_f = _adamw(fake.parameters(), cfg.fake_lr, cfg.warmup_steps, cfg.distill_steps * cfg.fake_updates, cfg.fake_lr_schedule)
+    opt_g, sched_g = adamw(generator.parameters(), generator_lr, cfg.warmup_steps, cfg.distill_steps, cfg.generator_lr_schedule)
+    opt_f, sched_f = adamw(fake.parameters(), cfg.fake_lr, cfg.warmup_steps, cfg.distill_steps * cfg.fake_updates, cfg.fake_lr_schedule)
+    step = DMDStep(
+        objective,
+        fake_score=fake,
+        draw=lambda n, rng: (torch.randn(n, 2, generator=rng), None),  # unconditional data
+        update_generator=optimizer_update(opt_g, generator.parameters(), cfg.grad_clip, sched_g),
+        update_fake=optimizer_update(opt_f, fake.parameters(), cfg.grad_clip, sched_f),
+        rng=gen,
+        dm_batch=cfg.batch,
+        fake_updates=cfg.fake_updates,
+    )
     pair_noise, pair_target = pairs
-    for step in range(cfg.distill_steps):
+    for i in range(cfg.distill_steps):
         idx = torch.randint(0, pair_noise.shape[0], (cfg.batch,), generator=gen)
-        noise = torch.randn(cfg.batch, 2, generator=gen)
-        loss, logs = objective.generator_loss(noise, None, pair_noise[idx], None, pair_target[idx], generator=gen)
-        opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-        logs["grad_norm_generator"] = float(nn.utils.clip_grad_norm_(generator.parameters(), cfg.grad_clip))
-        opt_g.step()
-        sched_g.step()
-        if objective.needs_fake_score:
-            for _ in range(cfg.fake_updates):
-                loss_f, logs_f = objective.fake_score_loss(fake, torch.randn(cfg.batch, 2, generator=gen), None, generator=gen)
-                opt_f.zero_grad(set_to_none=True)
-                loss_f.backward()
-                nn.utils.clip_grad_norm_(fake.parameters(), cfg.grad_clip)
-                opt_f.step()
-                sched_f.step()
-                logs.update(logs_f)
-        if step % 1000 == 0 or step == cfg.distill_steps - 1:
-            _log(f"{variant} step {step:5d}  " + "  ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+        logs = step(pair_noise[idx], None, pair_target[idx])
+        if i % 1000 == 0 or i == cfg.distill_steps - 1:
+            _log(f"{variant} step {i:5d}  " + "  ".join(f"{k} {v:.4f}" for k, v in read_logs(logs).items()))
     return generator.eval()
 
 
@@ -264,32 +208,22 @@ def plot(samples: dict[str, Tensor], mixture: GaussianMixture, metrics: dict, pa
     os.replace(path + ".tmp.png", path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dmd_ray.toy2d", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="output folder for metrics.json and samples.png")
-    p.add_argument("--target", help='mixture as JSON: {"means": [[x, y], ...], "std": s, "weights": [...]}; default: 8 modes on a ring')
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--distill-steps", type=int, help="override the number of distillation steps per variant")
-    p.add_argument("--teacher-steps", type=int, help="override the number of teacher training steps")
-    args = p.parse_args(argv)
-    try:
-        mixture = GaussianMixture.from_json(args.target) if args.target else GaussianMixture.ring()
-    except ValueError as e:
-        p.error(str(e))
-    cfg = ToyConfig(seed=args.seed)
-    if args.distill_steps:
-        cfg.distill_steps = args.distill_steps
-    if args.teacher_steps:
-        cfg.teacher_steps = args.teacher_steps
-    metrics = run(mixture, cfg, args.out)
+def report(cfg: ToyConfig) -> dict:
+    """Runs the experiment and prints its table."""
+    mixture = GaussianMixture.from_json(cfg.target) if cfg.target else GaussianMixture.ring()
+    metrics = run(mixture, cfg, cfg.out)
     rows = ["teacher_ode", "teacher_onestep", *cfg.variants]
     print(f"\n{'model':<20}{'energy distance':>16}{'modes':>8}{'max mass err':>14}")
     for name in rows:
         m = metrics[name]
         print(f"{name:<20}{m['energy_distance']:>16.5f}{m['modes_covered']:>5}/{m['modes_total']:<2}{m['mode_mass_error_max']:>14.4f}")
     print(f"(energy distance noise floor {metrics['energy_distance_noise_floor']:.5f}; {metrics['seconds']} s)")
-    print(f"wrote {os.path.join(args.out, 'metrics.json')} and samples.png")
-    return 0
+    print(f"wrote {os.path.join(cfg.out, 'metrics.json')} and samples.png")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main("toy2d", ToyConfig, report, argv, __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

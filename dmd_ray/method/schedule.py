@@ -14,7 +14,7 @@ from torch import Tensor
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-def _check_prediction_type(prediction_type: str) -> None:
+def check_prediction_type(prediction_type: str) -> None:
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
 
@@ -119,7 +119,7 @@ class NoiseSchedule:
 
     def to_x0(self, prediction: Tensor, x_t: Tensor, t: Tensor, prediction_type: str) -> Tensor:
         """x0 read out of a network prediction; differentiable; float32 or wider."""
-        _check_prediction_type(prediction_type)
+        check_prediction_type(prediction_type)
         out_dtype = torch.promote_types(prediction.dtype, torch.float32)
         alpha, sigma = self.alpha_sigma(t, x_t.ndim)
         pred, x_t = prediction.double(), x_t.double()
@@ -132,7 +132,7 @@ class NoiseSchedule:
         return x0.to(out_dtype)
 
     def to_epsilon(self, prediction: Tensor, x_t: Tensor, t: Tensor, prediction_type: str) -> Tensor:
-        _check_prediction_type(prediction_type)
+        check_prediction_type(prediction_type)
         out_dtype = torch.promote_types(prediction.dtype, torch.float32)
         alpha, sigma = self.alpha_sigma(t, x_t.ndim)
         pred, x_t = prediction.double(), x_t.double()
@@ -149,7 +149,7 @@ class NoiseSchedule:
 
         The same targets as diffusers' training scripts: noise, scheduler.get_velocity(x0, noise, t), or x0.
         """
-        _check_prediction_type(prediction_type)
+        check_prediction_type(prediction_type)
         if prediction_type == "epsilon":
             return noise
         if prediction_type == "sample":

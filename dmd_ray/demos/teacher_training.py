@@ -8,18 +8,21 @@ replaced by "" with probability `cfg_dropout`, which is what the empty-prompt em
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import tempfile
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dmd_ray import shapes, storage
+from dmd_ray.config import TeacherConfig
+from dmd_ray.data import storage
+from dmd_ray.demos import shapes
+from dmd_ray.distributed.cluster import past_deadline, wants_gpu
 
 
 class TextConditionedUNet(nn.Module):
@@ -94,59 +97,6 @@ def latent_scale(vae: nn.Module, device, num_images: int = 2048, seed: int = 123
 
 
 # --------------------------------------------------------------------------------------------- the Ray Train worker
-@dataclass
-class TeacherConfig:
-    """Config of `jobs/train_teacher.py` (every key can be set in YAML or as --key-name on the command line)."""
-
-    output: str = "runs/teacher"  # local folder or s3://bucket/prefix; the teacher lands in <output>/teacher
-    run_name: str = "train"
-    prediction_type: str = "epsilon"  # as SD 1.5
-    seed: int = 0
-    init_from: str = ""  # a teacher (name, folder, s3://) to keep training: its VAE is kept (stage 1 skipped), its UNet and text encoder go on
-    # stage 1: the VAE
-    vae_steps: int = 3000
-    vae_lr: float = 1e-3
-    kl_weight: float = 1e-6
-    # stage 2: UNet and text encoder
-    unet_steps: int = 12000
-    lr: float = 5e-4
-    warmup_steps: int = 500
-    cfg_dropout: float = 0.1  # prompts replaced by "" (classifier-free guidance's null condition)
-    partial_prompts: float = 0.25  # prompts that leave size and background unsaid
-    ema_decay: float = 0.999
-    # both stages
-    batch_size: int = 256  # global, split over workers
-    grad_clip: float = 1.0
-    precision: str = "bf16"  # autocast on GPU; CPU runs in fp32
-    num_workers: int = 1
-    use_gpu: str = "auto"  # auto | true | false
-    cpus_per_worker: float = 1.0
-    log_every: int = 200
-    checkpoint_every: int = 2000  # steps of either stage; 0: only at the end of each stage
-    compile: bool = False  # torch.compile the UNet and text encoder (the small model is launch-bound on a GPU)
-    save_dtype: str = "float16"  # the shipped folder's weights (float16 halves its size); float32 for exact copies
-    time_limit_minutes: float = 0.0  # > 0: the UNet stage stops at this wall time (the lr schedule is cut short) and the EMA is saved
-
-    def check(self) -> None:
-        problems = []
-        if self.batch_size % self.num_workers:
-            problems.append(f"batch_size {self.batch_size} does not divide over {self.num_workers} workers")
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            problems.append(f"prediction_type must be epsilon, v_prediction or sample, got {self.prediction_type!r}")
-        if self.vae_steps < 1 or self.unet_steps < 1:
-            problems.append("vae_steps and unet_steps must be >= 1")
-        if not 0 <= self.cfg_dropout < 1 or not 0 <= self.partial_prompts <= 1:
-            problems.append("cfg_dropout must be in [0, 1) and partial_prompts in [0, 1]")
-        if self.precision not in ("bf16", "fp32") or self.save_dtype not in ("float16", "float32"):
-            problems.append("precision must be bf16 or fp32, save_dtype float16 or float32")
-        if self.use_gpu not in ("auto", "true", "false"):
-            problems.append(f"use_gpu must be auto, true or false, got {self.use_gpu!r}")
-        if self.time_limit_minutes < 0:
-            problems.append(f"time_limit_minutes must be >= 0, got {self.time_limit_minutes}")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-
 # what a resumed run must share with the run that wrote the checkpoint (the rest, e.g. log_every, may change)
 RESUME_KEYS = ("prediction_type", "seed", "init_from", "vae_steps", "vae_lr", "kl_weight", "unet_steps", "lr", "warmup_steps", "cfg_dropout",
                "partial_prompts", "ema_decay", "batch_size", "num_workers")
@@ -194,7 +144,6 @@ def _load_checkpoint(checkpoint, models: dict, emas: dict, device) -> tuple[dict
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import math
     import random
 
     import ray.train
@@ -202,11 +151,13 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
     from torch import nn
 
-    from dmd_ray.losses import DenoisingLoss
-    from dmd_ray.models import build_demo_architecture, load_teacher
-    from dmd_ray.training import past_deadline
+    from dmd_ray.method.losses import DenoisingLoss
+    from dmd_ray.method.optim import warmup_schedule
+    from dmd_ray.sd.architectures import build_demo_architecture
+    from dmd_ray.sd.resolve import load_teacher
 
-    cfg = TeacherConfig(**config)
+    cfg: TeacherConfig = config["cfg"]
+    recipe = dataclasses.asdict(cfg)  # saved in checkpoints: a resumed run must share RESUME_KEYS with it
     deadline = time.monotonic() + 60 * cfg.time_limit_minutes
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -219,10 +170,10 @@ def train_loop_per_worker(config: dict) -> None:
         teacher = load_teacher(cfg.init_from)
         if teacher.prediction_type != cfg.prediction_type:
             raise ValueError(f"init_from {cfg.init_from!r} predicts {teacher.prediction_type}, the config says {cfg.prediction_type}")
-        state = {"stage": "unet", "step": 0, "scaling_factor": float(teacher.vae.config.scaling_factor), "config": config}
+        state = {"stage": "unet", "step": 0, "scaling_factor": float(teacher.vae.config.scaling_factor), "config": recipe}
     else:
         teacher = build_demo_architecture(cfg.seed, cfg.prediction_type)
-        state = {"stage": "vae", "step": 0, "scaling_factor": None, "config": config}
+        state = {"stage": "vae", "step": 0, "scaling_factor": None, "config": recipe}
     vae, denoiser = teacher.vae, TextConditionedUNet(teacher.unet, teacher.text_encoder)
     for m in (vae, denoiser):
         m.to(device).train().requires_grad_(True)
@@ -232,16 +183,14 @@ def train_loop_per_worker(config: dict) -> None:
         params, lr, warmup = (vae.parameters(), cfg.vae_lr, 100) if stage == "vae" else (denoiser.parameters(), cfg.lr, cfg.warmup_steps)
         steps = cfg.vae_steps if stage == "vae" else cfg.unet_steps
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
-        # linear warm-up, then cosine decay to 0: a function of the step, so resuming just replays it
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-        return opt, sched
+        return opt, warmup_schedule(opt, warmup, steps, "warmup_times_cosine")
 
     models = {"vae": vae, "denoiser": denoiser}
     checkpoint = ray.train.get_checkpoint()
     optimizer_state = None
     if checkpoint is not None:
         state, optimizer_state = _load_checkpoint(checkpoint, models, emas, device)
-        changed = {k: (v, config[k]) for k, v in state.get("config", {}).items() if k in RESUME_KEYS and config[k] != v}
+        changed = {k: (v, recipe[k]) for k, v in state.get("config", {}).items() if k in RESUME_KEYS and recipe[k] != v}
         if changed:
             raise ValueError(f"{cfg.output}/{cfg.run_name} holds a run with another recipe ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}); "
                              "use another --output or --run-name, or the same settings to resume")
@@ -321,19 +270,29 @@ def train_loop_per_worker(config: dict) -> None:
         dtype = torch.float16 if cfg.save_dtype == "float16" else torch.float32
         teacher.to(device="cpu", dtype=dtype)
         teacher.source = "demo"
-        _publish_folder(teacher, storage.join(cfg.output, "teacher"))
+        teacher.publish(storage.join(cfg.output, "teacher"))
         log(f"teacher written to {storage.join(cfg.output, 'teacher')}")
 
 
-def _publish_folder(teacher, uri: str) -> None:
-    """Saves the teacher folder locally (atomically), or stages it and uploads it file by file to S3."""
-    if not storage.is_s3(uri):
-        teacher.save(storage.resolve(uri)[1])
-        return
-    with tempfile.TemporaryDirectory() as d:
-        teacher.save(os.path.join(d, "teacher"))
-        for root, _, files in os.walk(os.path.join(d, "teacher")):
-            for name in files:
-                rel = os.path.relpath(os.path.join(root, name), os.path.join(d, "teacher"))
-                with open(os.path.join(root, name), "rb") as f:
-                    storage.write_bytes(storage.join(uri, rel), f.read())
+def train_teacher(cfg: TeacherConfig):
+    """Trains a demo teacher on Ray Train workers (jobs/train_teacher.py); returns the Ray Train Result."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from dmd_ray.distributed.cluster import run_config
+
+    # the workers run in another directory: local paths become absolute
+    cfg = dataclasses.replace(cfg, output=storage.absolute(cfg.output), init_from=storage.absolute(cfg.init_from, only_if_exists=True))
+    storage.check_access(cfg.output)
+    use_gpu = wants_gpu(cfg.use_gpu)
+    vae = f"VAE from {cfg.init_from}" if cfg.init_from else f"VAE {cfg.vae_steps} steps"
+    log(f"training on {cfg.num_workers} worker(s) ({'GPU' if use_gpu else 'CPU'}): {vae}, UNet {cfg.unet_steps} steps, batch {cfg.batch_size}")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        run_config=run_config(cfg.output, cfg.run_name, keep_checkpoints=1, max_failures=2),
+    )
+    result = trainer.fit()
+    log(f"done: teacher at {storage.join(cfg.output, 'teacher')}")
+    return result

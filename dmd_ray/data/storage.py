@@ -69,7 +69,12 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         return s3_filesystem(), path
     if "://" in uri and not uri.startswith("file://"):
         raise StorageError(f"unsupported storage URI {uri!r}: use a local path or s3://bucket/prefix")
-    return pafs.LocalFileSystem(), os.path.abspath(uri[len("file://") :] if uri.startswith("file://") else uri)
+    return pafs.LocalFileSystem(), os.path.abspath(local_path(uri))
+
+
+def local_path(uri: str) -> str:
+    """A local path or file:// URI as a plain path (with ~ expanded)."""
+    return os.path.expanduser(uri[len("file://") :] if uri.startswith("file://") else uri)
 
 
 def absolute(uri: str, only_if_exists: bool = False) -> str:
@@ -81,7 +86,7 @@ def absolute(uri: str, only_if_exists: bool = False) -> str:
     """
     if not uri or is_s3(uri):
         return uri
-    local = os.path.expanduser(uri[len("file://") :] if uri.startswith("file://") else uri)
+    local = local_path(uri)
     if only_if_exists and not os.path.exists(local):
         return uri
     return os.path.abspath(local)
@@ -177,6 +182,17 @@ def check_access(uri: str, write: bool = True) -> None:
         if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             raise StorageError(f"access to S3 bucket {bucket!r} was denied ({code}): check the AWS credentials and the bucket policy") from None
         raise StorageError(f"S3 bucket {bucket!r} is not usable: {e}") from None
+
+
+def upload_tree(local_dir: str, uri: str) -> str:
+    """Copies every file under a local folder to `uri` (a folder or an s3:// prefix), keeping relative paths; returns
+    `uri`. Each file is written atomically; the tree as a whole appears file by file."""
+    for dirpath, _, files in os.walk(local_dir):
+        for name in files:
+            rel = os.path.relpath(os.path.join(dirpath, name), local_dir)
+            with open(os.path.join(dirpath, name), "rb") as f:
+                write_bytes(join(uri, *rel.split(os.sep)), f.read())
+    return uri
 
 
 def download_prefix(uri: str, local_dir: str, include: Callable[[str], bool] | None = None) -> str:

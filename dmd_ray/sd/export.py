@@ -12,10 +12,12 @@ guidance_scale must be <= 1: the generator was distilled from the guided teacher
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 from torch import nn
+
+from dmd_ray.sd.resolve import GENERATOR_FORMAT, GENERATOR_INFO
+from dmd_ray.sd.teacher import Teacher
 
 ONE_STEP_NOTE = "Run with num_inference_steps=1 and guidance_scale=1.0: the generator is distilled from the guided teacher."
 
@@ -31,15 +33,11 @@ def one_step_scheduler(teacher_scheduler, timestep: int):
     return DDIMScheduler.from_config(teacher_scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=0, clip_sample=False)
 
 
-def export_generator(teacher, generator_unet: nn.Module, path: str, timestep: int, metadata: dict | None = None,
+def export_generator(teacher, generator_unet: nn.Module, uri: str, timestep: int, metadata: dict | None = None,
                      dtype: torch.dtype = torch.float32) -> str:
-    """Writes the one-step pipeline folder at `path` (local; atomically) with weights in `dtype`, and returns it."""
-    from dmd_ray.models import Teacher
-
+    """Writes the one-step pipeline folder at `uri` (a local folder, atomically, or an s3:// prefix) with weights in
+    `dtype`, and returns it."""
     unet = generator_unet.to(dtype).eval().requires_grad_(False)
-    exported = Teacher(teacher.tokenizer, teacher.text_encoder.to(dtype), unet, teacher.vae.to(dtype), one_step_scheduler(teacher.scheduler, timestep), source=path)
-    exported.save(path)
-    info = {"format": "dmd-ray-generator/1", "generator_timestep": timestep, "usage": ONE_STEP_NOTE, **(metadata or {})}
-    with open(os.path.join(path, "dmd_ray.json"), "w") as f:
-        json.dump(info, f, indent=1)
-    return path
+    exported = Teacher(teacher.tokenizer, teacher.text_encoder.to(dtype), unet, teacher.vae.to(dtype), one_step_scheduler(teacher.scheduler, timestep), source=uri)
+    info = {"format": GENERATOR_FORMAT, "generator_timestep": timestep, "usage": ONE_STEP_NOTE, **(metadata or {})}
+    return exported.publish(uri, {GENERATOR_INFO: json.dumps(info, indent=1).encode()})

@@ -1,6 +1,7 @@
 """The teacher's deterministic ODE sampler, batched: a diffusers scheduler driven by a (guided) denoiser.
 
-`ode_sample(denoiser, scheduler, noise, cond, num_steps)` works with any diffusers scheduler whose `step` is
+`ode_sample(denoiser, scheduler, noise, cond, num_steps)` works with any diffusers-style scheduler (duck-typed:
+`from_config`, `set_timesteps`, `scale_model_input`, `step`; dmd_ray.sd.schedulers makes them) whose `step` is
 deterministic given the model output (DDIM with eta = 0, PNDM/PLMS, Euler, Heun, DPM-Solver++, UniPC, ...). The
 scheduler passed in is never mutated: a fresh copy holds the per-call state (PNDM keeps a history).
 """
@@ -12,29 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dmd_ray.denoiser import Denoiser
+from dmd_ray.method.denoiser import Denoiser
 
-SAMPLERS = {
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "dpmpp": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
-
-
-def make_scheduler(sampler: str, base_scheduler_or_config: Any):
-    """A scheduler of the named family with the teacher's training schedule (betas, prediction type, offsets)."""
-    import diffusers
-
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
-    config = getattr(base_scheduler_or_config, "config", base_scheduler_or_config)
-    cls = getattr(diffusers, SAMPLERS[sampler])
-    overrides = {"skip_prk_steps": True} if sampler == "pndm" else {}  # PLMS only, as SD pipelines use it
-    if sampler == "ddim":
-        overrides["clip_sample"] = False  # a deterministic ODE step, no clipping of x0
-    return cls.from_config(config, **overrides)
+def seeded_noise(seed: int, shape: tuple[int, ...]) -> Tensor:
+    """Standard normal noise of `shape` from a CPU generator seeded `seed`, in float32: the same on every machine
+    and device, and what diffusers' pipelines draw for `generator=torch.Generator().manual_seed(seed)`."""
+    return torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=torch.float32)
 
 
 @torch.no_grad()

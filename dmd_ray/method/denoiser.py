@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import Tensor
 
-from dmd_ray.schedule import NoiseSchedule, _check_prediction_type
+from dmd_ray.method.schedule import NoiseSchedule, check_prediction_type
 
 
 class Denoiser(Protocol):
@@ -73,7 +73,7 @@ class X0Denoiser:
     """A denoiser of any prediction type, seen as an x0 (mean) predictor: mu(x_t, t, c)."""
 
     def __init__(self, denoiser: Denoiser, schedule: NoiseSchedule, prediction_type: str):
-        _check_prediction_type(prediction_type)
+        check_prediction_type(prediction_type)
         self.denoiser = denoiser
         self.schedule = schedule
         self.prediction_type = prediction_type

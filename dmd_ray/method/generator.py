@@ -11,13 +11,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dmd_ray.schedule import NoiseSchedule, _check_prediction_type
+from dmd_ray.method.schedule import NoiseSchedule, check_prediction_type
 
 
 class OneStepGenerator(nn.Module):
     def __init__(self, net: nn.Module, schedule: NoiseSchedule, prediction_type: str = "epsilon", timestep: int | None = None):
         super().__init__()
-        _check_prediction_type(prediction_type)
+        check_prediction_type(prediction_type)
         timestep = schedule.num_timesteps - 1 if timestep is None else int(timestep)
         if not 0 <= timestep < schedule.num_timesteps:
             raise ValueError(f"generator timestep {timestep} is outside [0, {schedule.num_timesteps - 1}]")

@@ -1,0 +1,126 @@
+"""Thin Ray adapters shared by the jobs: joining or starting a cluster, GPU placement, run storage, failures."""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import urllib.error
+
+import torch
+
+from dmd_ray.data import storage
+from dmd_ray.sd.resolve import ModelNotFoundError
+from dmd_ray.typed_config import ConfigError
+
+# Errors that another attempt would meet again: a bad config, weights or files that are not there, storage that
+# refuses us. A run that hits one stops at once; anything else (a killed or preempted worker, a lost node, a
+# transient network error inside a collective) is retried from the last checkpoint by Ray Train.
+NOT_RETRYABLE = (ConfigError, ModelNotFoundError, storage.StorageError, PermissionError, FileNotFoundError, urllib.error.URLError)
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Joins the cluster a job was submitted to (RAY_ADDRESS, set by `ray job submit`), or starts an embedded local
+    one: no dashboard (it costs ~1 GB of RAM), and address="local" so another Ray instance on the host is never
+    joined by accident.
+
+    Workers of a local cluster inherit this process's environment (AWS_*, HF_*). On a cluster, pass settings such as
+    AWS_ENDPOINT_URL in the job's runtime environment (`ray job submit --runtime-env-json`); credentials come from the
+    nodes' instance role. Nothing is forwarded from here: a second runtime_env would clash with the job's.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        # Logical CPUs beyond the cores: Ray Data's read tasks must find a slot next to actors and train workers
+        # that hold one CPU each, or a 2-core machine deadlocks (the threads each actor uses are set separately).
+        if num_cpus is None:
+            num_cpus = (os.cpu_count() or 1) + 4
+        ray.init(address="local", include_dashboard=False, num_cpus=num_cpus)
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def wants_gpu(use_gpu: str) -> bool:
+    """The `use_gpu` key of training jobs: "true", "false", or "auto" (GPUs when the cluster has them now; an
+    autoscaling cluster that starts without GPU nodes needs "true")."""
+    return use_gpu == "true" or (use_gpu == "auto" and cluster_gpus() > 0)
+
+
+def gpus_per_actor(setting: float) -> float:
+    """The `gpus_per_actor` key of Ray Data jobs: a number of GPUs, or -1 for 1 when the cluster has GPUs, else 0."""
+    return setting if setting >= 0 else (1.0 if cluster_gpus() > 0 else 0.0)
+
+
+def past_deadline(deadline: float, device: torch.device) -> bool:
+    """True when any worker is past `deadline` (time.monotonic()): all-reduced, so that every worker of a
+    distributed run stops at the same step."""
+    late = torch.tensor([float(time.monotonic() > deadline)], device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(late, op=torch.distributed.ReduceOp.MAX)
+    return bool(late.item())
+
+
+def run_config(output: str, run_name: str, keep_checkpoints: int, max_failures: int, worker_env: dict | None = None):
+    """Ray Train's RunConfig for a run stored under `output` (local or s3://, through our one filesystem)."""
+    import ray.train
+
+    fs = storage.s3_filesystem() if storage.is_s3(output) else None
+    return ray.train.RunConfig(
+        name=run_name,
+        storage_path=storage.resolve(output)[1],
+        storage_filesystem=fs,
+        failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+        worker_runtime_env={"env_vars": worker_env} if worker_env else None,
+    )
+
+
+def failure_policy_class():
+    """Ray Train's default failure policy, except that a worker error in NOT_RETRYABLE ends the run at once; None on
+    a Ray without the (internal) hook. Ray Train 2.60 has no public way to classify worker errors."""
+    try:
+        from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+        from ray.train.v2.api.exceptions import WorkerGroupError
+    except ImportError:
+        return None
+
+    class UserErrorsAreFinal(DefaultFailurePolicy):
+        def make_decision(self, training_failed_error):
+            if isinstance(training_failed_error, WorkerGroupError) and first_user_error(training_failed_error) is not None:
+                return FailureDecision.RAISE
+            return super().make_decision(training_failed_error)
+
+    return UserErrorsAreFinal
+
+
+@contextlib.contextmanager
+def no_retry_of_user_errors():
+    """While active, TorchTrainer.fit() stops at the first worker error in NOT_RETRYABLE instead of spending
+    FailureConfig.max_failures on it (the policy is built by `create_failure_policy` on the driver, swapped here)."""
+    from ray.train.v2.api import data_parallel_trainer
+
+    policy = failure_policy_class()
+    original = getattr(data_parallel_trainer, "create_failure_policy", None)
+    if policy is None or original is None:
+        yield
+        return
+    data_parallel_trainer.create_failure_policy = policy
+    try:
+        yield
+    finally:
+        data_parallel_trainer.create_failure_policy = original
+
+
+def first_user_error(error: BaseException) -> BaseException | None:
+    """The NOT_RETRYABLE error inside a failed run's TrainingFailedError, if there is one."""
+    for e in getattr(error, "worker_failures", {}).values():
+        if isinstance(e, NOT_RETRYABLE):
+            return e
+    return None

@@ -1,0 +1,141 @@
+"""The distillation job on the driver: every check that can fail before any work, the teacher's pairs, then Ray
+Train workers (distill_worker.py), each holding two DeepSpeed engines."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+
+from dmd_ray.config import DistillConfig, PairsConfig
+from dmd_ray.data import pairs, storage
+from dmd_ray.data.prompts import BUILTIN_PROMPTS, read_prompts
+from dmd_ray.distributed.cluster import first_user_error, no_retry_of_user_errors, run_config, wants_gpu
+from dmd_ray.sd.resolve import describe_teacher
+from dmd_ray.typed_config import ConfigError
+
+
+def log(msg: str) -> None:
+    print(f"[distill {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+@dataclass(frozen=True)
+class DistillPlan:
+    """What the driver established for the workers: the prompt set and the shapes and places the config implies."""
+
+    prompts: tuple[str, ...]
+    prompts_uri: str
+    pairs: str
+    latent_shape: tuple[int, int, int]
+    resolution: int
+
+
+def pairs_config(cfg: DistillConfig, plan: DistillPlan) -> PairsConfig:
+    """The pair generation a distillation run implies when it is given no --pairs."""
+    return PairsConfig(
+        teacher=cfg.teacher, prompts=plan.prompts_uri, num_pairs=cfg.num_pairs, out=plan.pairs, sampler=cfg.pair_sampler, steps=cfg.pair_steps,
+        guidance_scale=cfg.guidance_scale, resolution=cfg.resolution, seed=cfg.seed, shard_size=cfg.pair_shard_size, cache_dir=cfg.cache_dir,
+        batch_size=cfg.pair_batch_size, gpus_per_actor=cfg.pair_gpus_per_actor,
+    )
+
+
+def prepare(cfg: DistillConfig) -> DistillPlan:
+    """Every check that can fail before pairs are made or workers start: values, prompts, teacher, weights, output,
+    resumability and the given pairs. Nothing is written but the write probe of the output."""
+    cfg.check()
+    prompts = read_prompts(cfg.prompts or BUILTIN_PROMPTS)
+    info = describe_teacher(cfg.teacher, cfg.cache_dir or None)
+    resolution = cfg.resolution or info.default_resolution
+    latent_shape = info.latent_shape(resolution)
+    if cfg.generator_timestep >= 1000:
+        raise ConfigError(f"generator_timestep {cfg.generator_timestep} is outside the teacher's [0, 999]")
+    if cfg.regression_space == "pixel" and cfg.lambda_reg and cfg.lpips_pretrained_backbone:
+        from dmd_ray.sd.weights import check_lpips_backbone
+
+        check_lpips_backbone(cfg.lpips_backbone)
+    storage.check_access(cfg.output, write=True)
+    check_resume_world_size(cfg)
+    if cfg.pairs:
+        check_given_pairs(cfg, latent_shape, prompts)
+    return DistillPlan(tuple(prompts), cfg.prompts or storage.join(cfg.output, "prompts.txt"), cfg.pairs or storage.join(cfg.output, "pairs"),
+                       tuple(latent_shape), resolution)
+
+
+def check_given_pairs(cfg: DistillConfig, latent_shape, prompts: list[str]) -> None:
+    """Pairs made by another teacher, guidance, sampler, step count or prompt set than the run's would train the
+    generator towards another distribution: refuse them, naming each difference."""
+    storage.check_access(cfg.pairs, write=False)
+    manifest = pairs.load_manifest(cfg.pairs)
+    if manifest is None:
+        raise ConfigError(f"pairs {cfg.pairs!r} hold no pairs dataset (no {pairs.MANIFEST}); leave pairs empty to generate them")
+    expected = {
+        "teacher": cfg.teacher, "guidance_scale": cfg.guidance_scale, "sampler": cfg.pair_sampler, "steps": cfg.pair_steps,
+        "latent_shape": list(latent_shape), "prompts_sha256": pairs.prompts_fingerprint(prompts),
+    }
+    different = pairs.differences(manifest["config"], expected)
+    if different:
+        raise ConfigError(
+            f"pairs {cfg.pairs!r} were made with another teacher or config than this run's ({different}). Pass the settings "
+            "they were made with (--teacher, --guidance-scale, --pair-sampler, --pair-steps, --prompts), or leave --pairs "
+            "empty to generate pairs for this config"
+        )
+    pairs.shard_uris(cfg.pairs)  # raises if incomplete
+    if manifest["num_shards"] < cfg.num_workers:
+        raise ConfigError(f"pairs {cfg.pairs!r} have {manifest['num_shards']} shards for {cfg.num_workers} workers: each worker needs at least one")
+
+
+def check_resume_world_size(cfg: DistillConfig) -> None:
+    """A rerun resumes from the run's latest checkpoint. Under ZeRO 1-3 each worker's checkpoint holds its partition
+    of the optimizer state, and DeepSpeed (0.19) refuses to load them into another number of workers: say so before
+    any worker starts."""
+    run_dir = storage.join(cfg.output, cfg.run_name)
+    checkpoints = [name for name in storage.list_files(run_dir, folders=True) if name.startswith("checkpoint_step")]
+    if not checkpoints:
+        return
+    state = json.loads(storage.read_bytes(storage.join(run_dir, checkpoints[-1], "trainer_state.json")))
+    saved_stage = state.get("config", {}).get("zero_stage", cfg.zero_stage)
+    if state["world_size"] != cfg.num_workers and max(saved_stage, cfg.zero_stage) >= 1:
+        raise ConfigError(
+            f"{run_dir} resumes from {checkpoints[-1]}, written by {state['world_size']} worker(s) under ZeRO-{saved_stage}; DeepSpeed cannot "
+            f"re-partition ZeRO optimizer states over {cfg.num_workers} worker(s). Resume with --num-workers {state['world_size']}, "
+            "or start a new run (--run-name or --output)"
+        )
+
+
+def distill(cfg: DistillConfig):
+    """Runs the whole job (pairs if needed, distillation, export); returns the Ray Train Result."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from dmd_ray.distributed.distill_worker import train_loop_per_worker
+    from dmd_ray.distributed.pair_job import generate_pairs
+
+    # Ray Train workers and Ray Data actors run in other directories: every local path becomes absolute here
+    cfg = dataclasses.replace(cfg, output=storage.absolute(cfg.output), pairs=storage.absolute(cfg.pairs), prompts=storage.absolute(cfg.prompts),
+                              teacher=storage.absolute(cfg.teacher, only_if_exists=True), cache_dir=storage.absolute(cfg.cache_dir))
+    plan = prepare(cfg)
+    if not cfg.prompts:  # the built-in prompts, where the pair actors can read them (an s3:// output on a cluster)
+        storage.write_bytes(plan.prompts_uri, ("\n".join(plan.prompts) + "\n").encode())
+    if not cfg.pairs:
+        log(f"generating {cfg.num_pairs} teacher pairs into {plan.pairs}")
+        generate_pairs(pairs_config(cfg, plan))
+    use_gpu = wants_gpu(cfg.use_gpu)
+    log(f"distilling {cfg.teacher} on {cfg.num_workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), ZeRO-{cfg.zero_stage}, {cfg.precision}, {cfg.max_steps} steps")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "plan": plan},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}),
+        run_config=run_config(cfg.output, cfg.run_name, cfg.keep_checkpoints, cfg.max_failures, None if use_gpu else {"DS_ACCELERATOR": "cpu"}),
+    )
+    with no_retry_of_user_errors():
+        try:
+            result = trainer.fit()
+        except Exception as e:
+            cause = first_user_error(e)
+            if cause is None:
+                raise
+            raise cause from e  # a worker's ConfigError, missing weights or storage problem, shown as itself
+    log(f"done: export at {storage.join(cfg.output, 'export')}")
+    log(f"sample grid at {storage.join(cfg.output, 'samples', 'latest.png')}; metrics at {storage.join(cfg.output, 'metrics.jsonl')}")
+    return result

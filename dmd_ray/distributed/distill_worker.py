@@ -1,0 +1,163 @@
+"""The Ray Train worker of distillation: set-up, the DMD loop, export.
+
+Each worker holds
+  - the frozen teacher (real score, text encoder, VAE) in bf16, as plain modules;
+  - the generator and the fake score, each a copy of the teacher's UNet inside its own DeepSpeed engine (ZeRO 0-3,
+    bf16 with fp32 master weights, AdamW, warm-up, gradient clipping);
+  - its share of the pairs (a PairStream over its Parquet shards).
+One iteration is one call of the DMDStep (method/objective.py): a generator update on dm + lambda_reg * regression,
+then `fake_updates` fake-score updates on detached generator samples. Each engine's backward touches only its own
+parameters. Checkpoints, sample grids and the metrics history are run_records.py's.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+
+import torch
+
+from dmd_ray.config import DistillConfig
+from dmd_ray.data import storage
+from dmd_ray.distributed.cluster import past_deadline
+from dmd_ray.distributed.distill_driver import DistillPlan
+from dmd_ray.distributed.pair_job import PairStream
+from dmd_ray.distributed.run_records import RunRecords
+from dmd_ray.method.objective import read_logs
+from dmd_ray.method.optim import warmup_schedule
+from dmd_ray.sd.conditioning import PromptConditions
+from dmd_ray.sd.dmd import build_step
+from dmd_ray.sd.resolve import load_teacher
+from dmd_ray.sd.teacher import UNetDenoiser
+
+
+def deepspeed_config(cfg: DistillConfig, lr: float, micro_batch: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.grad_clip,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": False, "contiguous_gradients": True},
+        # torch's AdamW: no JIT-compiled fused op (40 s on a CPU node), and ZeRO 0-3 all accept it
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": cfg.weight_decay, "torch_adam": True}},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def engine(cfg: DistillConfig, unet, lr: float, micro_batch: int):
+    """A DeepSpeed engine training a copy of the teacher's UNet, with the shared warm-up schedule."""
+    import deepspeed
+
+    unet = copy.deepcopy(unet).train().requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    schedule = lambda optimizer: warmup_schedule(optimizer, max(1, cfg.warmup_steps))  # noqa: E731
+    return deepspeed.initialize(model=UNetDenoiser(unet), config=deepspeed_config(cfg, lr, micro_batch), lr_scheduler=schedule)[0]
+
+
+def engine_update(engine):
+    def update(loss):
+        engine.backward(loss)
+        engine.step()
+        norm = engine.get_global_grad_norm()
+        return norm if norm is not None else float("nan")
+
+    return update
+
+
+def gathered_state_dict(engine, zero_stage: int) -> dict:
+    """The engine's module weights, whole, on every rank (ZeRO-3 shards them: gather collectively)."""
+    import deepspeed
+
+    module = engine.module
+    if zero_stage == 3:
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker (DeepSpeed and Ray Train are imported here, not on the driver)."""
+    import ray.train
+    import ray.train.torch
+    from ray.data import DataContext
+
+    cfg: DistillConfig = config["cfg"]
+    plan: DistillPlan = config["plan"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    DataContext.get_current().execution_options.preserve_order = True  # deterministic pair order per worker
+    DataContext.get_current().enable_progress_bars = False
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+
+    # ---- set-up: the frozen teacher, two engines, the step, the state of a resumed run
+    teacher = load_teacher(cfg.teacher, cache_dir=cfg.cache_dir or None)
+    gen_engine = engine(cfg, teacher.unet, cfg.lr, cfg.local_dm_batch + cfg.local_reg_batch)
+    fake_engine = engine(cfg, teacher.unet, cfg.fake_lr or cfg.lr, cfg.local_dm_batch)
+    teacher.to(device=device, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
+    conditions = PromptConditions(teacher, list(plan.prompts), plan.latent_shape, device)
+    rng = torch.Generator("cpu").manual_seed(cfg.seed * 1000 + rank)
+    step_fn = build_step(cfg, teacher, conditions, gen_engine, fake_engine, engine_update(gen_engine), engine_update(fake_engine),
+                         rng, cfg.local_dm_batch, device)
+    generator = step_fn.objective.generator
+    records = RunRecords(cfg, rank, world)
+    step, stream_state = records.resume(gen_engine, fake_engine, rng)
+    stream = PairStream(plan.pairs, cfg.local_reg_batch, rank, world, cfg.seed, stream_state)
+    if step == 0 and cfg.sample_every:
+        records.sample_grid("step_0000000", generator, teacher, plan.latent_shape, device)
+
+    # ---- the loop
+    deadline = time.monotonic() + 60 * cfg.time_limit_minutes
+    last = step >= cfg.max_steps  # a finished run that is rerun only exports again
+    while not last:
+        maybe_kill_for_test(cfg, step, rank)
+        started = time.perf_counter()
+        batch = next(stream)
+        pair_cond = conditions.encode(batch["prompt"]) if step_fn.objective.uses_regression else None
+        logs = read_logs(step_fn(batch["noise"].to(device, torch.float32), pair_cond, batch["target"].to(device, torch.float32)))
+        step += 1
+        seconds = time.perf_counter() - started
+        last = step >= cfg.max_steps or bool(cfg.time_limit_minutes and step % 10 == 0 and past_deadline(deadline, device))
+        if last and step < cfg.max_steps and rank == 0:
+            print(f"[distill] time limit of {cfg.time_limit_minutes} minutes reached at step {step} of {cfg.max_steps}: stopping here", flush=True)
+        metrics = {"step": step, **logs, "lr_generator": gen_engine.get_lr()[0], "lr_fake": fake_engine.get_lr()[0], "step_time_s": seconds,
+                   "samples_per_s": (cfg.dm_batch_size + cfg.reg_batch_size) / seconds}
+        if device.type == "cuda":
+            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        records.record(metrics, echo=step % cfg.log_every == 0 or last)
+        if cfg.sample_every and (step % cfg.sample_every == 0 or last):
+            records.sample_grid(f"step_{step:07d}", generator, teacher, plan.latent_shape, device)
+        if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or last):
+            records.save_checkpoint(step, metrics, gen_engine, fake_engine, rng, stream)
+        elif step % cfg.log_every == 0:
+            ray.train.report(metrics)
+    stream.close()
+    records.close()
+
+    # ---- export (weights gathered on every rank under ZeRO-3; rank 0 writes)
+    if cfg.export:
+        state = gathered_state_dict(gen_engine, cfg.zero_stage)
+        if rank == 0:
+            from dmd_ray.sd.export import export_generator
+
+            unet = copy.deepcopy(teacher.unet).to("cpu", torch.float32)
+            unet.load_state_dict({k.removeprefix("unet."): v.float().cpu() for k, v in state.items()})
+            uri = export_generator(teacher.to("cpu", torch.float32), unet, storage.join(cfg.output, "export"), generator.timestep,
+                                   {"teacher": cfg.teacher, "steps": step, "guidance_scale": cfg.guidance_scale}, dtype=getattr(torch, cfg.export_dtype))
+            print(f"[distill] export written to {uri}", flush=True)
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def maybe_kill_for_test(cfg: DistillConfig, step: int, rank: int) -> None:
+    """Tests' fault injection: kills rank `debug_kill_rank` at `debug_kill_at_step`, once per output."""
+    if step != cfg.debug_kill_at_step or rank != cfg.debug_kill_rank:
+        return
+    marker = storage.join(cfg.output, ".debug_kill_done")
+    if not storage.exists(marker):
+        storage.write_bytes(marker, b"killed once")
+        print(f"[distill] debug: killing rank {rank} at step {step}", flush=True)
+        os.kill(os.getpid(), 9)

@@ -1,0 +1,132 @@
+"""What a distillation run leaves besides its export: checkpoints, sample grids and the metrics history.
+
+Checkpoints hold both DeepSpeed engines (weights and optimizer state), each worker's RNG state (safetensors) and,
+in trainer_state.json, the step, every worker's pair-stream position and the config: a resumed run replays the
+uninterrupted one exactly. The history is <output>/metrics.jsonl (one row per step; rows of an attempt that died
+are replaced on replay) and TensorBoard logs under <output>/tensorboard (staged locally for s3:// outputs).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+
+import torch
+
+from dmd_ray.data import storage
+from dmd_ray.data.pairs import pair_seed
+from dmd_ray.images import grid, png_bytes, to_uint8
+from dmd_ray.method.sampling import seeded_noise
+
+SAMPLE_SEED_OFFSET = 12345  # sample-grid noise never coincides with a pair's
+
+
+def history_uri(output: str) -> str:
+    return storage.join(output, "metrics.jsonl")
+
+
+def read_history(output: str) -> list[dict]:
+    """The run's metrics, one row per step in step order (the last row written for a step wins)."""
+    uri = history_uri(output)
+    if not storage.exists(uri):
+        return []
+    by_step = {int(r["step"]): r for r in (json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip())}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+class RunRecords:
+    """One per worker; rank 0 writes the shared files, every rank takes part in checkpoints and sample grids."""
+
+    def __init__(self, cfg, rank: int, world: int):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.history = read_history(cfg.output) if rank == 0 else []
+        self.writer = None
+        if rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = tempfile.mkdtemp(prefix="dmd-ray-tb-") if storage.is_s3(cfg.output) else storage.join(cfg.output, "tensorboard")
+            self.writer = SummaryWriter(self.tensorboard)
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def resume(self, gen_engine, fake_engine, rng: torch.Generator) -> tuple[int, dict | None]:
+        """Loads the latest checkpoint, if any, into the engines and `rng`: (step, this worker's stream state)."""
+        import ray.train
+        from safetensors.torch import load_file
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return 0, None
+        with checkpoint.as_directory() as d:
+            gen_engine.load_checkpoint(os.path.join(d, "generator"))
+            fake_engine.load_checkpoint(os.path.join(d, "fake"))
+            with open(os.path.join(d, "trainer_state.json")) as f:
+                state = json.load(f)
+            rng_file = os.path.join(d, f"rng_rank{self.rank}.safetensors")
+            stream_state = None
+            if state["world_size"] == self.world and os.path.exists(rng_file):
+                rng.set_state(load_file(rng_file)["rng"])
+                stream_state = state["pair_streams"][self.rank]
+            else:  # resumed on another number of workers: exact replay is impossible, start a fresh epoch order
+                rng.manual_seed(self.cfg.seed * 1000 + self.rank + 7919 * state["step"])
+        if self.rank == 0:
+            print(f"[distill] resumed from step {state['step']}", flush=True)
+        return state["step"], stream_state
+
+    def save_checkpoint(self, step: int, metrics: dict, gen_engine, fake_engine, rng: torch.Generator, stream) -> None:
+        import ray.train
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory(prefix="dmd-ray-ckpt-") as d:
+            gen_engine.save_checkpoint(os.path.join(d, "generator"), tag=f"step{step}")
+            fake_engine.save_checkpoint(os.path.join(d, "fake"), tag=f"step{step}")
+            save_file({"rng": rng.get_state()}, os.path.join(d, f"rng_rank{self.rank}.safetensors"))
+            # every rank's stream position, gathered so that rank 0 can write one trainer_state.json
+            states = [None] * self.world
+            torch.distributed.all_gather_object(states, stream.state())
+            if self.rank == 0:
+                with open(os.path.join(d, "trainer_state.json"), "w") as f:
+                    json.dump({"step": step, "world_size": self.world, "pair_streams": states, "config": dataclasses.asdict(self.cfg)}, f)
+                self.flush()
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"checkpoint_step{step:07d}")
+
+    # ---------------------------------------------------------------------------------------- metrics
+    def record(self, metrics: dict, echo: bool) -> None:
+        """Keeps a step's metrics (rank 0): history, TensorBoard, and a log line when `echo`."""
+        if self.rank != 0:
+            return
+        self.history.append(metrics)
+        for k, v in metrics.items():
+            if k != "step":
+                self.writer.add_scalar(k, v, metrics["step"])
+        if echo:
+            print("[distill] " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()), flush=True)
+
+    def flush(self) -> None:
+        """Writes the history and publishes TensorBoard's files (rank 0)."""
+        if self.rank != 0:
+            return
+        by_step = {int(row["step"]): row for row in self.history}
+        storage.write_bytes(history_uri(self.cfg.output), "".join(json.dumps(by_step[s]) + "\n" for s in sorted(by_step)).encode())
+        self.writer.flush()
+        if storage.is_s3(self.cfg.output):
+            storage.upload_tree(self.tensorboard, storage.join(self.cfg.output, "tensorboard"))
+
+    def close(self) -> None:
+        self.flush()
+        if self.writer is not None:
+            self.writer.close()
+
+    # ---------------------------------------------------------------------------------------- samples
+    @torch.no_grad()
+    def sample_grid(self, tag: str, generator, teacher, latent_shape, device) -> None:
+        """The generator on fixed noise and the config's sample prompts. Every rank runs it (ZeRO-3 gathers weights
+        collectively); rank 0 writes samples/<tag>.png and samples/latest.png."""
+        prompts = list(self.cfg.sample_prompts)
+        noise = torch.stack([seeded_noise(pair_seed(self.cfg.seed + SAMPLE_SEED_OFFSET, i), latent_shape) for i in range(len(prompts))])
+        images = teacher.decode(generator(noise.to(device), teacher.encode_prompts(prompts)))
+        if self.rank != 0:
+            return
+        data = png_bytes(grid(to_uint8(images), columns=len(prompts)), min_size=256)
+        for name in (f"{tag}.png", "latest.png"):
+            storage.write_bytes(storage.join(self.cfg.output, "samples", name), data)

@@ -1,0 +1,135 @@
+"""One DMD iteration, framework-free (DMD Alg. 1): the objective's two losses, and the step that applies them.
+
+Each iteration makes one generator update on
+
+    loss_G = dm_weight * loss_DM(G(z), c) + lambda_reg * loss_reg(G(z_ref), y_ref)
+
+and then `fake_updates` fake-score updates (DMD: 1; DMD2's TTUR: 5-10) on the denoising loss of detached G(z').
+`DMDObjective` says what to differentiate and guarantees that each loss touches one trainable network only;
+`DMDStep` runs one iteration with update functions supplied by the caller (a torch optimiser in the 2D toy and the
+plain-torch benchmark, a DeepSpeed engine in the Ray Train worker): the same loop body everywhere.
+
+Losses come back as detached tensors, not Python floats: reading them forces a host-device synchronisation, so the
+caller decides when (every `log_every` steps).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from dmd_ray.method.denoiser import Denoiser
+from dmd_ray.method.generator import OneStepGenerator
+from dmd_ray.method.losses import DenoisingLoss, DistributionMatchingLoss, RegressionLoss
+
+
+def _concat(conds: list[Any]) -> Any:
+    if conds[0] is None:
+        return None
+    if len(conds) == 1:
+        return conds[0]
+    return torch.cat(conds)
+
+
+@dataclass
+class DMDObjective:
+    generator: OneStepGenerator
+    dm_loss: DistributionMatchingLoss
+    fake_loss: DenoisingLoss
+    regression: RegressionLoss | None = None
+    lambda_reg: float = 0.25
+    dm_weight: float = 1.0  # 0 gives the "without distribution matching" ablation (regression only)
+
+    def __post_init__(self):
+        if self.dm_weight == 0 and not self.uses_regression:
+            raise ValueError("with dm_weight = 0 and no regression loss the generator has nothing to learn from")
+
+    @property
+    def needs_fake_score(self) -> bool:
+        return self.dm_weight != 0
+
+    @property
+    def uses_regression(self) -> bool:
+        return self.regression is not None and self.lambda_reg != 0
+
+    def generator_loss(
+        self,
+        noise: Tensor,
+        cond: Any = None,
+        pair_noise: Tensor | None = None,
+        pair_cond: Any = None,
+        pair_target: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The generator's loss on fresh noise (DM) and on stored teacher pairs (regression).
+
+        Both batches go through the generator in one forward (DMD Alg. 1 concatenates them too), so a sharded
+        generator gathers its weights once per step.
+        """
+        use_dm, use_reg = self.needs_fake_score, self.uses_regression
+        if use_reg and (pair_noise is None or pair_target is None):
+            raise ValueError("the regression loss needs a batch of (noise, target) pairs")
+        inputs = ([(noise, cond)] if use_dm else []) + ([(pair_noise, pair_cond)] if use_reg else [])
+        out = self.generator(torch.cat([z for z, _ in inputs]), _concat([c for _, c in inputs]))
+        total = torch.zeros((), device=out.device)
+        logs: dict[str, Tensor] = {}
+        if use_dm:
+            loss_dm = self.dm_loss(out[: noise.shape[0]], cond, generator=generator)
+            total = total + self.dm_weight * loss_dm
+            logs["loss_dm"] = loss_dm.detach()
+        if use_reg:
+            loss_reg = self.regression(out[out.shape[0] - pair_noise.shape[0] :], pair_target)
+            total = total + self.lambda_reg * loss_reg
+            logs["loss_reg"] = loss_reg.detach()
+        logs["loss_generator"] = total.detach()
+        return total, logs
+
+    def fake_score_loss(
+        self, fake_net: Denoiser, noise: Tensor, cond: Any = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The fake score's denoising loss on generator samples; G runs without gradients."""
+        with torch.no_grad():
+            samples = self.generator(noise, cond)
+        loss = self.fake_loss(fake_net, samples, cond, generator=generator)
+        return loss, {"loss_fake": loss.detach()}
+
+
+Update = Callable[[Tensor], Tensor]  # backpropagates a loss, steps the optimiser, returns the gradient norm
+
+
+@dataclass
+class DMDStep:
+    """One DMD iteration per call: a generator update on fresh inputs (DM) plus a batch of stored pairs (regression),
+    then `fake_updates` fake-score updates on fresh detached samples.
+
+    `draw(n, rng)` returns n fresh generator inputs (noise, condition): random prompts for text-to-image, nothing for
+    unconditional data. All randomness (inputs, DM timesteps and noise) comes from `rng`, so a run replays exactly
+    from a saved RNG state.
+    """
+
+    objective: DMDObjective
+    fake_score: Denoiser  # the trainable network behind the fake loss (a module, or an engine wrapping one)
+    draw: Callable[[int, torch.Generator], tuple[Tensor, Any]]
+    update_generator: Update
+    update_fake: Update
+    rng: torch.Generator
+    dm_batch: int
+    fake_updates: int = 1
+
+    def __call__(self, pair_noise: Tensor | None = None, pair_cond: Any = None, pair_target: Tensor | None = None) -> dict[str, Tensor]:
+        noise, cond = self.draw(self.dm_batch, self.rng)
+        loss, logs = self.objective.generator_loss(noise, cond, pair_noise, pair_cond, pair_target, generator=self.rng)
+        logs["grad_norm_generator"] = self.update_generator(loss)
+        for _ in range(self.fake_updates if self.objective.needs_fake_score else 0):
+            noise, cond = self.draw(self.dm_batch, self.rng)
+            loss_fake, logs_fake = self.objective.fake_score_loss(self.fake_score, noise, cond, generator=self.rng)
+            logs["grad_norm_fake"] = self.update_fake(loss_fake)
+            logs.update(logs_fake)
+        return logs
+
+
+def read_logs(logs: dict[str, Any]) -> dict[str, float]:
+    """Logged tensors (and numbers) as Python floats: where the host waits for the device."""
+    return {k: float(v) for k, v in logs.items()}

@@ -1,0 +1,52 @@
+"""Optimisation pieces shared by every training loop: learning-rate schedules, AdamW, and an update function."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+LR_SCHEDULES = ("constant", "cosine", "warmup_times_cosine")
+
+
+def lr_multiplier(step: int, warmup: int, total: int = 0, schedule: str = "constant") -> float:
+    """The learning rate's factor at `step` (counted from 0): linear warm-up over `warmup` steps (the first step
+    already moves, at 1/warmup), then constant (DMD) or cosine annealing to 0 at `total`. "warmup_times_cosine" is
+    the demo teacher's recipe: the warm-up ramp times a cosine over all `total` steps."""
+    if schedule == "warmup_times_cosine":
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    raise ValueError(f"unknown lr schedule {schedule!r}; expected one of {LR_SCHEDULES}")
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int = 0, schedule: str = "constant"):
+    """A LambdaLR over `lr_multiplier`: a function of the step, so a resumed run replays it exactly."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, warmup, total, schedule))
+
+
+def adamw(params, lr: float, warmup: int, total: int = 0, schedule: str = "constant", weight_decay: float = 0.01,
+          betas: tuple[float, float] = (0.9, 0.999)):
+    """DMD's optimiser (AdamW, wd 0.01, betas 0.9/0.999) with its warm-up schedule: (optimizer, scheduler)."""
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    return optimizer, warmup_schedule(optimizer, warmup, total, schedule)
+
+
+def optimizer_update(optimizer: torch.optim.Optimizer, params, grad_clip: float, scheduler=None) -> Update:
+    """An `Update` for a plain torch optimiser: zero, backward, clip, step (and the lr schedule)."""
+    params = list(params)
+
+    def update(loss: Tensor) -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        return norm.detach()
+
+    return update

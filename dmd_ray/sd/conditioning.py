@@ -1,0 +1,35 @@
+"""Text conditions for distillation: fresh (noise, prompt embedding) draws from a finite prompt set.
+
+The text encoder is frozen, so a prompt's embedding never changes: each prompt is encoded once, the first time it
+is drawn, and then read from a table on the device (up to `max_cached` prompts; beyond that, every step encodes).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class PromptConditions:
+    def __init__(self, teacher, prompts: list[str], latent_shape: tuple[int, ...], device: torch.device | str, max_cached: int = 4096):
+        if not prompts:
+            raise ValueError("the prompt set is empty")
+        self.teacher, self.prompts, self.latent_shape = teacher, list(prompts), tuple(latent_shape)
+        self.device, self.max_cached = torch.device(device), max_cached
+        self._cache: dict[str, Tensor] = {}
+
+    def encode(self, prompts: list[str]) -> Tensor:
+        """[B, L, D] embeddings of `prompts`, as teacher.encode_prompts computes them."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing:
+            embeddings = self.teacher.encode_prompts(missing)
+            if len(self._cache) + len(missing) > self.max_cached:
+                fresh = dict(zip(missing, embeddings))
+                return torch.stack([self._cache.get(p, fresh.get(p)) for p in prompts])
+            self._cache.update(zip(missing, embeddings))
+        return torch.stack([self._cache[p] for p in prompts])
+
+    def draw(self, n: int, rng: torch.Generator) -> tuple[Tensor, Tensor]:
+        """n prompts drawn uniformly from the set, and standard normal latents (both from `rng`, on the CPU)."""
+        chosen = [self.prompts[i] for i in torch.randint(0, len(self.prompts), (n,), generator=rng).tolist()]
+        noise = torch.randn((n, *self.latent_shape), generator=rng).to(self.device)
+        return noise, self.encode(chosen)

@@ -1,0 +1,58 @@
+"""DMD around a diffusers teacher: the objective and the iteration step, built from a DistillConfig.
+
+The Ray Train worker (with DeepSpeed engines) and the benchmark's plain-torch loop (with torch optimisers) both call
+`build_step`; they differ only in the networks and update functions they pass in.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from dmd_ray.method.denoiser import GuidedDenoiser, X0Denoiser
+from dmd_ray.method.generator import OneStepGenerator
+from dmd_ray.method.losses import DenoisingLoss, DistributionMatchingLoss, LPIPSDistance, RegressionLoss, squared_l2
+from dmd_ray.method.objective import DMDObjective, DMDStep, Update
+from dmd_ray.sd.conditioning import PromptConditions
+from dmd_ray.sd.teacher import Teacher
+
+if TYPE_CHECKING:
+    from dmd_ray.config import DistillConfig
+
+
+def build_objective(cfg: DistillConfig, teacher: Teacher, generator_net: nn.Module, fake_net: nn.Module, device) -> DMDObjective:
+    """The generator (the teacher's network at T-1, or `generator_timestep`) and the DMD objective around two
+    trainable denoisers (UNetDenoiser modules, or DeepSpeed engines wrapping them)."""
+    schedule, prediction_type = teacher.schedule, teacher.prediction_type
+    timestep = schedule.num_timesteps - 1 if cfg.generator_timestep < 0 else cfg.generator_timestep
+    generator = OneStepGenerator(generator_net, schedule, prediction_type, timestep)
+    real_x0 = X0Denoiser(GuidedDenoiser(teacher.denoiser(), cfg.guidance_scale, teacher.uncond_embedding()), schedule, prediction_type)
+    if cfg.regression_space == "pixel":
+        lpips = LPIPSDistance(cfg.lpips_backbone, cfg.lpips_pretrained_backbone, cfg.lpips_min_size).to(device)
+        regression = RegressionLoss(lpips, decode=teacher.decode)
+    else:
+        regression = RegressionLoss(squared_l2)
+    return DMDObjective(
+        generator=generator,
+        dm_loss=DistributionMatchingLoss(real_x0, X0Denoiser(fake_net, schedule, prediction_type), schedule, (cfg.t_min, cfg.t_max)),
+        fake_loss=DenoisingLoss(schedule, prediction_type),
+        regression=regression,
+        lambda_reg=cfg.lambda_reg,
+        dm_weight=cfg.dm_weight,
+    )
+
+
+def build_step(cfg: DistillConfig, teacher: Teacher, conditions: PromptConditions, generator_net: nn.Module, fake_net: nn.Module,
+               update_generator: Update, update_fake: Update, rng: torch.Generator, dm_batch: int, device) -> DMDStep:
+    """One DMD iteration per call on this worker's share of the batch: `step(pair_noise, pair_cond, pair_target)`."""
+    return DMDStep(
+        build_objective(cfg, teacher, generator_net, fake_net, device),
+        fake_score=fake_net,
+        draw=conditions.draw,
+        update_generator=update_generator,
+        update_fake=update_fake,
+        rng=rng,
+        dm_batch=dm_batch,
+        fake_updates=cfg.fake_updates,
+    )

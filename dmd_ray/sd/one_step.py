@@ -1,0 +1,122 @@
+"""The one-step generator as an image service needs it, without Ray: batches of jobs in, uint8 images out.
+
+`serve/` wraps this in Ray Serve (HTTP, request validation, batching across requests, replicas); the benchmark runs
+the same code bare. `OneStepImageGenerator.generate(jobs)` runs many jobs in one forward pass of tokenizer -> text
+encoder -> UNet at the generator's timestep -> x0 -> VAE decode: what the exported pipeline computes with
+num_inference_steps=1 and guidance_scale=1.0, minus its per-call overhead, and with one seed per image.
+
+Determinism: image i of a request with seed s is drawn from noise seeded s + i (mod 2**32), generated on the CPU
+in float32 whatever the device, so a seed means the same noise everywhere, and `n` images are the same images as
+`n` single requests with consecutive seeds. The networks' arithmetic may still differ in the last bits between
+batch compositions and devices (different kernels), which can move a pixel by one level of 255.
+"""
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from dmd_ray.images import to_uint8
+from dmd_ray.method.generator import OneStepGenerator
+from dmd_ray.method.sampling import seeded_noise
+from dmd_ray.sd.resolve import load_teacher, read_generator_info
+from dmd_ray.sd.teacher import resolve_dtype
+
+SEED_MODULUS = 2**32  # seeds are uint32: exact in a browser's JSON numbers (up to 2**53), easy to type and share
+
+
+@dataclass(frozen=True, order=True)
+class ImageSize:
+    width: int
+    height: int
+
+    _PATTERN = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
+
+    @classmethod
+    def parse(cls, text: str) -> "ImageSize":
+        match = cls._PATTERN.match(str(text).strip())
+        if not match:
+            raise ValueError(f"size {text!r} is not of the form WIDTHxHEIGHT, e.g. 512x512")
+        return cls(int(match[1]), int(match[2]))
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}"
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """One request's images: the same prompt and size, one seed per image."""
+
+    prompt: str
+    seeds: tuple[int, ...]
+    size: ImageSize
+
+    @property
+    def num_images(self) -> int:
+        return len(self.seeds)
+
+
+def random_seed() -> int:
+    return secrets.randbelow(SEED_MODULUS)
+
+
+class OneStepImageGenerator:
+    """An exported one-step generator on one device, turning batches of jobs into uint8 images."""
+
+    def __init__(self, folder: str, device: str | torch.device = "cpu", dtype: str = "auto"):
+        info = read_generator_info(folder)
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.components = load_teacher(folder, torch_dtype=self.dtype).to(device=self.device)
+        self.generator = OneStepGenerator(self.components.denoiser(), self.components.schedule,
+                                          self.components.prediction_type, info.get("generator_timestep"))
+        self.info = info
+        c = self.components
+        self.native_size = ImageSize(c.default_resolution, c.default_resolution)
+        # A latent side must survive the UNet's downsamplings (2 per down block but the last) exactly.
+        self.size_multiple = c.vae_scale_factor * 2 ** (len(c.unet.config.down_block_types) - 1)
+
+    def check_size(self, size: ImageSize) -> None:
+        m = self.size_multiple
+        if size.width % m or size.height % m:
+            raise ValueError(f"size {size} is not supported by this generator: width and height must be multiples of {m}")
+
+    @torch.inference_mode()
+    def generate(self, jobs: Sequence[GenerationJob]) -> list[np.ndarray]:
+        """One [n, H, W, 3] uint8 array per job. Jobs of one size run as one batch; equal prompts are encoded once."""
+        results: list[np.ndarray | None] = [None] * len(jobs)
+        for size in sorted({job.size for job in jobs}):
+            indices = [i for i, job in enumerate(jobs) if job.size == size]
+            images = self._generate_same_size([jobs[i] for i in indices], size)
+            start = 0
+            for i in indices:
+                results[i] = images[start : start + jobs[i].num_images]
+                start += jobs[i].num_images
+        return results  # type: ignore[return-value]
+
+    def _generate_same_size(self, jobs: Sequence[GenerationJob], size: ImageSize) -> np.ndarray:
+        c = self.components
+        latent_shape = (int(c.unet.config.in_channels), size.height // c.vae_scale_factor, size.width // c.vae_scale_factor)
+        prompts = [job.prompt for job in jobs for _ in job.seeds]
+        unique = list(dict.fromkeys(prompts))
+        embeddings = c.encode_prompts(unique)
+        embeddings = embeddings[torch.tensor([unique.index(p) for p in prompts], device=embeddings.device)]
+        noise = torch.stack([seeded_noise(seed, latent_shape) for job in jobs for seed in job.seeds])
+        noise = noise.to(self.device, self.dtype)
+        x0 = self.generator(noise, embeddings)
+        return to_uint8(c.decode(x0))
+
+    def warmup(self, max_batch_size: int, sizes: Sequence[ImageSize] = ()) -> None:
+        """Generates once per size and batch size before the first user does, who would otherwise pay for lazy
+        initialisation, kernel selection and allocator growth (seconds on a GPU, for every new batch shape). On a
+        CPU only the largest batch is run: nothing there depends on the shape for long."""
+        batch_sizes = range(1, max_batch_size + 1) if self.device.type == "cuda" else [max_batch_size]
+        for size in sizes or [self.native_size]:
+            for batch_size in batch_sizes:
+                self.generate([GenerationJob("warm-up", tuple(range(batch_size)), size)])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

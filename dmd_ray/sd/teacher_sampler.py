@@ -1,0 +1,56 @@
+"""The teacher's ODE sampler as pair generation and evaluation use it: diffusers scheduler families by name, and
+guided sampling of (prompt, seed) batches."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dmd_ray.method.denoiser import GuidedDenoiser
+from dmd_ray.method.sampling import ode_sample, seeded_noise
+
+SAMPLERS = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "dpmpp": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+def make_scheduler(sampler: str, base_scheduler_or_config: Any):
+    """A scheduler of the named family with the teacher's training schedule (betas, prediction type, offsets)."""
+    import diffusers
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
+    config = getattr(base_scheduler_or_config, "config", base_scheduler_or_config)
+    cls = getattr(diffusers, SAMPLERS[sampler])
+    overrides = {"skip_prk_steps": True} if sampler == "pndm" else {}  # PLMS only, as SD pipelines use it
+    if sampler == "ddim":
+        overrides["clip_sample"] = False  # a deterministic ODE step, no clipping of x0
+    return cls.from_config(config, **overrides)
+
+
+class PairSampler:
+    """The teacher's guided ODE sampler on (prompt, seed) batches: returns (noise, target) latents, noise drawn on
+    the CPU from each seed (the same on every device)."""
+
+    def __init__(self, teacher, *, sampler: str, steps: int, guidance_scale: float, resolution: int, device: torch.device,
+                 dtype: torch.dtype, compile: bool = False):
+        self.teacher = teacher.to(device=device, dtype=dtype)
+        self.latent_shape = teacher.latent_shape(resolution)
+        self.scheduler = make_scheduler(sampler, teacher.scheduler)
+        self.steps, self.device, self.dtype = steps, device, dtype
+        net = teacher.denoiser()
+        if compile:
+            net = torch.compile(net)
+        uncond = teacher.uncond_embedding() if guidance_scale != 1.0 else None
+        self.denoiser = GuidedDenoiser(net, guidance_scale, uncond)
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list[str], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = torch.stack([seeded_noise(s, self.latent_shape) for s in seeds])
+        cond = self.teacher.encode_prompts(prompts).to(self.device, self.dtype)
+        x = ode_sample(self.denoiser, self.scheduler, noise.to(self.device, self.dtype), cond, self.steps)
+        return noise, x.float().cpu()
