@@ -5,14 +5,18 @@
         --batch-size 16 --num-pairs 96 --shard-size 32 --diffusers-baseline --compile   # one GPU
 
 Rows (pairs/s; "steady" leaves out the first shard, i.e. start-up, model loading and compilation):
-  plain loop          ShardWriter in this process: sample + write shards one after another
-  ray data job        jobs/generate_pairs.run: the same writer in a Ray Data actor pool
+  plain loop          the job's actor class (PairShardActor: PairSampler + ShardWriter) called in this process,
+                      shard after shard
+  ray data job        dmd_ray.distributed.pair_job.generate_pairs: the same actor in a Ray Data actor pool
   diffusers pipeline  (--diffusers-baseline) StableDiffusionPipeline, same components, output_type="latent"
+
+Model FLOPs per pair are counted by torch's FlopCounterMode over one batch of the same sampler (eager; text encoder
+and every guided UNet step). Utilisation = steady model FLOP/s / the rate of a large matmul measured on the same
+device in the same run (benchmarks/common.py: bf16 8192^3 on a GPU; fp32 2048^3 on a CPU, labelled).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -21,27 +25,29 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
 
 import torch  # noqa: E402
 
-from dmd_ray import pairs  # noqa: E402
+from benchmarks.common import count_flops, default_device, device_name, peak_matmul, print_table  # noqa: E402
+from dmd_ray.config import PairsConfig  # noqa: E402
+from dmd_ray.data.prompts import BUILTIN_PROMPTS, read_prompts  # noqa: E402
 
-PROMPTS = [f"a {size} {colour} {shape} on a {bg} background" for size in ("small", "large") for colour in ("red", "green", "blue")
-           for shape in ("circle", "square", "triangle") for bg in ("white", "black")]
+PROMPTS = read_prompts(BUILTIN_PROMPTS)  # the packaged 180 shapes prompts (which prompts does not change the cost)
 
 
-def plain_loop(cfg: pairs.PairsConfig, prompts: list[str]) -> dict:
+def plain_loop(cfg: PairsConfig, prompts: list[str]) -> dict:
+    from dmd_ray.distributed.pair_job import PairShardActor
+
     t_start = time.perf_counter()
-    writer = pairs.ShardWriter(dataclasses.asdict(cfg), prompts)
+    writer = PairShardActor(cfg, prompts).writer  # teacher, PairSampler and ShardWriter, as each Ray actor builds them
     t_ready = time.perf_counter()
     done_at = []
-    for k in range(cfg.num_shards):
+    for k in range(cfg.layout.num_shards):
         writer.write_shard(k)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         done_at.append(time.perf_counter())
-    first = len(cfg.shard_range(0))
+    first = len(cfg.layout.shard_range(0))
     return {
         "pairs_per_second": cfg.num_pairs / (done_at[-1] - t_start),
         "steady_pairs_per_second": (cfg.num_pairs - first) / (done_at[-1] - done_at[0]) if len(done_at) > 1 else None,
@@ -49,13 +55,32 @@ def plain_loop(cfg: pairs.PairsConfig, prompts: list[str]) -> dict:
     }
 
 
-def ray_job(cfg: pairs.PairsConfig) -> dict:
-    import generate_pairs
-    from dmd_ray.ray_utils import init_ray
+def flops_per_pair(cfg: PairsConfig, prompts: list[str]) -> float:
+    """Model FLOPs of one pair: one batch of the job's sampler (not compiled: the same ops, counted eagerly)."""
+    from dmd_ray.data.pairs import pair_seed
+    from dmd_ray.sd.resolve import load_teacher
+    from dmd_ray.sd.teacher import resolve_dtype
+    from dmd_ray.sd.teacher_sampler import PairSampler
+
+    device = default_device()
+    teacher = load_teacher(cfg.teacher, cache_dir=cfg.cache_dir or None)
+    sampler = PairSampler(teacher, sampler=cfg.sampler, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                          resolution=cfg.resolution or teacher.default_resolution, device=device, dtype=resolve_dtype(cfg.dtype, device))
+    n = cfg.batch_size
+    _, flops = count_flops(sampler, [prompts[i % len(prompts)] for i in range(n)], [pair_seed(cfg.seed, i) for i in range(n)])
+    del sampler, teacher
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return flops / n
+
+
+def ray_job(cfg: PairsConfig) -> dict:
+    from dmd_ray.distributed.cluster import init_ray
+    from dmd_ray.distributed.pair_job import generate_pairs
 
     init_ray()
     t_start = time.perf_counter()
-    summary = generate_pairs.run(cfg)
+    summary = generate_pairs(cfg)
     return {
         "pairs_per_second": cfg.num_pairs / (time.perf_counter() - t_start),
         "steady_pairs_per_second": summary.get("steady_pairs_per_second"),
@@ -63,11 +88,11 @@ def ray_job(cfg: pairs.PairsConfig) -> dict:
     }
 
 
-def diffusers_baseline(cfg: pairs.PairsConfig, prompts: list[str]) -> dict:
+def diffusers_baseline(cfg: PairsConfig, prompts: list[str]) -> dict:
     from diffusers import StableDiffusionPipeline
 
-    from dmd_ray.models import load_teacher
-    from dmd_ray.sampling import make_scheduler
+    from dmd_ray.sd.resolve import load_teacher
+    from dmd_ray.sd.teacher_sampler import make_scheduler
 
     teacher = load_teacher(cfg.teacher)
     pipe = StableDiffusionPipeline(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer, unet=teacher.unet,
@@ -109,35 +134,41 @@ def main() -> int:
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args()
 
+    device = default_device()
+    peak = peak_matmul(device)  # before any model is on the device
+    print(peak.label, flush=True)
     work = tempfile.mkdtemp(prefix="bench-pairs-")
-    prompts_path = os.path.join(work, "prompts.txt")
-    with open(prompts_path, "w") as f:
-        f.write("\n".join(PROMPTS))
-    base = dict(teacher=args.teacher, prompts=prompts_path, num_pairs=args.num_pairs, shard_size=args.shard_size, batch_size=args.batch_size,
+    base = dict(teacher=args.teacher, prompts=BUILTIN_PROMPTS, num_pairs=args.num_pairs, shard_size=args.shard_size, batch_size=args.batch_size,
                 steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, resolution=args.resolution, dtype=args.dtype, compile=args.compile)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     rows: dict[str, dict] = {}
     try:
         if args.diffusers_baseline:
-            rows["diffusers pipeline (eager fp16)"] = diffusers_baseline(pairs.PairsConfig(**base, out=os.path.join(work, "unused")), PROMPTS)
-        rows["plain loop"] = plain_loop(pairs.PairsConfig(**base, out=os.path.join(work, "loop")), PROMPTS)
+            rows["diffusers pipeline (eager fp16)"] = diffusers_baseline(PairsConfig(**base, out=os.path.join(work, "unused")), PROMPTS)
+        rows["plain loop"] = plain_loop(PairsConfig(**base, out=os.path.join(work, "loop")), PROMPTS)
         if not args.skip_ray:
-            rows["ray data job"] = ray_job(pairs.PairsConfig(**base, out=os.path.join(work, "ray")))
+            rows["ray data job"] = ray_job(PairsConfig(**base, out=os.path.join(work, "ray")))
+        per_pair = flops_per_pair(PairsConfig(**base, out=os.path.join(work, "unused")), PROMPTS)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    name = device_name(device)
     print(f"\npair generation: teacher {args.teacher}, {args.sampler} {args.steps} steps, guidance {args.guidance}, batch {args.batch_size}, "
           f"{args.num_pairs} pairs in shards of {args.shard_size}, {name}, compile={args.compile}")
-    print(f"{'':34}{'pairs/s':>10}{'steady pairs/s':>16}")
+    print(f"peak: {peak.label}")
+    print(f"model FLOPs per pair (FlopCounterMode, one batch of the sampler): {per_pair / 1e12:.4g} TFLOP")
+    table = []
     for key, r in rows.items():
-        steady = f"{r['steady_pairs_per_second']:.3f}" if r["steady_pairs_per_second"] else "-"
-        print(f"{key:34}{r['pairs_per_second']:>10.3f}{steady:>16}")
+        steady = r["steady_pairs_per_second"]
+        tflops = steady * per_pair / 1e12 if steady else None
+        table.append([key, f"{r['pairs_per_second']:.3f}", f"{steady:.3f}" if steady else "-", f"{tflops:.3g}" if tflops else "-",
+                      peak.utilisation(tflops)])
+    print_table(["row", "pairs/s", "steady pairs/s", "steady model TFLOP/s", "utilisation"], table)
     if "ray data job" in rows and rows["plain loop"]["steady_pairs_per_second"] and rows["ray data job"]["steady_pairs_per_second"]:
         print(f"ray / plain loop (steady): {rows['ray data job']['steady_pairs_per_second'] / rows['plain loop']['steady_pairs_per_second']:.3f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "device": name, "rows": rows}, f, indent=1)
+            json.dump({"args": vars(args), "device": name, "peak_tflops": peak.tflops, "peak": peak.label, "flops_per_pair": per_pair,
+                       "rows": rows}, f, indent=1)
     return 0
 
 

@@ -39,10 +39,10 @@ PROMPTS = ["a small red circle on a blue background", "a large green square", "t
 
 
 def export_architecture(name: str, folder: str) -> str:
-    from dmd_ray import models
-    from dmd_ray.export import export_generator
+    from dmd_ray.sd.architectures import BUILT_IN
+    from dmd_ray.sd.export import export_generator
 
-    teacher = models.BUILT_IN[name]()
+    teacher = BUILT_IN[name]()
     return export_generator(teacher, teacher.unet, folder, timestep=teacher.scheduler.config.num_train_timesteps - 1,
                             metadata={"note": f"{name} with random weights, for benchmarks"})
 
@@ -97,16 +97,16 @@ def outside_serve_replica(max_ongoing_requests: int) -> None:
 
 
 async def run_bare(folder: str, device: str, args, config, concurrencies: list[int]) -> list[dict]:
-    from dmd_ray import serving
+    from dmd_ray.sd.one_step import SEED_MODULUS, GenerationJob, ImageSize, OneStepImageGenerator
     from serve.app import BatchedGenerator, encode_pngs
 
-    generator = serving.OneStepImageGenerator(folder, device, config.dtype)
-    size = serving.ImageSize.parse(args.size) if args.size else generator.native_size
+    generator = OneStepImageGenerator(folder, device, config.dtype)
+    size = ImageSize.parse(args.size) if args.size else generator.native_size
     generator.warmup(config.max_batch_size, [size])
     batcher = BatchedGenerator(generator, config.max_batch_size, config.batch_wait_timeout_s)
 
     async def send(seed: int) -> None:
-        job = serving.GenerationJob(PROMPTS[seed % len(PROMPTS)], (seed % serving.SEED_MODULUS,), size)
+        job = GenerationJob(PROMPTS[seed % len(PROMPTS)], (seed % SEED_MODULUS,), size)
         for png in await encode_pngs(await batcher.generate(job)):
             base64.b64encode(png)  # as the service encodes its response
 
@@ -215,9 +215,9 @@ def main() -> int:
             started = time.perf_counter()
             folder = export_architecture(args.model, os.path.join(tmp, args.model))
             print(f"exported {args.model} in {time.perf_counter() - started:.0f} s", flush=True)
-        from dmd_ray import serving
+        from dmd_ray.sd.resolve import resolve_generator
 
-        folder = serving.resolve_generator(folder)
+        folder = resolve_generator(folder)
         device_name = torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})"
         print(f"{device_name}; torch {torch.__version__}, ray {ray.__version__}; model {args.model}; "
               f"max batch {config.max_batch_size}, wait {args.batch_wait_ms:g} ms", flush=True)

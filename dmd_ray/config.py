@@ -158,7 +158,7 @@ class DistillConfig:
             problems.append(f"num_workers must be >= 1, got {self.num_workers}")
         else:
             for name in ("dm_batch_size", "reg_batch_size"):
-                value = getattr(cfg, name)
+                value = getattr(self, name)
                 if value < self.num_workers or value % self.num_workers:
                     problems.append(f"{name} {value} does not divide over {self.num_workers} workers (it is the global batch: use a multiple of num_workers)")
         if self.precision not in ("bf16", "fp32"):
@@ -172,11 +172,11 @@ class DistillConfig:
         if self.use_gpu not in USE_GPU:
             problems.append(f"use_gpu must be auto, true or false, got {self.use_gpu!r}")
         for name in ("max_steps", "fake_updates", "log_every", "num_pairs"):
-            if getattr(cfg, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(cfg, name)}")
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("checkpoint_every", "sample_every"):
-            if getattr(cfg, name) < 0:
-                problems.append(f"{name} must be >= 0 (0 turns it off), got {getattr(cfg, name)}")
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
         if self.lr <= 0 or self.fake_lr < 0:
             problems.append("lr must be positive and fake_lr non-negative")
         if self.lambda_reg < 0:

@@ -74,3 +74,14 @@ def prompts_file(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("a small red circle on a blue background\na large green square\n\nthe yellow triangle at the top\n")
     return str(path)
+
+
+# Tests that start Ray, Serve, a subprocess or a browser are the slow lane (`-m slow`); everything else runs in
+# seconds without them (`-m "not slow"`). A test is slow when it asks for one of these fixtures or is marked so.
+SLOW_FIXTURES = {"ray_cluster", "serve_url", "aux_url", "local_head"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

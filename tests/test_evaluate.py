@@ -1,20 +1,16 @@
 """jobs/evaluate.py end to end on CPU: Ray Data batch inference, metrics in the judge's feature space, the grid."""
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
+from dmd_ray.config import EvalConfig
 
 
 def test_image_maker_is_deterministic_per_seed():
-    import evaluate
-
     from dmd_ray.demos.shapes_eval import ImageMaker
 
-    cfg = evaluate.EvalConfig(steps=3).__dict__
+    cfg = EvalConfig(steps=3)
     maker = ImageMaker("teacher:demo", cfg)
     batch = {"prompt": np.array(["a red circle", "a blue square"]), "seed": np.array([5, 6])}
     first, again = maker(batch)["image"], maker({"prompt": batch["prompt"][:1], "seed": batch["seed"][:1]})["image"]
@@ -24,8 +20,7 @@ def test_image_maker_is_deterministic_per_seed():
 
 @pytest.mark.slow
 def test_evaluate_job_end_to_end(ray_cluster, tmp_path):
-    import evaluate
-
+    from dmd_ray.demos.shapes_eval import evaluate
     from dmd_ray.sd.export import export_generator
     from dmd_ray.sd.resolve import load_teacher
 
@@ -33,9 +28,9 @@ def test_evaluate_job_end_to_end(ray_cluster, tmp_path):
     teacher = load_teacher("demo")
     export = str(tmp_path / "export")
     export_generator(teacher, teacher.unet, export, timestep=teacher.scheduler.config.num_train_timesteps - 1)
-    cfg = evaluate.EvalConfig(model=f"teacher:demo,{export}", num_samples=200, steps=8, sampler="ddim", batch_size=50,
+    cfg = EvalConfig(model=f"teacher:demo,{export}", num_samples=200, steps=8, sampler="ddim", batch_size=50,
                               output=str(tmp_path / "eval"))
-    summary = evaluate.run(cfg)
+    summary = evaluate(cfg)
     on_disk = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert on_disk["models"] == json.loads(json.dumps(summary["models"]))
     teacher_row, onestep_row = summary["models"]["teacher:demo"], summary["models"][export]

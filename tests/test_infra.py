@@ -195,20 +195,21 @@ def job_commands(entrypoint: str) -> list[tuple[str, list[str]]]:
 
 def test_rayjob_runs_the_real_jobs_with_real_config_keys():
     """The RayJob's commands are the repository's job scripts, and their own parsers accept every argument."""
-    from dmd_ray.config import parse_args
-    from dmd_ray.config import PairsConfig
-    from dmd_ray.config import DistillConfig
+    from dmd_ray.config import DistillConfig, PairsConfig
+    from dmd_ray.typed_config import parse_args
 
     commands = job_commands(custom_resource("RayJob")["spec"]["entrypoint"])
     assert [script for script, _ in commands] == ["jobs/generate_pairs.py", "jobs/distill.py"]
     for script, _ in commands:
         assert os.path.isfile(os.path.join(REPO, script))
     pairs_cfg = parse_args(PairsConfig, commands[0][1])
-    pairs_cfg.validate()
+    pairs_cfg.check()
     distill_cfg = parse_args(DistillConfig, commands[1][1])
-    check_config(distill_cfg)
-    assert distill_cfg.pairs == pairs_cfg.out and distill_cfg.teacher == pairs_cfg.teacher
+    distill_cfg.check()
+    assert distill_cfg.pairs == pairs_cfg.out and distill_cfg.teacher == pairs_cfg.teacher and distill_cfg.prompts == pairs_cfg.prompts
     assert distill_cfg.guidance_scale == pairs_cfg.guidance_scale  # the pairs' CFG is the real score's (DMD)
+    # the distillation job refuses pairs of another sampler or step count than its config names
+    assert (distill_cfg.pair_sampler, distill_cfg.pair_steps) == (pairs_cfg.sampler, pairs_cfg.steps)
     assert distill_cfg.output.startswith("s3://")
     # the cluster starts without GPU pods: "auto" would see none and run on CPU, so GPUs are asked for explicitly
     assert pairs_cfg.gpus_per_actor >= 1 and pairs_cfg.num_actors >= 1 and distill_cfg.use_gpu == "true"
@@ -290,8 +291,7 @@ def test_constraints_agree_with_pyproject():
 
 # ------------------------------------------------------------------------------------------------ the guide
 def test_deploy_guide_names_only_real_files_and_config_keys():
-    from dmd_ray.config import PairsConfig
-    from dmd_ray.config import DistillConfig
+    from dmd_ray.config import DistillConfig, PairsConfig
 
     guide = open(os.path.join(REPO, "docs", "deploy.md")).read().replace("\\\n", " ")  # join continued lines
     paths = set(re.findall(r"\b((?:infra|jobs|serve|docs|dmd_ray)/[\w./-]*\w)", guide))

@@ -10,8 +10,11 @@ import pytest
 import torch
 import yaml
 
-from dmd_ray import models, serving
-from dmd_ray.serving import GenerationJob, ImageSize, RequestError, RequestLimits
+from dmd_ray.images import png_bytes
+from dmd_ray.sd import resolve
+from dmd_ray.sd.architectures import build_tiny_teacher
+from dmd_ray.sd.one_step import GenerationJob, ImageSize, OneStepImageGenerator
+from serve.requests import RequestError, RequestLimits, validate_generation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def export_tiny_generator(folder) -> str:
     from dmd_ray.sd.export import export_generator
 
-    teacher = models.build_tiny_teacher()
+    teacher = build_tiny_teacher()
     with warnings.catch_warnings():  # diffusers calls the one-step scheduler's steps_offset=0 outdated; it is meant
         warnings.filterwarnings("ignore", "The configuration file of this scheduler", FutureWarning)
         return export_generator(teacher, teacher.unet, str(folder), timestep=teacher.scheduler.config.num_train_timesteps - 1)
@@ -32,7 +35,7 @@ def generator_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def generator(generator_folder):
-    return serving.OneStepImageGenerator(generator_folder)
+    return OneStepImageGenerator(generator_folder)
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -44,7 +47,7 @@ def test_config_coerces_command_line_strings_and_rejects_unknown_keys():
     assert (config.max_batch_size, config.batch_wait_timeout_s, config.warmup) == (4, 0.01, False)
     assert config.sizes == ("64x64", "32x32")
     assert config.autoscaling_config["max_replicas"] == 3 and config.autoscaling_config["min_replicas"] == 1
-    with pytest.raises(ValueError, match=r"unknown service config key\(s\) 'max_batchsize'.*known keys: model"):
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['max_batchsize'\] for ServiceConfig; valid keys: \[.*'model'"):
         ServiceConfig.from_args({"max_batchsize": 4})
     with pytest.raises(ValueError, match="max_ongoing_requests .* must be >= max_batch_size"):
         ServiceConfig.from_args({"max_batch_size": 8, "max_ongoing_requests": 4})
@@ -54,7 +57,7 @@ def test_config_coerces_command_line_strings_and_rejects_unknown_keys():
         ServiceConfig.from_args({"autoscaling_config": {"max_replica": 2}})
     with pytest.raises(ValueError, match="autoscaling_config"):
         ServiceConfig.from_args({"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}})
-    with pytest.raises(ValueError, match="expected an integer"):
+    with pytest.raises(ValueError, match="expects an integer"):
         ServiceConfig.from_args({"max_images": 2.5})
     with pytest.raises(ValueError, match="not of the form WIDTHxHEIGHT"):
         ServiceConfig.from_args({"sizes": ["big"]})
@@ -76,27 +79,27 @@ def test_config_yaml_is_a_valid_serve_config_with_the_documented_defaults():
 def test_build_app_fails_fast_on_an_unknown_generator_name(monkeypatch):
     from serve.app import build_app
 
-    monkeypatch.setattr(models, "BUILT_IN_GENERATORS", {"demo": "/nowhere"})
-    with pytest.raises(serving.GeneratorNotFoundError, match=r"'no-such-model'.*built-in: demo"):
+    monkeypatch.setattr(resolve, "BUILT_IN_GENERATORS", {"demo": "/nowhere"})
+    with pytest.raises(resolve.GeneratorNotFoundError, match=r"'no-such-model'.*built-in: demo"):
         build_app({"model": "no-such-model"})
-    with pytest.raises(ValueError, match="unknown service config key"):
+    with pytest.raises(ValueError, match="unknown config key"):
         build_app({"model": "demo", "modle": "x"})
 
 
 # --------------------------------------------------------------------------------------------- finding a generator
 def test_resolve_generator_from_a_folder_a_built_in_name_and_s3(generator_folder, s3_bucket, tmp_path, monkeypatch):
-    assert serving.resolve_generator(generator_folder) == generator_folder
+    assert resolve.resolve_generator(generator_folder) == generator_folder
 
-    monkeypatch.setattr(models, "BUILT_IN_GENERATORS", {})
-    with pytest.raises(serving.GeneratorNotFoundError, match="none are registered yet"):
-        serving.resolve_generator("demo")
-    monkeypatch.setattr(models, "BUILT_IN_GENERATORS", {"demo": generator_folder})
-    assert serving.resolve_generator("demo") == generator_folder
+    monkeypatch.setattr(resolve, "BUILT_IN_GENERATORS", {})
+    with pytest.raises(resolve.GeneratorNotFoundError, match="none are registered yet"):
+        resolve.resolve_generator("demo")
+    monkeypatch.setattr(resolve, "BUILT_IN_GENERATORS", {"demo": generator_folder})
+    assert resolve.resolve_generator("demo") == generator_folder
 
     teacher_folder = tmp_path / "teacher"  # a plain (multi-step) teacher folder is not a generator
-    models.build_tiny_teacher().save(str(teacher_folder))
-    with pytest.raises(serving.GeneratorNotFoundError, match="no dmd_ray.json"):
-        serving.resolve_generator(str(teacher_folder))
+    build_tiny_teacher().save(str(teacher_folder))
+    with pytest.raises(resolve.GeneratorNotFoundError, match="no dmd_ray.json"):
+        resolve.resolve_generator(str(teacher_folder))
 
     from dmd_ray.data.storage import boto3_client
 
@@ -106,11 +109,11 @@ def test_resolve_generator_from_a_folder_a_built_in_name_and_s3(generator_folder
         for name in files:
             relative = os.path.relpath(os.path.join(root, name), generator_folder)
             client.upload_file(os.path.join(root, name), bucket, f"generators/tiny/{relative}")
-    folder = serving.resolve_generator(f"{s3_bucket}/generators/tiny", cache_dir=str(tmp_path / "cache"))
+    folder = resolve.resolve_generator(f"{s3_bucket}/generators/tiny", cache_dir=str(tmp_path / "cache"))
     assert folder.startswith(str(tmp_path / "cache"))
-    assert serving.read_generator_info(folder) == serving.read_generator_info(generator_folder)
-    with pytest.raises(serving.GeneratorNotFoundError):
-        serving.resolve_generator(f"{s3_bucket}/generators/missing", cache_dir=str(tmp_path / "cache"))
+    assert resolve.read_generator_info(folder) == resolve.read_generator_info(generator_folder)
+    with pytest.raises(resolve.GeneratorNotFoundError):
+        resolve.resolve_generator(f"{s3_bucket}/generators/missing", cache_dir=str(tmp_path / "cache"))
 
 
 # --------------------------------------------------------------------------------------------- requests
@@ -118,11 +121,11 @@ LIMITS = RequestLimits(max_prompt_chars=20, max_images=3, sizes=(ImageSize(32, 3
 
 
 def test_validate_generation_accepts_good_requests():
-    job = serving.validate_generation("a red circle", 2, "64x64", 7, LIMITS)
+    job = validate_generation("a red circle", 2, "64x64", 7, LIMITS)
     assert job == GenerationJob("a red circle", (7, 8), ImageSize(64, 64))
-    assert serving.validate_generation("x", 1, None, None, LIMITS).size == ImageSize(32, 32)
-    assert serving.validate_generation("x", 1, "auto", 0, LIMITS).size == ImageSize(32, 32)
-    assert serving.validate_generation("x", 2, None, 2**32 - 1, LIMITS).seeds == (2**32 - 1, 0)  # seeds wrap
+    assert validate_generation("x", 1, None, None, LIMITS).size == ImageSize(32, 32)
+    assert validate_generation("x", 1, "auto", 0, LIMITS).size == ImageSize(32, 32)
+    assert validate_generation("x", 2, None, 2**32 - 1, LIMITS).seeds == (2**32 - 1, 0)  # seeds wrap
 
 
 @pytest.mark.parametrize(
@@ -143,7 +146,7 @@ def test_validate_generation_accepts_good_requests():
 )
 def test_validate_generation_names_the_bad_parameter(prompt, n, size, seed, param):
     with pytest.raises(RequestError) as caught:
-        serving.validate_generation(prompt, n, size, seed, LIMITS)
+        validate_generation(prompt, n, size, seed, LIMITS)
     assert caught.value.status == 400 and caught.value.param == param
     error = caught.value.to_json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
@@ -195,5 +198,5 @@ def test_png_bytes_round_trip(generator):
     import io
 
     image = generator.generate([GenerationJob("a dot", (0,), generator.native_size)])[0][0]
-    decoded = np.asarray(Image.open(io.BytesIO(serving.png_bytes(image))))
+    decoded = np.asarray(Image.open(io.BytesIO(png_bytes(image))))
     assert np.array_equal(decoded, image)

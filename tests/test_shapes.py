@@ -43,6 +43,12 @@ def test_unsaid_attributes_are_drawn_at_random():
     assert len(backgrounds) >= 3
 
 
+def test_builtin_prompt_file_is_the_evaluation_prompt_set():
+    from dmd_ray.data.prompts import BUILTIN_PROMPTS, read_prompts
+
+    assert read_prompts(BUILTIN_PROMPTS) == shapes.evaluation_prompts()
+
+
 def test_packaged_judge_reads_clean_renders():
     judge = shapes.load_classifier()
     assert shapes.classifier_accuracy(judge, num_images=512) >= 0.98
@@ -58,7 +64,7 @@ def test_demo_teacher_loads_offline_and_follows_prompts():
     prompts = shapes.evaluation_prompts()[:48]
     accuracy = {}
     for guidance in (3.0, 1.0):
-        sampler = PairSampler(teacher, "ddim", 25, guidance, 32, torch.device("cpu"), torch.float32)
+        sampler = PairSampler(teacher, sampler="ddim", steps=25, guidance_scale=guidance, resolution=32, device=torch.device("cpu"), dtype=torch.float32)
         _, latents = sampler(prompts, list(range(len(prompts))))
         with torch.no_grad():
             accuracy[guidance] = shapes.prompt_accuracy(judge, teacher.decode(latents).clamp(-1, 1), prompts)
@@ -72,6 +78,7 @@ def test_demo_generator_is_built_in_and_beats_the_teacher_in_one_step():
     than the teacher's own network in one step, which is where distillation started."""
     import numpy as np
 
+    from dmd_ray.config import EvalConfig
     from dmd_ray.demos.shapes_eval import ImageMaker
     from dmd_ray.sd.resolve import read_generator_info, resolve_generator
 
@@ -80,7 +87,7 @@ def test_demo_generator_is_built_in_and_beats_the_teacher_in_one_step():
     rows = {"prompt": np.array(prompts), "seed": np.arange(len(prompts))}
     accuracy = {}
     for spec in ("demo", "teacher-onestep:demo"):
-        images = ImageMaker(spec, {"guidance_scale": 3.0})(rows)["image"]
+        images = ImageMaker(spec, EvalConfig(guidance_scale=3.0))(rows)["image"]
         accuracy[spec] = shapes.prompt_accuracy(judge, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, prompts)
     assert accuracy["demo"] >= 0.2, accuracy
     assert accuracy["demo"] >= accuracy["teacher-onestep:demo"] + 0.1, accuracy
@@ -88,15 +95,12 @@ def test_demo_generator_is_built_in_and_beats_the_teacher_in_one_step():
 
 @pytest.mark.slow
 def test_train_teacher_job_runs_resumes_and_refuses_another_recipe(ray_cluster, tmp_path):
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
-    import train_teacher
-
+    from dmd_ray.config import TeacherConfig
+    from dmd_ray.demos.teacher_training import train_teacher
     from dmd_ray.sd.resolve import load_teacher
 
-    cfg = train_teacher.TeacherConfig(output=str(tmp_path / "t"), vae_steps=3, unet_steps=3, batch_size=8, log_every=1, checkpoint_every=2)
-    train_teacher.run(cfg)
+    cfg = TeacherConfig(output=str(tmp_path / "t"), vae_steps=3, unet_steps=3, batch_size=8, log_every=1, checkpoint_every=2)
+    train_teacher(cfg)
     teacher = load_teacher(str(tmp_path / "t" / "teacher"))
     assert teacher.vae.config.scaling_factor != 0.18215  # measured on the domain, not SD's constant
     assert teacher.unet.dtype == torch.float32  # stored in float16, loaded as asked
@@ -105,10 +109,10 @@ def test_train_teacher_job_runs_resumes_and_refuses_another_recipe(ray_cluster, 
 
     # the same output with another recipe is refused instead of mixing two runs
     with pytest.raises(Exception, match="another recipe"):
-        train_teacher.run(train_teacher.TeacherConfig(**{**cfg.__dict__, "unet_steps": 5}))
+        train_teacher(TeacherConfig(**{**cfg.__dict__, "unet_steps": 5}))
 
     # going on from that teacher: its VAE is kept as it is, its UNet trains further
-    train_teacher.run(train_teacher.TeacherConfig(**{**cfg.__dict__, "output": str(tmp_path / "t2"), "init_from": str(tmp_path / "t" / "teacher"),
+    train_teacher(TeacherConfig(**{**cfg.__dict__, "output": str(tmp_path / "t2"), "init_from": str(tmp_path / "t" / "teacher"),
                                                                    "ema_decay": 0.0, "warmup_steps": 1, "save_dtype": "float32"}))
     continued = load_teacher(str(tmp_path / "t2" / "teacher"))
     assert continued.vae.config.scaling_factor == teacher.vae.config.scaling_factor

@@ -37,9 +37,15 @@ def test_local_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert os.listdir(tmp_path / "out") == []
 
 
-def test_s3_uses_endpoint_from_environment(s3_bucket):
-    fs, path = storage.resolve(s3_bucket + "/x")
-    assert "127.0.0.1" in str(os.environ["AWS_ENDPOINT_URL"]) and path.endswith("/x")
+def test_s3_filesystem_reaches_the_endpoint_it_resolves(s3_bucket, s3_server):
+    """The filesystem built from the environment talks to the local server: what it writes, boto3 reads there."""
+    fs, path = storage.resolve(s3_bucket + "/x/hello.txt")
+    assert path == s3_bucket[len("s3://"):] + "/x/hello.txt"
+    with fs.open_output_stream(path) as f:
+        f.write(b"through pyarrow")
+    body = storage.boto3_client().get_object(Bucket=s3_bucket[len("s3://"):], Key="x/hello.txt")["Body"].read()
+    assert body == b"through pyarrow"
+    assert storage.boto3_client().meta.endpoint_url == s3_server
     storage.check_access(s3_bucket)  # no error
 
 
@@ -108,12 +114,8 @@ class _DenyingS3(object):
 
 
 def test_wrong_credentials_fail_clearly_before_any_sampling(monkeypatch, tmp_path, prompts_file):
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
-    import generate_pairs
-
     from dmd_ray.config import PairsConfig
+    from dmd_ray.distributed.pair_job import prepare
 
     import boto3
 
@@ -126,7 +128,7 @@ def test_wrong_credentials_fail_clearly_before_any_sampling(monkeypatch, tmp_pat
         with pytest.raises(storage.StorageError, match="denied .*check the AWS credentials"):
             storage.check_access("s3://bucket/prefix")
         with pytest.raises(storage.StorageError, match="denied"):
-            generate_pairs.prepare(PairsConfig(teacher="tiny", prompts=prompts_file, num_pairs=4, out="s3://bucket/pairs"))
+            prepare(PairsConfig(teacher="tiny", prompts=prompts_file, num_pairs=4, out="s3://bucket/pairs"))
 
 
 def test_missing_credentials_fail_clearly(monkeypatch, tmp_path):

@@ -5,6 +5,7 @@ import hashlib
 import io
 import os
 
+from dmd_ray import ASSETS
 from dmd_ray.data import storage
 
 
@@ -52,4 +53,4 @@ def prompts_fingerprint(prompts: list[str]) -> str:
 
 # The shapes domain's 180 fully specified prompts (dmd_ray.demos.shapes.evaluation_prompts(), in that order; a test
 # keeps the two equal): the prompt set of distillation runs given no prompt file.
-BUILTIN_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "shapes_prompts.txt")
+BUILTIN_PROMPTS = os.path.join(ASSETS, "shapes_prompts.txt")

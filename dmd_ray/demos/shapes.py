@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmd_ray import ASSETS
+
 RESOLUTION = 32
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
@@ -231,7 +233,7 @@ def train_classifier(steps: int = 3000, batch_size: int = 256, device: str = "cp
 
 
 # --------------------------------------------------------------------------------------------- the shipped judge
-CLASSIFIER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes_classifier.safetensors")
+CLASSIFIER_PATH = os.path.join(ASSETS, "shapes_classifier.safetensors")
 
 
 def load_classifier(path: str = CLASSIFIER_PATH, device: str | torch.device = "cpu") -> ShapesClassifier:

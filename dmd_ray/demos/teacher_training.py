@@ -23,6 +23,7 @@ from dmd_ray.config import TeacherConfig
 from dmd_ray.data import storage
 from dmd_ray.demos import shapes
 from dmd_ray.distributed.cluster import past_deadline, wants_gpu
+from dmd_ray.typed_config import ConfigError
 
 
 class TextConditionedUNet(nn.Module):
@@ -169,7 +170,7 @@ def train_loop_per_worker(config: dict) -> None:
     if cfg.init_from:  # go on training a teacher: its VAE (and latent scale) stay, stage 1 is skipped
         teacher = load_teacher(cfg.init_from)
         if teacher.prediction_type != cfg.prediction_type:
-            raise ValueError(f"init_from {cfg.init_from!r} predicts {teacher.prediction_type}, the config says {cfg.prediction_type}")
+            raise ConfigError(f"init_from {cfg.init_from!r} predicts {teacher.prediction_type}, the config says {cfg.prediction_type}")
         state = {"stage": "unet", "step": 0, "scaling_factor": float(teacher.vae.config.scaling_factor), "config": recipe}
     else:
         teacher = build_demo_architecture(cfg.seed, cfg.prediction_type)
@@ -192,7 +193,7 @@ def train_loop_per_worker(config: dict) -> None:
         state, optimizer_state = _load_checkpoint(checkpoint, models, emas, device)
         changed = {k: (v, recipe[k]) for k, v in state.get("config", {}).items() if k in RESUME_KEYS and recipe[k] != v}
         if changed:
-            raise ValueError(f"{cfg.output}/{cfg.run_name} holds a run with another recipe ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}); "
+            raise ConfigError(f"{cfg.output}/{cfg.run_name} holds a run with another recipe ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}); "
                              "use another --output or --run-name, or the same settings to resume")
         if rank == 0:
             log(f"resumed: stage {state['stage']}, step {state['step']}")
@@ -279,7 +280,7 @@ def train_teacher(cfg: TeacherConfig):
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from dmd_ray.distributed.cluster import run_config
+    from dmd_ray.distributed.cluster import fit, run_config
 
     # the workers run in another directory: local paths become absolute
     cfg = dataclasses.replace(cfg, output=storage.absolute(cfg.output), init_from=storage.absolute(cfg.init_from, only_if_exists=True))
@@ -293,6 +294,6 @@ def train_teacher(cfg: TeacherConfig):
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
         run_config=run_config(cfg.output, cfg.run_name, keep_checkpoints=1, max_failures=2),
     )
-    result = trainer.fit()
+    result = fit(trainer)
     log(f"done: teacher at {storage.join(cfg.output, 'teacher')}")
     return result

@@ -118,6 +118,18 @@ def no_retry_of_user_errors():
         data_parallel_trainer.create_failure_policy = original
 
 
+def fit(trainer):
+    """trainer.fit(), where a worker error that no retry can fix ends the run at once and is raised as itself."""
+    with no_retry_of_user_errors():
+        try:
+            return trainer.fit()
+        except Exception as e:
+            cause = first_user_error(e)
+            if cause is None:
+                raise
+            raise cause from e
+
+
 def first_user_error(error: BaseException) -> BaseException | None:
     """The NOT_RETRYABLE error inside a failed run's TrainingFailedError, if there is one."""
     for e in getattr(error, "worker_failures", {}).values():

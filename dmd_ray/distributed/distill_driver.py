@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from dmd_ray.config import DistillConfig, PairsConfig
 from dmd_ray.data import pairs, storage
 from dmd_ray.data.prompts import BUILTIN_PROMPTS, read_prompts
-from dmd_ray.distributed.cluster import first_user_error, no_retry_of_user_errors, run_config, wants_gpu
+from dmd_ray.distributed.cluster import fit, run_config, wants_gpu
 from dmd_ray.sd.resolve import describe_teacher
 from dmd_ray.typed_config import ConfigError
 
@@ -128,14 +128,7 @@ def distill(cfg: DistillConfig):
                                                resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}),
         run_config=run_config(cfg.output, cfg.run_name, cfg.keep_checkpoints, cfg.max_failures, None if use_gpu else {"DS_ACCELERATOR": "cpu"}),
     )
-    with no_retry_of_user_errors():
-        try:
-            result = trainer.fit()
-        except Exception as e:
-            cause = first_user_error(e)
-            if cause is None:
-                raise
-            raise cause from e  # a worker's ConfigError, missing weights or storage problem, shown as itself
+    result = fit(trainer)
     log(f"done: export at {storage.join(cfg.output, 'export')}")
     log(f"sample grid at {storage.join(cfg.output, 'samples', 'latest.png')}; metrics at {storage.join(cfg.output, 'metrics.jsonl')}")
     return result

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
+from dmd_ray import ASSETS
 from dmd_ray.data import storage
 from dmd_ray.method.schedule import check_prediction_type
 from dmd_ray.sd.architectures import BUILT_IN
 from dmd_ray.sd.teacher import COMPONENTS, Teacher, freeze
 
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 # Trained models that ship inside the package (README, "The demo teacher"): name -> local diffusers folder.
 PACKAGED_TEACHERS = {"demo": os.path.join(ASSETS, "demo-teacher")}
 # Exported one-step generators that ship inside the package: name -> local diffusers folder (see export.py).
@@ -113,10 +113,12 @@ def locate(spec: str, kind: str = "teacher", cache_dir: str | None = None) -> st
         return local
     if os.path.exists(local):
         raise error(f"{kind} {spec!r} is a file; expected a diffusers folder (tokenizer/, text_encoder/, unet/, vae/, scheduler/)")
-    if kind == "teacher" and not _looks_like_path(spec):
+    if _looks_like_path(spec):
+        raise error(f"{kind} {spec!r}: no such folder ({os.path.abspath(local)} does not exist)")
+    if kind == "teacher":
         return spec  # a hub id
-    names = ", ".join(sorted([*BUILT_IN, *packaged] if kind == "teacher" else packaged))
-    raise error(f"{kind} {spec!r} is neither a built-in name ({names}), an s3:// URI, nor an existing folder "
+    names = ", ".join(sorted([*BUILT_IN, *packaged] if kind == "teacher" else packaged)) or "none are registered yet"
+    raise error(f"{kind} {spec!r} is neither a built-in name (built-in: {names}), an s3:// URI, nor an existing folder "
                 f"({os.path.abspath(local)} does not exist)")
 
 

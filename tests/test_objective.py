@@ -1,0 +1,123 @@
+"""The DMD objective and one iteration of it, on small networks without Ray: which network each loss's gradients
+reach, how the concatenated DM/regression batch splits, the two ablations, and one step on the tiny teacher."""
+import copy
+
+import pytest
+import torch
+
+from dmd_ray.demos.toy2d import MLPDenoiser
+from dmd_ray.method.denoiser import X0Denoiser
+from dmd_ray.method.generator import OneStepGenerator
+from dmd_ray.method.losses import DenoisingLoss, DistributionMatchingLoss, RegressionLoss, squared_l2
+from dmd_ray.method.objective import DMDObjective, DMDStep, read_logs
+from dmd_ray.method.optim import optimizer_update
+from dmd_ray.method.schedule import NoiseSchedule
+
+SCHEDULE = NoiseSchedule.from_betas("scaled_linear", 0.00085, 0.012, 1000)
+
+
+def networks(seed=0):
+    torch.manual_seed(seed)
+    teacher = MLPDenoiser(hidden=32, depth=1).requires_grad_(False)
+    return teacher, copy.deepcopy(teacher).requires_grad_(True), copy.deepcopy(teacher).requires_grad_(True)
+
+
+def objective(teacher, gen_net, fake_net, lambda_reg=0.25, dm_weight=1.0, regression=True):
+    generator = OneStepGenerator(gen_net, SCHEDULE, "epsilon")
+    dm = DistributionMatchingLoss(X0Denoiser(teacher, SCHEDULE, "epsilon"), X0Denoiser(fake_net, SCHEDULE, "epsilon"), SCHEDULE)
+    return DMDObjective(generator, dm, DenoisingLoss(SCHEDULE, "epsilon"), RegressionLoss(squared_l2) if regression else None, lambda_reg, dm_weight)
+
+
+def grads(module):
+    return [p.grad for p in module.parameters()]
+
+
+def test_generator_loss_reaches_only_the_generator_and_fake_loss_only_the_fake_score():
+    teacher, gen_net, fake_net = networks()
+    obj = objective(teacher, gen_net, fake_net)
+    loss, logs = obj.generator_loss(torch.randn(8, 2), None, torch.randn(4, 2), None, torch.randn(4, 2), generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert all(g is not None and g.abs().sum() > 0 for g in grads(gen_net))
+    assert all(g is None for g in grads(fake_net)) and all(g is None for g in grads(teacher))
+    assert set(logs) == {"loss_dm", "loss_reg", "loss_generator"} and not any(v.requires_grad for v in logs.values())
+    gen_net.zero_grad(set_to_none=True)
+    loss_fake, _ = obj.fake_score_loss(fake_net, torch.randn(8, 2), None, generator=torch.Generator().manual_seed(1))
+    loss_fake.backward()
+    assert all(g is not None for g in grads(fake_net))
+    assert all(g is None for g in grads(gen_net)) and all(g is None for g in grads(teacher))
+
+
+def test_the_concatenated_batch_splits_into_dm_and_regression_parts():
+    """One generator forward over [noise; pair_noise]: the first rows feed the DM loss, the last the regression."""
+    teacher, gen_net, fake_net = networks()
+    obj = objective(teacher, gen_net, fake_net)
+    noise, pair_noise, target = torch.randn(6, 2), torch.randn(3, 2), torch.randn(3, 2)
+    _, logs = obj.generator_loss(noise, None, pair_noise, None, target, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected_reg = squared_l2(obj.generator(pair_noise), target).mean()
+        expected_dm = obj.dm_loss(obj.generator(noise), None, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(logs["loss_reg"], expected_reg)
+    torch.testing.assert_close(logs["loss_dm"], expected_dm)
+    torch.testing.assert_close(logs["loss_generator"], expected_dm + 0.25 * expected_reg)
+
+
+def test_ablations_and_the_refusal_with_nothing_to_learn():
+    teacher, gen_net, fake_net = networks()
+    no_dm = objective(teacher, gen_net, fake_net, dm_weight=0.0)
+    assert not no_dm.needs_fake_score
+    _, logs = no_dm.generator_loss(torch.randn(4, 2), None, torch.randn(2, 2), None, torch.randn(2, 2))
+    assert set(logs) == {"loss_reg", "loss_generator"}
+    no_reg = objective(teacher, gen_net, fake_net, lambda_reg=0.0)
+    assert not no_reg.uses_regression
+    _, logs = no_reg.generator_loss(torch.randn(4, 2))  # no pairs needed
+    assert set(logs) == {"loss_dm", "loss_generator"}
+    with pytest.raises(ValueError, match="regression loss needs a batch"):
+        objective(teacher, gen_net, fake_net).generator_loss(torch.randn(4, 2))
+    for kwargs in (dict(dm_weight=0.0, lambda_reg=0.0), dict(dm_weight=0.0, regression=False)):
+        with pytest.raises(ValueError, match="nothing to learn"):
+            objective(teacher, gen_net, fake_net, **kwargs)
+
+
+@pytest.mark.parametrize("dm_weight, fake_updates, fake_steps", [(1.0, 1, 1), (1.0, 3, 3), (0.0, 3, 0)])
+def test_one_step_updates_each_network_as_often_as_it_should(dm_weight, fake_updates, fake_steps):
+    teacher, gen_net, fake_net = networks()
+    calls = {"generator": 0, "fake": 0}
+
+    def counting(name, update):
+        def run(loss):
+            calls[name] += 1
+            return update(loss)
+        return run
+
+    opt_g, opt_f = torch.optim.SGD(gen_net.parameters(), lr=0.1), torch.optim.SGD(fake_net.parameters(), lr=0.1)
+    before = [copy.deepcopy(m.state_dict()) for m in (teacher, gen_net, fake_net)]
+    step = DMDStep(objective(teacher, gen_net, fake_net, dm_weight=dm_weight), fake_net, lambda n, rng: (torch.randn(n, 2, generator=rng), None),
+                   counting("generator", optimizer_update(opt_g, gen_net.parameters(), 10.0)), counting("fake", optimizer_update(opt_f, fake_net.parameters(), 10.0)),
+                   torch.Generator().manual_seed(0), dm_batch=8, fake_updates=fake_updates)
+    logs = read_logs(step(torch.randn(4, 2), None, torch.randn(4, 2)))
+    assert calls == {"generator": 1, "fake": fake_steps}
+    assert all(v == v for v in logs.values()) and ("loss_fake" in logs) == (fake_steps > 0)
+    changed = [any(not torch.equal(a[k], m.state_dict()[k]) for k in a) for a, m in zip(before, (teacher, gen_net, fake_net))]
+    assert changed == [False, True, fake_steps > 0]
+
+
+def test_one_iteration_on_the_tiny_teacher_with_torch_optimisers():
+    """The SD adapter's step (what the Ray Train worker runs with DeepSpeed engines) with plain AdamW."""
+    from dmd_ray.config import DistillConfig
+    from dmd_ray.sd.architectures import build_tiny_teacher
+    from dmd_ray.sd.conditioning import PromptConditions
+    from dmd_ray.sd.dmd import build_step
+
+    teacher = build_tiny_teacher()
+    cfg = DistillConfig(regression_space="pixel", lpips_backbone="alex", lpips_pretrained_backbone=False, lpips_min_size=32, fake_updates=2)
+    nets = [teacher.denoiser(copy.deepcopy(teacher.unet).requires_grad_(True)) for _ in range(2)]
+    opts = [torch.optim.AdamW(n.parameters(), lr=1e-4) for n in nets]
+    conditions = PromptConditions(teacher, ["a red circle", "a blue square"], (4, 8, 8), "cpu")
+    step = build_step(cfg, teacher, conditions, nets[0], nets[1], optimizer_update(opts[0], nets[0].parameters(), 10.0),
+                      optimizer_update(opts[1], nets[1].parameters(), 10.0), torch.Generator().manual_seed(0), 2, "cpu")
+    unet_before = copy.deepcopy(nets[0].state_dict())
+    logs = read_logs(step(torch.randn(2, 4, 8, 8), conditions.encode(["a red circle", "a red circle"]), torch.randn(2, 4, 8, 8)))
+    assert set(logs) >= {"loss_dm", "loss_reg", "loss_fake", "grad_norm_generator", "grad_norm_fake"}
+    assert all(v == v and abs(v) < 1e6 for v in logs.values())
+    assert any(not torch.equal(v, nets[0].state_dict()[k]) for k, v in unet_before.items())
+    torch.testing.assert_close(conditions.encode(["a blue square"]), teacher.encode_prompts(["a blue square"]))  # cached == fresh
