@@ -1,0 +1,188 @@
+"""Configs and the refusals that stop a job before any work, without a cluster: pure-value checks, the command line,
+pairs made with another config, weights the machine cannot get, the failure policy, and the import layers."""
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dmd_ray.config import DistillConfig, EvalConfig, PairsConfig, TeacherConfig, ToyConfig
+from dmd_ray.data import pairs
+from dmd_ray.typed_config import ConfigError, cli_main, from_dict, parse_args
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------------------------ values
+@pytest.mark.parametrize("overrides, message", [
+    (dict(zero_stage=4), "zero_stage must be 0, 1, 2 or 3"),
+    (dict(gpus_per_worker=0.0), "gpus_per_worker must be a fraction"),
+    (dict(export_dtype="int8"), "export_dtype must be float32, float16 or bfloat16"),
+    (dict(time_limit_minutes=-1.0), "time_limit_minutes must be >= 0"),
+    (dict(num_workers=2, dm_batch_size=3), "dm_batch_size 3 does not divide over 2 workers"),
+    (dict(num_workers=2, reg_batch_size=1), "reg_batch_size 1 does not divide over 2 workers"),
+    (dict(dm_weight=0.0, lambda_reg=0.0), "would learn nothing"),
+    (dict(precision="fp16"), "fp16 diverges"),
+    (dict(use_gpu="maybe"), "use_gpu must be auto, true or false"),
+    (dict(max_steps=0, log_every=0), "max_steps must be >= 1"),
+])
+def test_distill_config_values_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        DistillConfig(**overrides).check()
+
+
+def test_every_problem_is_named_at_once_and_good_defaults_pass():
+    for cls in (DistillConfig, EvalConfig, TeacherConfig, ToyConfig):
+        cls().check()
+    PairsConfig(prompts="p.txt").check()
+    with pytest.raises(ConfigError) as e:
+        PairsConfig(prompts="", num_pairs=0, sampler="heun2", dtype="int4").check()
+    assert all(word in str(e.value) for word in ("prompts is required", "num_pairs", "sampler must be one of", "dtype must be"))
+    with pytest.raises(ConfigError, match="unknown variants"):
+        ToyConfig(variants=("dmd", "gan")).check()
+
+
+def test_one_coercion_for_jobs_and_service():
+    """The service's keys take the jobs' spellings: the same booleans, numbers and lists from strings."""
+    sys.path.insert(0, REPO)
+    from serve.config import ServiceConfig
+
+    for spelling, value in (("on", True), ("yes", True), ("1", True), ("off", False), ("no", False), ("false", False)):
+        assert from_dict(DistillConfig, {"export": spelling}).export is value
+        assert ServiceConfig.from_args({"warmup": spelling}).warmup is value
+    with pytest.raises(ConfigError, match="expects true/false"):
+        from_dict(DistillConfig, {"export": "maybe"})
+    with pytest.raises(ConfigError, match="expects true/false"):
+        ServiceConfig.from_args({"warmup": "maybe"})
+    assert from_dict(DistillConfig, {"sample_prompts": "a, b"}).sample_prompts == ("a", "b")
+
+
+def test_command_line_errors_exit_2_before_the_job_runs(tmp_path, capsys):
+    def never(cfg):
+        raise AssertionError("the job must not start")
+
+    with pytest.raises(SystemExit) as e:
+        cli_main("distill", DistillConfig, never, ["--output", str(tmp_path), "--learning-rate", "1"])
+    assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: tiny\nlearning_rate: 1\n")
+    with pytest.raises(SystemExit) as e:
+        parse_args(DistillConfig, ["--config", str(bad)])
+    assert e.value.code == 2 and "unknown config key(s) ['learning_rate']" in capsys.readouterr().err
+    assert cli_main("distill", DistillConfig, never, ["--zero-stage", "5"]) == 2
+    assert "zero_stage must be 0, 1, 2 or 3" in capsys.readouterr().err
+    assert cli_main("toy2d", ToyConfig, never, ["--batch", "0"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+def fake_pairs(out: str, prompts: list[str], guidance_scale: float = 3.0, teacher: str = "tiny", sampler: str = "ddim", steps: int = 4) -> None:
+    """A complete pairs dataset on local disk, as generate_pairs would record it, without running a teacher."""
+    layout = pairs.ShardLayout(8, 8)
+    make = lambda p, seeds: (torch.zeros(len(seeds), 4, 8, 8), torch.zeros(len(seeds), 4, 8, 8))  # noqa: E731
+    provenance = {"teacher": teacher, "sampler": sampler, "steps": steps, "guidance_scale": guidance_scale}
+    pairs.ShardWriter(out, layout, prompts, 0, make, 8, provenance).write_shard(0)
+    config = pairs.manifest_config(**provenance, resolution=32, latent_shape=(4, 8, 8), dtype=torch.float32, seed=0, layout=layout, prompts=prompts)
+    pairs.write_manifest(out, config, [0])
+
+
+def test_pairs_of_another_teacher_guidance_sampler_steps_or_prompts_are_refused(tmp_path, prompts_file):
+    from dmd_ray.data.prompts import read_prompts
+    from dmd_ray.distributed.distill_driver import prepare
+
+    prompts = read_prompts(prompts_file)
+    run = DistillConfig(teacher="tiny", prompts=prompts_file, output=str(tmp_path / "run"), pair_sampler="ddim", pair_steps=4, regression_space="latent")
+    matching = str(tmp_path / "matching")
+    fake_pairs(matching, prompts)
+    assert prepare(dataclasses.replace(run, pairs=matching)).pairs == matching
+    for name, kwargs, fix in [
+        ("guidance_scale", dict(guidance_scale=8.0), "--guidance-scale"),
+        ("teacher", dict(teacher="demo"), "--teacher"),
+        ("sampler", dict(sampler="pndm"), "--pair-sampler"),
+        ("steps", dict(steps=50), "--pair-steps"),
+        ("prompts_sha256", dict(prompts=prompts[:1]), "--prompts"),
+    ]:
+        other = str(tmp_path / name)
+        fake_pairs(other, **{"prompts": prompts, **kwargs})
+        with pytest.raises(ConfigError, match=rf"made with another teacher or config than this run's \(.*{name}: .* there, .* now.*\).*{fix}"):
+            prepare(dataclasses.replace(run, pairs=other))
+    assert not os.path.exists(os.path.join(run.output, "train"))
+
+
+def test_lpips_weights_the_machine_cannot_get_are_refused_with_both_fixes(tmp_path, monkeypatch, prompts_file):
+    """No cached backbone and no route to it: refused on the driver, before pairs or workers, naming the fixes."""
+    from dmd_ray.distributed.distill_driver import prepare
+    from dmd_ray.sd import weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # an empty cache
+    monkeypatch.setattr(weights, "reachable", lambda url, timeout=weights.REACH_TIMEOUT_S: False)
+    run = DistillConfig(teacher="tiny", prompts=prompts_file, output=str(tmp_path / "run"), regression_space="pixel", lpips_backbone="vgg")
+    with pytest.raises(ConfigError, match=r"vgg16-397923af.pth.*--lpips-pretrained-backbone false.*put it at .*torch-home"):
+        prepare(run)
+    assert not os.path.exists(os.path.join(run.output, "pairs"))
+    prepare(dataclasses.replace(run, lpips_pretrained_backbone=False))  # the offline fix works
+    path = weights.lpips_backbone_file("vgg")[1]
+    os.makedirs(os.path.dirname(path))
+    open(path, "wb").close()
+    prepare(run)  # so does the cached file
+
+
+def test_reachability_is_asked_of_the_network_and_bounded():
+    from dmd_ray.sd.weights import reachable
+
+    assert not reachable("http://127.0.0.1:9/vgg16.pth", timeout=2)  # nothing listens on the discard port
+
+
+def test_worker_errors_no_retry_can_fix_end_the_run_and_others_are_retried():
+    from ray.train import FailureConfig
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from dmd_ray.data.storage import StorageError
+    from dmd_ray.distributed.cluster import failure_policy_class
+    from dmd_ray.sd.resolve import TeacherNotFoundError
+
+    policy = failure_policy_class()(FailureConfig(max_failures=3))
+    for final in (ConfigError("bad"), TeacherNotFoundError("missing weights"), PermissionError("denied"), StorageError("no bucket")):
+        assert policy.make_decision(WorkerGroupError("failed", {0: RuntimeError("collateral"), 1: final})) == FailureDecision.RAISE
+    assert policy.make_decision(WorkerGroupError("failed", {1: RuntimeError("worker killed")})) == FailureDecision.RETRY
+
+
+# ------------------------------------------------------------------------------------------------ layers
+def test_the_method_layer_loads_neither_ray_nor_deepspeed_nor_diffusers():
+    code = ("import sys, dmd_ray.method.schedule, dmd_ray.method.denoiser, dmd_ray.method.generator, dmd_ray.method.losses, "
+            "dmd_ray.method.objective, dmd_ray.method.optim, dmd_ray.method.sampling; "
+            "print(sorted(m for m in ('ray', 'deepspeed', 'diffusers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout
+    assert out.strip() == "[]"
+
+
+LAYERS = ["method", "data", "sd", "config", "distributed", "demos"]  # each may import those before it (and base modules)
+BASE = {"dmd_ray", "dmd_ray.typed_config", "dmd_ray.images"}
+
+
+def test_every_import_points_down():
+    import ast
+
+    root = os.path.join(REPO, "dmd_ray")
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(dirpath, name)
+            module = "dmd_ray." + os.path.relpath(path, root)[:-3].replace(os.sep, ".").removesuffix(".__init__")
+            layer = module.split(".")[1]
+            if layer not in LAYERS:
+                continue
+            tree = ast.parse(open(path).read())
+            type_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING" for n in ast.walk(block)}
+            for node in ast.walk(tree):
+                if id(node) in type_only:  # annotations only: never imported at run time
+                    continue
+                targets = [node.module] if isinstance(node, ast.ImportFrom) and node.module else [a.name for a in getattr(node, "names", [])] if isinstance(node, ast.Import) else []
+                for target in targets:
+                    if not target.startswith("dmd_ray.") or target in BASE:
+                        continue
+                    other = target.split(".")[1]
+                    assert other in LAYERS and LAYERS.index(other) <= LAYERS.index(layer), f"{module} imports {target}"
