@@ -179,8 +179,6 @@ class DistillConfig:
                 problems.append(f"{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
         if self.lr <= 0 or self.fake_lr < 0:
             problems.append("lr must be positive and fake_lr non-negative")
-        if self.lambda_reg < 0:
-            problems.append(f"lambda_reg must be >= 0, got {self.lambda_reg}")
         if self.guidance_scale < 1:
             problems.append(f"guidance_scale must be >= 1, got {self.guidance_scale}")
         raise_problems("DistillConfig", problems)

@@ -4,16 +4,9 @@ prompt accuracy and LPIPS diversity, and a comparison grid (same prompts and see
     python jobs/evaluate.py --model runs/distill-demo/export --num-samples 1000 --output runs/eval
     python jobs/evaluate.py --model teacher:demo,teacher-onestep:demo,runs/d/export,runs/no_reg/export --output runs/eval
 
-A model is an exported generator (built-in name, local folder or s3://, run in one step), `teacher:SPEC` (the
-teacher's guided ODE sampler: --sampler, --steps, --guidance-scale) or `teacher-onestep:SPEC` (the teacher's network
-once at t = T-1, read as x0, guided: what DMD starts from). Sample i has prompt i mod 180 of the evaluation set and
-seed --seed + i, whatever the model, so rows of the grid compare like with like.
-
-FID and KID are computed in the feature space of the shapes classifier (the domain's judge, shipped in the package)
-against rendered images of the same prompts: Inception features say little about 32x32 shapes, and their weights are
-not available offline. `prompt_accuracy` is the fraction of images whose four attributes the judge reads as the
-prompt's. `lpips_diversity` is the mean LPIPS between two images of the same prompt (seeds i and i + 180; random
-AlexNet backbone with the package's calibrated heads, offline): 0 is a collapsed generator.
+A model is an exported generator (built-in name, local folder or s3://), `teacher:SPEC` (the teacher's guided ODE
+sampler) or `teacher-onestep:SPEC` (the teacher's network once, what DMD starts from). dmd_ray/demos/shapes_eval.py
+says how samples are drawn and what each metric means; `--help` lists every key.
 """
 import os
 import sys

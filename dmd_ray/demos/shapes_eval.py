@@ -1,5 +1,6 @@
-"""Evaluating generators on the shapes domain: Ray Data batch inference over the evaluation prompts, then FID, KID,
-prompt accuracy and LPIPS diversity, and a comparison grid (jobs/evaluate.py runs `evaluate`) (same prompts and seeds in every row).
+"""Evaluating generators on the shapes domain (`evaluate`, which jobs/evaluate.py runs): Ray Data batch inference
+over the evaluation prompts, then FID, KID, prompt accuracy and LPIPS diversity, and a comparison grid (same prompts
+and seeds in every row).
 
 A model is an exported generator (built-in name, local folder or s3://, run in one step), `teacher:SPEC` (the
 teacher's guided ODE sampler: --sampler, --steps, --guidance-scale) or `teacher-onestep:SPEC` (the teacher's network

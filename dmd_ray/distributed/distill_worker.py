@@ -115,6 +115,7 @@ def train_loop_per_worker(config: dict) -> None:
     while not last:
         maybe_kill_for_test(cfg, step, rank)
         started = time.perf_counter()
+        lrs = {"lr_generator": gen_engine.get_lr()[0], "lr_fake": fake_engine.get_lr()[0]}  # the rates this step uses
         batch = next(stream)
         pair_cond = conditions.encode(batch["prompt"]) if step_fn.objective.uses_regression else None
         logs = read_logs(step_fn(batch["noise"].to(device, torch.float32), pair_cond, batch["target"].to(device, torch.float32)))
@@ -123,7 +124,7 @@ def train_loop_per_worker(config: dict) -> None:
         last = step >= cfg.max_steps or bool(cfg.time_limit_minutes and step % 10 == 0 and past_deadline(deadline, device))
         if last and step < cfg.max_steps and rank == 0:
             print(f"[distill] time limit of {cfg.time_limit_minutes} minutes reached at step {step} of {cfg.max_steps}: stopping here", flush=True)
-        metrics = {"step": step, **logs, "lr_generator": gen_engine.get_lr()[0], "lr_fake": fake_engine.get_lr()[0], "step_time_s": seconds,
+        metrics = {"step": step, **logs, **lrs, "step_time_s": seconds,
                    "samples_per_s": (cfg.dm_batch_size + cfg.reg_batch_size) / seconds}
         if device.type == "cuda":
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30

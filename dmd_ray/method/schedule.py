@@ -132,6 +132,8 @@ class NoiseSchedule:
         return x0.to(out_dtype)
 
     def to_epsilon(self, prediction: Tensor, x_t: Tensor, t: Tensor, prediction_type: str) -> Tensor:
+        """epsilon read out of a network prediction (a deliberate near-copy of to_x0: the same three prediction
+        types, solved for the other unknown)."""
         check_prediction_type(prediction_type)
         out_dtype = torch.promote_types(prediction.dtype, torch.float32)
         alpha, sigma = self.alpha_sigma(t, x_t.ndim)
