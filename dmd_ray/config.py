@@ -19,6 +19,7 @@ DEFAULT_SAMPLE_PROMPTS = (
     "a small blue square on a yellow background",
 )
 USE_GPU = ("auto", "true", "false")  # auto: GPUs when the cluster has them when the job starts
+COMPILE_SETTINGS = ("auto", "true", "false", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 # ------------------------------------------------------------------------------------------------ pairs
@@ -116,6 +117,11 @@ class DistillConfig:
     precision: str = "bf16"  # bf16 (fp16 diverges, DMD2) or fp32
     zero_stage: int = 2
     gradient_checkpointing: bool = False
+    # speed (BENCHMARKS.md, "DMD iteration"): torch.compile of the three UNets: false, true (default mode), auto (on
+    # GPU under ZeRO 0-2), or a torch.compile mode: reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs. Off by
+    # default until it is measured through the whole job: each new shape (the sample grid's batch) recompiles.
+    compile: str = "false"
+    fused_adamw: str = "false"  # true / auto (on GPU): torch's fused AdamW kernel instead of its per-tensor loop
     # scale
     num_workers: int = 1
     use_gpu: str = "auto"  # auto | true | false
@@ -181,7 +187,18 @@ class DistillConfig:
             problems.append("lr must be positive and fake_lr non-negative")
         if self.guidance_scale < 1:
             problems.append(f"guidance_scale must be >= 1, got {self.guidance_scale}")
+        if self.compile not in COMPILE_SETTINGS:
+            problems.append(f"compile must be one of {', '.join(COMPILE_SETTINGS)}, got {self.compile!r}")
+        if self.fused_adamw not in USE_GPU:
+            problems.append(f"fused_adamw must be auto, true or false, got {self.fused_adamw!r}")
         raise_problems("DistillConfig", problems)
+
+    def compile_mode(self, device_type: str) -> str | None:
+        """The torch.compile mode for the networks on this device, or None for eager. "auto" leaves ZeRO-3 eager:
+        its parameter-gathering hooks run inside the forward."""
+        if self.compile == "false" or (self.compile == "auto" and (device_type != "cuda" or self.zero_stage == 3)):
+            return None
+        return "default" if self.compile in ("auto", "true") else self.compile
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

@@ -19,7 +19,7 @@ import torch
 
 from dmd_ray.config import DistillConfig
 from dmd_ray.data import storage
-from dmd_ray.distributed.cluster import past_deadline
+from dmd_ray.distributed.cluster import TrainingDiverged, past_deadline
 from dmd_ray.distributed.distill_driver import DistillPlan
 from dmd_ray.distributed.pair_job import PairStream
 from dmd_ray.distributed.run_records import RunRecords
@@ -31,29 +31,39 @@ from dmd_ray.sd.resolve import load_teacher
 from dmd_ray.sd.teacher import UNetDenoiser
 
 
-def deepspeed_config(cfg: DistillConfig, lr: float, micro_batch: int) -> dict:
+def deepspeed_config(cfg: DistillConfig, micro_batch: int) -> dict:
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.grad_clip,
         "bf16": {"enabled": cfg.precision == "bf16"},
         "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": False, "contiguous_gradients": True},
-        # torch's AdamW: no JIT-compiled fused op (40 s on a CPU node), and ZeRO 0-3 all accept it
-        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": cfg.weight_decay, "torch_adam": True}},
+        "zero_allow_untested_optimizer": True,  # torch's own AdamW, passed in: ZeRO 0-3 all accept it
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
 
 
-def engine(cfg: DistillConfig, unet, lr: float, micro_batch: int):
-    """A DeepSpeed engine training a copy of the teacher's UNet, with the shared warm-up schedule."""
+def engine(cfg: DistillConfig, unet, lr: float, micro_batch: int, device: torch.device):
+    """A DeepSpeed engine training a copy of the teacher's UNet: torch's AdamW (fused on GPU: no JIT-compiled
+    DeepSpeed op, which costs 40 s on a CPU node), the shared warm-up schedule, the network compiled on GPU."""
     import deepspeed
 
     unet = copy.deepcopy(unet).train().requires_grad_(True)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    fused = cfg.fused_adamw == "true" or (cfg.fused_adamw == "auto" and device.type == "cuda")
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay, fused=fused or None)
     schedule = lambda optimizer: warmup_schedule(optimizer, max(1, cfg.warmup_steps))  # noqa: E731
-    return deepspeed.initialize(model=UNetDenoiser(unet), config=deepspeed_config(cfg, lr, micro_batch), lr_scheduler=schedule)[0]
+    ds_engine = deepspeed.initialize(model=UNetDenoiser(unet), optimizer=optimizer, config=deepspeed_config(cfg, micro_batch), lr_scheduler=schedule)[0]
+    compile_network(unet, cfg.compile_mode(device.type))
+    return ds_engine
+
+
+def compile_network(module: torch.nn.Module, mode: str | None) -> None:
+    """torch.compile in place (Module.compile keeps parameter names: checkpoints and exports are unchanged)."""
+    if mode is not None:
+        module.compile(mode=mode, dynamic=False)
 
 
 def engine_update(engine):
@@ -95,9 +105,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     # ---- set-up: the frozen teacher, two engines, the step, the state of a resumed run
     teacher = load_teacher(cfg.teacher, cache_dir=cfg.cache_dir or None)
-    gen_engine = engine(cfg, teacher.unet, cfg.lr, cfg.local_dm_batch + cfg.local_reg_batch)
-    fake_engine = engine(cfg, teacher.unet, cfg.fake_lr or cfg.lr, cfg.local_dm_batch)
+    gen_engine = engine(cfg, teacher.unet, cfg.lr, cfg.local_dm_batch + cfg.local_reg_batch, device)
+    fake_engine = engine(cfg, teacher.unet, cfg.fake_lr or cfg.lr, cfg.local_dm_batch, device)
     teacher.to(device=device, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
+    compile_network(teacher.unet, cfg.compile_mode(device.type))
     conditions = PromptConditions(teacher, list(plan.prompts), plan.latent_shape, device)
     rng = torch.Generator("cpu").manual_seed(cfg.seed * 1000 + rank)
     step_fn = build_step(cfg, teacher, conditions, gen_engine, fake_engine, engine_update(gen_engine), engine_update(fake_engine),
@@ -109,32 +120,40 @@ def train_loop_per_worker(config: dict) -> None:
     if step == 0 and cfg.sample_every:
         records.sample_grid("step_0000000", generator, teacher, plan.latent_shape, device)
 
-    # ---- the loop
+    # ---- the loop: the host queues work and waits for the device only at log, sample and checkpoint steps
     deadline = time.monotonic() + 60 * cfg.time_limit_minutes
+    window_start, window_steps = time.perf_counter(), 0
+    finite = torch.ones((), dtype=torch.bool, device=device)
     last = step >= cfg.max_steps  # a finished run that is rerun only exports again
     while not last:
         maybe_kill_for_test(cfg, step, rank)
-        started = time.perf_counter()
         lrs = {"lr_generator": gen_engine.get_lr()[0], "lr_fake": fake_engine.get_lr()[0]}  # the rates this step uses
         batch = next(stream)
         pair_cond = conditions.encode(batch["prompt"]) if step_fn.objective.uses_regression else None
-        logs = read_logs(step_fn(batch["noise"].to(device, torch.float32), pair_cond, batch["target"].to(device, torch.float32)))
-        step += 1
-        seconds = time.perf_counter() - started
+        logs = step_fn(to_device(batch["noise"], device), pair_cond, to_device(batch["target"], device))
+        finite &= all_finite(logs)  # on the device: read with the logs
+        step, window_steps = step + 1, window_steps + 1
         last = step >= cfg.max_steps or bool(cfg.time_limit_minutes and step % 10 == 0 and past_deadline(deadline, device))
         if last and step < cfg.max_steps and rank == 0:
             print(f"[distill] time limit of {cfg.time_limit_minutes} minutes reached at step {step} of {cfg.max_steps}: stopping here", flush=True)
-        metrics = {"step": step, **logs, **lrs, "step_time_s": seconds,
-                   "samples_per_s": (cfg.dm_batch_size + cfg.reg_batch_size) / seconds}
-        if device.type == "cuda":
-            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        records.record(metrics, echo=step % cfg.log_every == 0 or last)
         if cfg.sample_every and (step % cfg.sample_every == 0 or last):
             records.sample_grid(f"step_{step:07d}", generator, teacher, plan.latent_shape, device)
-        if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or last):
+        checkpoint = bool(cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or last))
+        if not (checkpoint or last or step % cfg.log_every == 0):
+            continue
+        if not bool(finite):
+            raise TrainingDiverged(f"a loss or gradient norm became NaN or infinite in the {window_steps} steps up to step {step}: "
+                                   "lower --lr or --fake-lr, or resume from an earlier checkpoint with another config")
+        seconds = (time.perf_counter() - window_start) / window_steps  # per step, over the steps since the last log
+        metrics = {"step": step, **read_logs(logs), **lrs, "step_time_s": seconds, "samples_per_s": (cfg.dm_batch_size + cfg.reg_batch_size) / seconds}
+        if device.type == "cuda":
+            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        records.record(metrics, echo=True)
+        if checkpoint:
             records.save_checkpoint(step, metrics, gen_engine, fake_engine, rng, stream)
-        elif step % cfg.log_every == 0:
+        else:
             ray.train.report(metrics)
+        window_start, window_steps = time.perf_counter(), 0
     stream.close()
     records.close()
 
@@ -144,13 +163,24 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             from dmd_ray.sd.export import export_generator
 
-            unet = copy.deepcopy(teacher.unet).to("cpu", torch.float32)
+            unet = type(teacher.unet).from_config(teacher.unet.config)  # not a deepcopy: the teacher's may be compiled
             unet.load_state_dict({k.removeprefix("unet."): v.float().cpu() for k, v in state.items()})
             uri = export_generator(teacher.to("cpu", torch.float32), unet, storage.join(cfg.output, "export"), generator.timestep,
                                    {"teacher": cfg.teacher, "steps": step, "guidance_scale": cfg.guidance_scale}, dtype=getattr(torch, cfg.export_dtype))
             print(f"[distill] export written to {uri}", flush=True)
     if world > 1:
         torch.distributed.barrier()
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch tensor on the device in float32; from pinned memory, so the copy does not wait for the device."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True).float()
+    return x.float()
+
+
+def all_finite(logs: dict) -> torch.Tensor:
+    return torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in logs.values() if isinstance(v, torch.Tensor)])).all()
 
 
 def maybe_kill_for_test(cfg: DistillConfig, step: int, rank: int) -> None:

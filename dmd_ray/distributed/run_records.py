@@ -91,8 +91,8 @@ class RunRecords:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"checkpoint_step{step:07d}")
 
     # ---------------------------------------------------------------------------------------- metrics
-    def record(self, metrics: dict, echo: bool) -> None:
-        """Keeps a step's metrics (rank 0): history, TensorBoard, and a log line when `echo`."""
+    def record(self, metrics: dict, echo: bool = True) -> None:
+        """Keeps a logged step's metrics (rank 0): history, TensorBoard, and a log line when `echo`."""
         if self.rank != 0:
             return
         self.history.append(metrics)

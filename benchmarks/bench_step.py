@@ -1,0 +1,177 @@
+"""One DMD iteration, timed and profiled on one device, in the settings that decide its speed.
+
+    python benchmarks/bench_step.py --teacher demo --dm-batch 64 --reg-batch 16 --steps 30
+
+Rows (same teacher, batches, LPIPS and prompts; one process, one device):
+  plain-eager     torch AdamW, eager networks, losses read every step (the old plain-torch benchmark loop)
+  engines-eager   the Ray Train worker's two DeepSpeed engines, eager, losses read every step (the old worker path)
+  engines-fast    the same engines with the worker's GPU defaults: compiled networks, fused AdamW, losses read
+                  every --log-every steps
+Each row: ms per iteration (median of the timed steps after warm-up), GPU-busy fraction and kernel launches per
+iteration from torch.profiler over --profile-steps steps, compile time (first steps beyond the steady step time).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from dmd_ray.config import DistillConfig  # noqa: E402
+from dmd_ray.data.prompts import BUILTIN_PROMPTS, read_prompts  # noqa: E402
+from dmd_ray.method.objective import read_logs  # noqa: E402
+from dmd_ray.method.optim import optimizer_update  # noqa: E402
+from dmd_ray.sd.conditioning import PromptConditions  # noqa: E402
+from dmd_ray.sd.dmd import build_step  # noqa: E402
+from dmd_ray.sd.resolve import load_teacher  # noqa: E402
+from dmd_ray.sd.teacher import UNetDenoiser  # noqa: E402
+
+
+def init_single_process_distributed(device: torch.device) -> None:
+    """DeepSpeed outside a launcher: a world of one."""
+    import deepspeed
+
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533")):
+        os.environ.setdefault(key, value)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def build(variant: str, cfg: DistillConfig, teacher, device):
+    """(step function, teacher) for one variant; the teacher is a fresh copy per variant."""
+    from dmd_ray.distributed import distill_worker
+
+    teacher = copy.deepcopy(teacher)
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    prompts = read_prompts(BUILTIN_PROMPTS)
+    latent_shape = teacher.latent_shape(teacher.default_resolution)
+    rng = torch.Generator().manual_seed(0)
+    if variant == "plain-eager":
+        nets = [UNetDenoiser(copy.deepcopy(teacher.unet).to(device).train().requires_grad_(True)) for _ in range(2)]
+        teacher.to(device=device, dtype=dtype)
+        conditions = PromptConditions(teacher, prompts, latent_shape, device)
+        opts = [torch.optim.AdamW(n.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) for n in nets]
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        updates = [optimizer_update(o, n.parameters(), cfg.grad_clip) for o, n in zip(opts, nets)]
+        step = build_step(cfg, teacher, conditions, nets[0], nets[1], updates[0], updates[1], rng, cfg.dm_batch_size, device)
+
+        def run(*args):
+            with autocast:
+                return step(*args)
+
+        return run, conditions, latent_shape
+    init_single_process_distributed(device)
+    cfg = dataclasses.replace(cfg, compile="false", fused_adamw="false") if variant == "engines-eager" else cfg
+    gen = distill_worker.engine(cfg, teacher.unet, cfg.lr, cfg.dm_batch_size + cfg.reg_batch_size, device)
+    fake = distill_worker.engine(cfg, teacher.unet, cfg.lr, cfg.dm_batch_size, device)
+    teacher.to(device=device, dtype=dtype)
+    distill_worker.compile_network(teacher.unet, cfg.compile_mode(device.type))
+    conditions = PromptConditions(teacher, prompts, latent_shape, device)
+    step = build_step(cfg, teacher, conditions, gen, fake, distill_worker.engine_update(gen), distill_worker.engine_update(fake), rng, cfg.dm_batch_size, device)
+    return step, conditions, latent_shape
+
+
+def measure(variant: str, cfg: DistillConfig, teacher, device, steps: int, warmup: int, profile_steps: int, log_every: int) -> dict:
+    started = time.perf_counter()
+    step, conditions, latent_shape = build(variant, cfg, teacher, device)
+    setup_s = time.perf_counter() - started
+    prompts = conditions.prompts
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(cfg.reg_batch_size, *latent_shape, generator=gen).to(device), conditions.encode(prompts[i : i + cfg.reg_batch_size]),
+                torch.randn(cfg.reg_batch_size, *latent_shape, generator=gen).to(device)) for i in range(0, 8 * cfg.reg_batch_size, cfg.reg_batch_size)]
+    every = 1 if variant != "engines-fast" else log_every
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    times, first = [], None
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        logs = step(*batches[i % len(batches)])
+        if (i + 1) % every == 0:
+            read_logs(logs)
+        if i < warmup or (i + 1) % every == 0:
+            sync()
+        times.append(time.perf_counter() - t0)
+        if i == 0:
+            first = times[0]
+    # time whole windows of `every` steps after warm-up: per-step numbers inside a window hide the queued work
+    sync()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        logs = step(*batches[i % len(batches)])
+        if (i + 1) % every == 0:
+            read_logs(logs)
+    sync()
+    per_step = (time.perf_counter() - t0) / steps
+    row = {"variant": variant, "ms_per_iteration": 1000 * per_step, "first_step_s": first, "setup_s": setup_s,
+           "compile_s": max(0.0, sum(times[:warmup]) - warmup * per_step), "losses": read_logs(logs)}
+    if device.type == "cuda" and profile_steps:
+        from torch.profiler import ProfilerActivity, profile
+
+        sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for i in range(profile_steps):
+                logs = step(*batches[i % len(batches)])
+                if (i + 1) % every == 0:
+                    read_logs(logs)
+            sync()
+            wall = time.perf_counter() - t0
+        events = prof.key_averages()
+        gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch"))
+        row.update(gpu_busy=gpu_us / 1e6 / wall, launches_per_iteration=launches / profile_steps,
+                   top=[(e.key[:60], round(e.self_device_time_total / 1e3 / profile_steps, 2)) for e in sorted(events, key=lambda e: -e.self_device_time_total)[:8]],
+                   top_cpu=[(e.key[:60], round(e.self_cpu_time_total / 1e3 / profile_steps, 2)) for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]])
+        row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return row
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", default="demo")
+    p.add_argument("--dm-batch", type=int, default=64)
+    p.add_argument("--reg-batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--profile-steps", type=int, default=10)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--variants", default="plain-eager,engines-eager,engines-fast")
+    p.add_argument("--compile", default="auto")
+    p.add_argument("--zero-stage", type=int, default=0)
+    p.add_argument("--lpips", default="alex")
+    p.add_argument("--lpips-min-size", type=int, default=64)
+    p.add_argument("--gradient-checkpointing", default="false")
+    p.add_argument("--json", default="")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = DistillConfig(teacher=args.teacher, dm_batch_size=args.dm_batch, reg_batch_size=args.reg_batch, lr=1e-5, warmup_steps=1,
+                        regression_space="pixel", lpips_backbone=args.lpips, lpips_pretrained_backbone=False, lpips_min_size=args.lpips_min_size,
+                        zero_stage=args.zero_stage, compile=args.compile, gradient_checkpointing=args.gradient_checkpointing == "true")
+    cfg.check()
+    teacher = load_teacher(args.teacher)
+    rows = []
+    for variant in args.variants.split(","):
+        row = measure(variant, cfg, teacher, device, args.steps, args.warmup, args.profile_steps, args.log_every)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"\n{args.teacher}, DM {args.dm_batch} + regression {args.reg_batch}, LPIPS-{args.lpips} at {args.lpips_min_size}, ZeRO-{args.zero_stage}, {name}, {time.strftime('%Y-%m-%d')}")
+    print(f"{'variant':<16}{'ms/it':>9}{'GPU busy':>10}{'launches/it':>13}{'compile s':>11}{'peak GiB':>10}")
+    for r in rows:
+        print(f"{r['variant']:<16}{r['ms_per_iteration']:>9.1f}{r.get('gpu_busy', float('nan')):>10.2f}{r.get('launches_per_iteration', float('nan')):>13.0f}"
+              f"{r['compile_s']:>11.1f}{r.get('peak_memory_gib', float('nan')):>10.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
