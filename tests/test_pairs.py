@@ -206,6 +206,7 @@ def test_pair_stream_resumes_exactly_and_splits_shards_over_workers(tmp_path):
         PairStream(out, 9, rank=1, world=2, seed=0, read=read_with_pyarrow)  # shards 1 and 3: 8 pairs
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_exactly_n_unique_pairs_on_s3(s3_bucket, prompts_file, tmp_path):
     """A real job process is killed mid-way (SIGKILL, whole process group); a rerun completes the dataset on the
     local S3 server with exactly N unique pairs, and no shard of the killed run is ever seen half-written."""
