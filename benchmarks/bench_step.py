@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 

@@ -16,6 +16,8 @@ def test_image_maker_is_deterministic_per_seed():
     first, again = maker(batch)["image"], maker({"prompt": batch["prompt"][:1], "seed": batch["seed"][:1]})["image"]
     assert first.shape == (2, 32, 32, 3) and first.dtype == np.uint8
     assert np.array_equal(first[0], again[0])
+    other_seed = maker({"prompt": batch["prompt"][:1], "seed": np.array([7])})["image"]
+    assert np.abs(other_seed[0].astype(int) - first[0].astype(int)).mean() > 1  # another seed, another image
 
 
 @pytest.mark.slow

@@ -178,6 +178,8 @@ def test_generation_is_deterministic_per_seed_whatever_the_batch(generator):
     alone = generator.generate([GenerationJob("a green star", (5,), size)])[0]
     again = generator.generate([GenerationJob("a green star", (5,), size)])[0]
     assert np.array_equal(alone, again)
+    other = generator.generate([GenerationJob("a green star", (6,), size)])[0]
+    assert np.abs(other.astype(int) - alone.astype(int)).mean() > 1  # another seed, another image
     # n images with seed s are the images of seeds s, s+1, ...; other requests in the batch change nothing
     batch = generator.generate([GenerationJob("a red ring", (1,), size), GenerationJob("a green star", (4, 5), size),
                                 GenerationJob("a red ring", (9,), ImageSize(64, 64))])

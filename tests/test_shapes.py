@@ -1,5 +1,4 @@
 """The shapes domain, its judge, the packaged demo teacher and generator, and the teacher-training job (CPU)."""
-import os
 
 import pytest
 import torch

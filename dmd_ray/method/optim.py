@@ -6,6 +6,8 @@ import math
 import torch
 from torch import Tensor
 
+from dmd_ray.method.objective import Update
+
 LR_SCHEDULES = ("constant", "cosine", "warmup_times_cosine")
 
 
