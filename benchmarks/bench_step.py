@@ -88,40 +88,29 @@ def measure(variant: str, cfg: DistillConfig, teacher, device, steps: int, warmu
                 torch.randn(cfg.reg_batch_size, *latent_shape, generator=gen).to(device)) for i in range(0, 8 * cfg.reg_batch_size, cfg.reg_batch_size)]
     every = 1 if variant != "engines-fast" else log_every
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    times, first = [], None
-    for i in range(warmup + steps):
+
+    def run(n: int) -> tuple[dict, float]:
+        """n steps, the losses read every `every` steps, as the loop reads them; (last logs, seconds per step)."""
+        sync()
         t0 = time.perf_counter()
-        logs = step(*batches[i % len(batches)])
-        if (i + 1) % every == 0:
-            read_logs(logs)
-        if i < warmup or (i + 1) % every == 0:
-            sync()
-        times.append(time.perf_counter() - t0)
-        if i == 0:
-            first = times[0]
-    # time whole windows of `every` steps after warm-up: per-step numbers inside a window hide the queued work
-    sync()
-    t0 = time.perf_counter()
-    for i in range(steps):
-        logs = step(*batches[i % len(batches)])
-        if (i + 1) % every == 0:
-            read_logs(logs)
-    sync()
-    per_step = (time.perf_counter() - t0) / steps
+        for i in range(n):
+            logs = step(*batches[i % len(batches)])
+            if (i + 1) % every == 0:
+                logs = read_logs(logs)
+        sync()
+        return logs, (time.perf_counter() - t0) / n
+
+    _, first = run(1)
+    _, warm = run(warmup - 1) if warmup > 1 else (None, 0.0)
+    logs, per_step = run(steps)  # whole windows of `every` steps: per-step times inside a window hide queued work
     row = {"variant": variant, "ms_per_iteration": 1000 * per_step, "first_step_s": first, "setup_s": setup_s,
-           "compile_s": max(0.0, sum(times[:warmup]) - warmup * per_step), "losses": read_logs(logs)}
+           "compile_s": max(0.0, first + (warmup - 1) * warm - warmup * per_step), "losses": read_logs(logs)}
     if device.type == "cuda" and profile_steps:
         from torch.profiler import ProfilerActivity, profile
 
-        sync()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            t0 = time.perf_counter()
-            for i in range(profile_steps):
-                logs = step(*batches[i % len(batches)])
-                if (i + 1) % every == 0:
-                    read_logs(logs)
-            sync()
-            wall = time.perf_counter() - t0
+            _, seconds = run(profile_steps)
+        wall = seconds * profile_steps
         events = prof.key_averages()
         gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
         launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch"))

@@ -5,12 +5,18 @@ raises one ConfigError listing every problem; the jobs check storage, teachers, 
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
 
 from dmd_ray.data.pairs import ShardLayout
+from dmd_ray.data.storage import StorageError
+from dmd_ray.sd.resolve import ModelNotFoundError
 from dmd_ray.sd.teacher import DTYPES
 from dmd_ray.sd.teacher_sampler import SAMPLERS
-from dmd_ray.typed_config import raise_problems
+from dmd_ray.typed_config import ConfigError, parse_args, raise_problems
+
+T = TypeVar("T")
 
 DEFAULT_SAMPLE_PROMPTS = (
     "a small red circle on a blue background",
@@ -20,6 +26,22 @@ DEFAULT_SAMPLE_PROMPTS = (
 )
 USE_GPU = ("auto", "true", "false")  # auto: GPUs when the cluster has them when the job starts
 COMPILE_SETTINGS = ("auto", "true", "false", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+def cli_main(prog: str, cls: type[T], run: Callable[[T], Any], argv: list[str] | None = None, description: str | None = None,
+             defaults: dict | None = None, setup: Callable[[], None] | None = None) -> int:
+    """Every job's main(): parse and check the config, `setup()` (e.g. join Ray), `run(cfg)`. A problem the user can
+    fix (a bad value, a missing file, unreachable storage or weights) ends with its message and exit code 2."""
+    cfg = parse_args(cls, argv, description, defaults)
+    try:
+        cfg.check()
+        if setup is not None:
+            setup()
+        run(cfg)
+    except (ConfigError, ModelNotFoundError, FileNotFoundError, PermissionError, StorageError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ pairs

@@ -5,17 +5,15 @@
 
 Unknown keys (in YAML or on the command line) and values of the wrong type fail with a ConfigError naming the key.
 Each config's `check()` then tests the values against each other, without I/O, and raises one ConfigError that
-lists every problem; the jobs add the checks that need storage or a cluster before any work starts. Renamed keys
-keep working through `ALIASES`.
+lists every problem; the jobs add the checks that need storage or a cluster before any work starts.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import types
 import typing
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
@@ -65,15 +63,17 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"config key {name!r} expects a number, got {value!r}")
         try:
-            number = float(value) if tp is float else int(str(value), 0) if isinstance(value, str) else int(value)
+            number = float(value) if tp is float else int(value.strip(), 10) if isinstance(value, str) else int(value)
         except (TypeError, ValueError):
             raise ConfigError(f"config key {name!r} expects {tp.__name__}, got {value!r}") from None
         if tp is int and isinstance(value, float) and value != int(value):
             raise ConfigError(f"config key {name!r} expects an integer, got {value!r}")
         return number
     if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"config key {name!r} expects a string, got {value!r}")
+        if isinstance(value, bool):  # YAML's `true` for keys that take true / false / auto
+            return "true" if value else "false"
+        if value is None or isinstance(value, (dict, list)):
+            raise ConfigError(f"config key {name!r} expects a string, got {value!r} (write \"\" for an empty one)")
         return str(value)
     if tp is dict or typing.get_origin(tp) is dict:
         if isinstance(value, str):  # from a command line: JSON, or YAML's flow style
@@ -90,8 +90,6 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
 def from_dict(cls: type[T], values: dict[str, Any], base: T | None = None) -> T:
     """A `cls` instance from `base` (or the defaults) updated with `values`; unknown keys are an error."""
     types_ = _field_types(cls)
-    aliases = getattr(cls, "ALIASES", {})
-    values = {aliases.get(k, k): v for k, v in values.items()}
     unknown = sorted(set(values) - set(types_))
     if unknown:
         raise ConfigError(f"unknown config key(s) {unknown} for {cls.__name__}; valid keys: {sorted(types_)}")
@@ -124,8 +122,6 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(), help=f"(default: {default})")
-    for old, new in getattr(cls, "ALIASES", {}).items():
-        parser.add_argument("--" + old.replace("_", "-"), dest=new, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def parse_args(cls: type[T], argv: list[str] | None = None, description: str | None = None, defaults: dict | None = None) -> T:
@@ -143,21 +139,3 @@ def parse_args(cls: type[T], argv: list[str] | None = None, description: str | N
     except ConfigError as e:
         parser.error(str(e))
         raise  # unreachable: parser.error exits
-
-
-def cli_main(prog: str, cls: type[T], run: Callable[[T], Any], argv: list[str] | None = None, description: str | None = None,
-             defaults: dict | None = None, setup: Callable[[], None] | None = None) -> int:
-    """Every job's main(): parse and check the config, `setup()` (e.g. join Ray), `run(cfg)`. A problem the user can
-    fix (a bad value, a missing file, unreachable storage or weights) ends with its message and exit code 2."""
-    from dmd_ray.data.storage import StorageError
-
-    cfg = parse_args(cls, argv, description, defaults)
-    try:
-        cfg.check()
-        if setup is not None:
-            setup()
-        run(cfg)
-    except (ValueError, FileNotFoundError, PermissionError, StorageError) as e:  # ConfigError is a ValueError
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    return 0

@@ -13,10 +13,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repo root, for `ray job submit --working-dir .`
 
-from dmd_ray.config import DistillConfig  # noqa: E402
+from dmd_ray.config import DistillConfig, cli_main  # noqa: E402
 from dmd_ray.distributed.cluster import init_ray  # noqa: E402
 from dmd_ray.distributed.distill_driver import distill  # noqa: E402
-from dmd_ray.typed_config import cli_main, load_yaml  # noqa: E402
+from dmd_ray.typed_config import load_yaml  # noqa: E402
 
 DEMO_PRESET = os.path.join(ROOT, "jobs", "presets", "demo.yaml")
 

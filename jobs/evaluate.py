@@ -13,10 +13,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for `ray job submit --working-dir .`
 
-from dmd_ray.config import EvalConfig  # noqa: E402
+from dmd_ray.config import EvalConfig, cli_main  # noqa: E402
 from dmd_ray.demos.shapes_eval import evaluate  # noqa: E402
 from dmd_ray.distributed.cluster import init_ray  # noqa: E402
-from dmd_ray.typed_config import cli_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

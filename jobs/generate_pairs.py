@@ -12,10 +12,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for `ray job submit --working-dir .`
 
-from dmd_ray.config import PairsConfig  # noqa: E402
+from dmd_ray.config import PairsConfig, cli_main  # noqa: E402
 from dmd_ray.distributed.cluster import init_ray  # noqa: E402
 from dmd_ray.distributed.pair_job import generate_pairs  # noqa: E402
-from dmd_ray.typed_config import cli_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

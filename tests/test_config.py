@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from dmd_ray.config import DistillConfig, EvalConfig, PairsConfig, TeacherConfig, ToyConfig
+from dmd_ray.config import DistillConfig, EvalConfig, PairsConfig, TeacherConfig, ToyConfig, cli_main
 from dmd_ray.data import pairs
-from dmd_ray.typed_config import ConfigError, cli_main, from_dict, parse_args
+from dmd_ray.typed_config import ConfigError, from_dict, parse_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,6 +57,9 @@ def test_one_coercion_for_jobs_and_service():
     with pytest.raises(ConfigError, match="expects true/false"):
         ServiceConfig.from_args({"warmup": "maybe"})
     assert from_dict(DistillConfig, {"sample_prompts": "a, b"}).sample_prompts == ("a", "b")
+    assert from_dict(DistillConfig, {"compile": True, "max_steps": "08"}).compile == "true"  # YAML's true for a true/false/auto key
+    with pytest.raises(ConfigError, match="expects a string, got None"):
+        ServiceConfig.from_args({"cache_dir": None})  # `cache_dir:` left empty in YAML is not the folder "None"
 
 
 def test_command_line_errors_exit_2_before_the_job_runs(tmp_path, capsys):
@@ -108,6 +111,20 @@ def test_pairs_of_another_teacher_guidance_sampler_steps_or_prompts_are_refused(
         with pytest.raises(ConfigError, match=rf"made with another teacher or config than this run's \(.*{name}: .* there, .* now.*\).*{fix}"):
             prepare(dataclasses.replace(run, pairs=other))
     assert not os.path.exists(os.path.join(run.output, "train"))
+
+
+def test_the_same_teacher_under_another_path_is_the_same_teacher(tmp_path):
+    """`ray job submit` runs the project from a copy: pairs made from one path match a run that names the other."""
+    import shutil
+
+    from dmd_ray.distributed.distill_driver import same_teacher
+    from dmd_ray.sd.architectures import build_tiny_teacher
+
+    build_tiny_teacher().save(str(tmp_path / "a"))
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    build_tiny_teacher(seed=0, prediction_type="v_prediction").save(str(tmp_path / "other"))
+    assert same_teacher(str(tmp_path / "a"), str(tmp_path / "copy")) and same_teacher("tiny", "tiny")
+    assert not same_teacher(str(tmp_path / "a"), str(tmp_path / "other")) and not same_teacher("tiny", "demo")
 
 
 def test_lpips_weights_the_machine_cannot_get_are_refused_with_both_fixes(tmp_path, monkeypatch, prompts_file):

@@ -18,7 +18,7 @@ from dmd_ray.sd.architectures import build_tiny_teacher
 from dmd_ray.method.sampling import ode_sample
 from dmd_ray.sd.teacher_sampler import make_scheduler
 
-from dmd_ray.config import PairsConfig
+from dmd_ray.config import PairsConfig, cli_main
 from dmd_ray.data.prompts import read_prompts
 from dmd_ray.distributed.pair_job import PairShardActor, PairStream, generate_pairs, ray_dataset, read_with_pyarrow
 from dmd_ray.method.sampling import seeded_noise
@@ -155,8 +155,7 @@ def test_job_bad_input_fails_before_sampling(ray_cluster, prompts_file, tmp_path
 
 
 def test_cli_errors_are_clear(prompts_file, tmp_path, capsys):
-    from dmd_ray.typed_config import cli_main
-
+    
     def never(cfg):
         raise AssertionError("the job must not start")
 

@@ -23,6 +23,7 @@ import torch
 
 from dmd_ray.data import storage
 from dmd_ray.data.prompts import prompts_fingerprint
+from dmd_ray.typed_config import ConfigError
 
 MANIFEST = "manifest.json"
 FORMAT = "dmd-ray-pairs/1"
@@ -80,7 +81,7 @@ def load_manifest(uri: str) -> dict | None:
         return None
     manifest = json.loads(storage.read_bytes(path))
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a dmd-ray pairs manifest (format {manifest.get('format')!r})")
+        raise ConfigError(f"{path} is not a dmd-ray pairs manifest (format {manifest.get('format')!r})")
     return manifest
 
 
@@ -106,11 +107,11 @@ def check_output(uri: str, config: dict) -> list[int]:
     manifest = load_manifest(uri)
     if manifest is None:
         if done:
-            raise ValueError(f"{uri} holds {len(done)} pair shards but no {MANIFEST}: their config is unknown; use another output")
+            raise ConfigError(f"{uri} holds {len(done)} pair shards but no {MANIFEST}: their config is unknown; use another output")
         return []
     listed = differences(manifest["config"], config)
     if listed:
-        raise ValueError(f"{uri} holds pairs made with another teacher or config ({listed}); use another output or the same config")
+        raise ConfigError(f"{uri} holds pairs made with another teacher or config ({listed}); use another output or the same config")
     return [k for k in done if k < manifest["num_shards"]]
 
 
@@ -181,7 +182,7 @@ def shard_uris(uri: str, require_complete: bool = True) -> list[str]:
     done = completed_shards(uri)
     missing = sorted(set(range(manifest["num_shards"])) - set(done))
     if require_complete and missing:
-        raise ValueError(f"pairs dataset {uri} is incomplete: {len(missing)} of {manifest['num_shards']} shards missing (rerun generate_pairs)")
+        raise ConfigError(f"pairs dataset {uri} is incomplete: {len(missing)} of {manifest['num_shards']} shards missing (rerun generate_pairs)")
     return [storage.join(uri, shard_name(k)) for k in done if k < manifest["num_shards"]]
 
 

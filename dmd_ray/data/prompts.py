@@ -7,6 +7,7 @@ import os
 
 from dmd_ray import ASSETS
 from dmd_ray.data import storage
+from dmd_ray.typed_config import ConfigError
 
 
 def read_prompts(uri: str) -> list[str]:
@@ -30,20 +31,20 @@ def read_prompts(uri: str) -> list[str]:
             elif name.endswith(".parquet"):
                 table = pq.read_table(io.BytesIO(data))
             else:
-                raise ValueError(f"unsupported prompt file type {name!r}: use .txt, .csv, .jsonl or .parquet")
+                raise ConfigError(f"unsupported prompt file type {name!r}: use .txt, .csv, .jsonl or .parquet")
             column = "prompt" if "prompt" in table.column_names else None
             if column is None:
-                raise ValueError(f"prompt file {uri!r} has no 'prompt' column (columns: {table.column_names})")
+                raise ConfigError(f"prompt file {uri!r} has no 'prompt' column (columns: {table.column_names})")
             prompts = [str(p).strip() if p is not None else "" for p in table.column(column).to_pylist()]
     except UnicodeDecodeError:
-        raise ValueError(f"prompt file {uri!r} is not UTF-8 text") from None
+        raise ConfigError(f"prompt file {uri!r} is not UTF-8 text") from None
     except Exception as e:
-        if isinstance(e, ValueError) and "prompt" in str(e):
+        if isinstance(e, ConfigError):
             raise
-        raise ValueError(f"cannot read prompt file {uri!r}: {e}") from None
+        raise ConfigError(f"cannot read prompt file {uri!r}: {e}") from None
     prompts = [p for p in prompts if p]
     if not prompts:
-        raise ValueError(f"prompt file {uri!r} holds no prompts")
+        raise ConfigError(f"prompt file {uri!r} holds no prompts")
     return prompts
 
 

@@ -282,6 +282,7 @@ def train_teacher(cfg: TeacherConfig):
 
     from dmd_ray.distributed.cluster import fit, run_config
 
+    cfg.check()
     # the workers run in another directory: local paths become absolute
     cfg = dataclasses.replace(cfg, output=storage.absolute(cfg.output), init_from=storage.absolute(cfg.init_from, only_if_exists=True))
     storage.check_access(cfg.output)

@@ -25,7 +25,7 @@ from dataclasses import asdict
 import torch
 from torch import Tensor, nn
 
-from dmd_ray.config import ToyConfig
+from dmd_ray.config import ToyConfig, cli_main
 from dmd_ray.demos.mixture import GaussianMixture, energy_distance, mode_statistics
 from dmd_ray.method.denoiser import X0Denoiser
 from dmd_ray.method.generator import OneStepGenerator
@@ -35,7 +35,7 @@ from dmd_ray.method.optim import adamw, optimizer_update
 from dmd_ray.method.sampling import ode_sample
 from dmd_ray.method.schedule import NoiseSchedule
 from dmd_ray.sd.teacher_sampler import make_scheduler
-from dmd_ray.typed_config import cli_main
+from dmd_ray.typed_config import ConfigError
 
 
 # --------------------------------------------------------------------------------------------------- network
@@ -210,7 +210,10 @@ def plot(samples: dict[str, Tensor], mixture: GaussianMixture, metrics: dict, pa
 
 def report(cfg: ToyConfig) -> dict:
     """Runs the experiment and prints its table."""
-    mixture = GaussianMixture.from_json(cfg.target) if cfg.target else GaussianMixture.ring()
+    try:
+        mixture = GaussianMixture.from_json(cfg.target) if cfg.target else GaussianMixture.ring()
+    except ValueError as e:
+        raise ConfigError(f"target: {e}") from None
     metrics = run(mixture, cfg, cfg.out)
     rows = ["teacher_ode", "teacher_onestep", *cfg.variants]
     print(f"\n{'model':<20}{'energy distance':>16}{'modes':>8}{'max mass err':>14}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import urllib.error
 
 import torch
 
@@ -12,15 +11,15 @@ from dmd_ray.data import storage
 from dmd_ray.sd.resolve import ModelNotFoundError
 from dmd_ray.typed_config import ConfigError
 
+
 class TrainingDiverged(RuntimeError):
     """Losses or gradients became NaN or infinite: a resumed run replays the same steps, so a retry cannot help."""
 
 
 # Errors that another attempt would meet again: a bad config, weights or files that are not there, storage that
-# refuses us. A run that hits one stops at once; anything else (a killed or preempted worker, a lost node, a
-# transient network error inside a collective) is retried from the last checkpoint by Ray Train.
-NOT_RETRYABLE = (ConfigError, ModelNotFoundError, storage.StorageError, PermissionError, FileNotFoundError, urllib.error.URLError,
-                 TrainingDiverged)
+# refuses us, a diverged run (a resume replays the same steps). A run that hits one stops at once; anything else (a
+# killed or preempted worker, a lost node, a network error) is retried from the last checkpoint by Ray Train.
+NOT_RETRYABLE = (ConfigError, ModelNotFoundError, storage.StorageError, PermissionError, FileNotFoundError, TrainingDiverged)
 
 
 def init_ray(num_cpus: int | None = None) -> None:

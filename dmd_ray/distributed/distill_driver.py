@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass
 
@@ -72,6 +73,8 @@ def check_given_pairs(cfg: DistillConfig, latent_shape, prompts: list[str]) -> N
         "teacher": cfg.teacher, "guidance_scale": cfg.guidance_scale, "sampler": cfg.pair_sampler, "steps": cfg.pair_steps,
         "latent_shape": list(latent_shape), "prompts_sha256": pairs.prompts_fingerprint(prompts),
     }
+    if same_teacher(manifest["config"].get("teacher", ""), cfg.teacher):
+        expected["teacher"] = manifest["config"].get("teacher")
     different = pairs.differences(manifest["config"], expected)
     if different:
         raise ConfigError(
@@ -82,6 +85,23 @@ def check_given_pairs(cfg: DistillConfig, latent_shape, prompts: list[str]) -> N
     pairs.shard_uris(cfg.pairs)  # raises if incomplete
     if manifest["num_shards"] < cfg.num_workers:
         raise ConfigError(f"pairs {cfg.pairs!r} have {manifest['num_shards']} shards for {cfg.num_workers} workers: each worker needs at least one")
+
+
+def same_teacher(a: str, b: str) -> bool:
+    """The same spec, or two local folders holding the same teacher (a job submitted with `ray job submit` sees the
+    project under another path than the run that made its pairs): equal configs and equal weight sizes."""
+    if a == b:
+        return True
+    folders = [storage.local_path(x) for x in (a, b)]
+    if storage.is_s3(a) or storage.is_s3(b) or not all(os.path.isdir(f) for f in folders):
+        return False
+
+    def fingerprint(folder: str) -> list:
+        files = sorted(os.path.relpath(os.path.join(d, n), folder) for d, _, names in os.walk(folder) for n in names)
+        return [(f, os.path.getsize(os.path.join(folder, f)), open(os.path.join(folder, f), "rb").read() if f.endswith(".json") else None)
+                for f in files]
+
+    return fingerprint(folders[0]) == fingerprint(folders[1])
 
 
 def check_resume_world_size(cfg: DistillConfig) -> None:

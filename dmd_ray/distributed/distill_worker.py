@@ -12,6 +12,7 @@ parameters. Checkpoints, sample grids and the metrics history are run_records.py
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 
@@ -70,8 +71,7 @@ def engine_update(engine):
     def update(loss):
         engine.backward(loss)
         engine.step()
-        norm = engine.get_global_grad_norm()
-        return norm if norm is not None else float("nan")
+        return engine.get_global_grad_norm()  # None where the engine does not compute it
 
     return update
 
@@ -131,7 +131,7 @@ def train_loop_per_worker(config: dict) -> None:
         batch = next(stream)
         pair_cond = conditions.encode(batch["prompt"]) if step_fn.objective.uses_regression else None
         logs = step_fn(to_device(batch["noise"], device), pair_cond, to_device(batch["target"], device))
-        finite &= all_finite(logs)  # on the device: read with the logs
+        finite &= all_finite(logs, device)  # on the device: read with the logs
         step, window_steps = step + 1, window_steps + 1
         last = step >= cfg.max_steps or bool(cfg.time_limit_minutes and step % 10 == 0 and past_deadline(deadline, device))
         if last and step < cfg.max_steps and rank == 0:
@@ -141,6 +141,10 @@ def train_loop_per_worker(config: dict) -> None:
         checkpoint = bool(cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or last))
         if not (checkpoint or last or step % cfg.log_every == 0):
             continue
+        if world > 1:  # every rank stops together, whichever rank diverged
+            flag = finite.int()
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = flag.bool()
         if not bool(finite):
             raise TrainingDiverged(f"a loss or gradient norm became NaN or infinite in the {window_steps} steps up to step {step}: "
                                    "lower --lr or --fake-lr, or resume from an earlier checkpoint with another config")
@@ -179,8 +183,12 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.float()
 
 
-def all_finite(logs: dict) -> torch.Tensor:
-    return torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in logs.values() if isinstance(v, torch.Tensor)])).all()
+def all_finite(logs: dict, device: torch.device) -> torch.Tensor:
+    """Whether every logged value is finite, as a tensor on the device (no host wait). DeepSpeed reports a gradient
+    overflow as a Python float inf and skips the step: that counts too."""
+    tensors = [v.detach().float().reshape(()) for v in logs.values() if isinstance(v, torch.Tensor)]
+    numbers = [float(v) for v in logs.values() if not isinstance(v, torch.Tensor)]
+    return torch.isfinite(torch.stack(tensors)).all() & torch.tensor(all(math.isfinite(v) for v in numbers), device=device)
 
 
 def maybe_kill_for_test(cfg: DistillConfig, step: int, rank: int) -> None:

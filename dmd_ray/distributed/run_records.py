@@ -2,8 +2,8 @@
 
 Checkpoints hold both DeepSpeed engines (weights and optimizer state), each worker's RNG state (safetensors) and,
 in trainer_state.json, the step, every worker's pair-stream position and the config: a resumed run replays the
-uninterrupted one exactly. The history is <output>/metrics.jsonl (one row per step; rows of an attempt that died
-are replaced on replay) and TensorBoard logs under <output>/tensorboard (staged locally for s3:// outputs).
+uninterrupted one exactly. The history is <output>/metrics.jsonl (one row per logged step, every `log_every` steps and
+at checkpoints; rows of an attempt that died are replaced on replay) and TensorBoard logs under <output>/tensorboard (staged locally for s3:// outputs).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def history_uri(output: str) -> str:
 
 
 def read_history(output: str) -> list[dict]:
-    """The run's metrics, one row per step in step order (the last row written for a step wins)."""
+    """The run's metrics, one row per logged step in step order (the last row written for a step wins)."""
     uri = history_uri(output)
     if not storage.exists(uri):
         return []
@@ -58,10 +58,15 @@ class RunRecords:
         if checkpoint is None:
             return 0, None
         with checkpoint.as_directory() as d:
-            gen_engine.load_checkpoint(os.path.join(d, "generator"))
-            fake_engine.load_checkpoint(os.path.join(d, "fake"))
+            # The lr schedule is a function of the step: replayed, not loaded (checkpoints written before 2026-12
+            # hold DeepSpeed's WarmupLR state, which torch's LambdaLR cannot read)
+            gen_engine.load_checkpoint(os.path.join(d, "generator"), load_lr_scheduler_states=False)
+            fake_engine.load_checkpoint(os.path.join(d, "fake"), load_lr_scheduler_states=False)
             with open(os.path.join(d, "trainer_state.json")) as f:
                 state = json.load(f)
+            for engine in (gen_engine, fake_engine):
+                for _ in range(state["step"]):
+                    engine.lr_scheduler.step()
             rng_file = os.path.join(d, f"rng_rank{self.rank}.safetensors")
             stream_state = None
             if state["world_size"] == self.world and os.path.exists(rng_file):

@@ -36,10 +36,13 @@ def _batch_condition(cond: Any, batch_size: int) -> Any:
     raise TypeError(f"conditions must be tensors, dicts of tensors or None, not {type(cond).__name__}")
 
 
-def _concat_conditions(a: Any, b: Any) -> Any:
-    if isinstance(a, Tensor):
-        return torch.cat([a, b])
-    return {k: torch.cat([a[k], b[k]]) for k in a}
+def concat_conditions(conds: list[Any]) -> Any:
+    """Conditions of several batches as one: tensors, dicts of tensors, or None (unconditional)."""
+    if conds[0] is None or len(conds) == 1:
+        return conds[0]
+    if isinstance(conds[0], Tensor):
+        return torch.cat(conds)
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
 
 class GuidedDenoiser:
@@ -63,7 +66,7 @@ class GuidedDenoiser:
         both = self.net(
             torch.cat([x_t, x_t]),
             torch.cat([t, t]),
-            _concat_conditions(_batch_condition(self.uncond, b), _batch_condition(cond, b)),
+            concat_conditions([_batch_condition(self.uncond, b), _batch_condition(cond, b)]),
         )
         uncond_out, cond_out = both.float().chunk(2)
         return uncond_out + self.guidance_scale * (cond_out - uncond_out)

@@ -20,17 +20,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from dmd_ray.method.denoiser import Denoiser
+from dmd_ray.method.denoiser import Denoiser, concat_conditions
 from dmd_ray.method.generator import OneStepGenerator
 from dmd_ray.method.losses import DenoisingLoss, DistributionMatchingLoss, RegressionLoss
-
-
-def _concat(conds: list[Any]) -> Any:
-    if conds[0] is None:
-        return None
-    if len(conds) == 1:
-        return conds[0]
-    return torch.cat(conds)
 
 
 @dataclass
@@ -72,7 +64,7 @@ class DMDObjective:
         if use_reg and (pair_noise is None or pair_target is None):
             raise ValueError("the regression loss needs a batch of (noise, target) pairs")
         inputs = ([(noise, cond)] if use_dm else []) + ([(pair_noise, pair_cond)] if use_reg else [])
-        out = self.generator(torch.cat([z for z, _ in inputs]), _concat([c for _, c in inputs]))
+        out = self.generator(torch.cat([z for z, _ in inputs]), concat_conditions([c for _, c in inputs]))
         total = torch.zeros((), device=out.device)
         logs: dict[str, Tensor] = {}
         if use_dm:
@@ -96,7 +88,7 @@ class DMDObjective:
         return loss, {"loss_fake": loss.detach()}
 
 
-Update = Callable[[Tensor], Tensor]  # backpropagates a loss, steps the optimiser, returns the gradient norm
+Update = Callable[[Tensor], Any]  # backpropagates a loss, steps the optimiser, returns the gradient norm (or None)
 
 
 @dataclass
@@ -121,13 +113,18 @@ class DMDStep:
     def __call__(self, pair_noise: Tensor | None = None, pair_cond: Any = None, pair_target: Tensor | None = None) -> dict[str, Tensor]:
         noise, cond = self.draw(self.dm_batch, self.rng)
         loss, logs = self.objective.generator_loss(noise, cond, pair_noise, pair_cond, pair_target, generator=self.rng)
-        logs["grad_norm_generator"] = self.update_generator(loss)
+        _log_norm(logs, "grad_norm_generator", self.update_generator(loss))
         for _ in range(self.fake_updates if self.objective.needs_fake_score else 0):
             noise, cond = self.draw(self.dm_batch, self.rng)
             loss_fake, logs_fake = self.objective.fake_score_loss(self.fake_score, noise, cond, generator=self.rng)
-            logs["grad_norm_fake"] = self.update_fake(loss_fake)
+            _log_norm(logs, "grad_norm_fake", self.update_fake(loss_fake))
             logs.update(logs_fake)
         return logs
+
+
+def _log_norm(logs: dict, key: str, norm) -> None:
+    if norm is not None:  # an optimiser that does not compute the norm returns None: nothing to log
+        logs[key] = norm
 
 
 def read_logs(logs: dict[str, Any]) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """The teacher's deterministic ODE sampler, batched: a diffusers scheduler driven by a (guided) denoiser.
 
 `ode_sample(denoiser, scheduler, noise, cond, num_steps)` works with any diffusers-style scheduler (duck-typed:
-`from_config`, `set_timesteps`, `scale_model_input`, `step`; dmd_ray.sd.schedulers makes them) whose `step` is
+`from_config`, `set_timesteps`, `scale_model_input`, `step`; dmd_ray.sd.teacher_sampler.make_scheduler makes them) whose `step` is
 deterministic given the model output (DDIM with eta = 0, PNDM/PLMS, Euler, Heun, DPM-Solver++, UniPC, ...). The
 scheduler passed in is never mutated: a fresh copy holds the per-call state (PNDM keeps a history).
 """
@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from dmd_ray.method.denoiser import Denoiser
+
 
 def seeded_noise(seed: int, shape: tuple[int, ...]) -> Tensor:
     """Standard normal noise of `shape` from a CPU generator seeded `seed`, in float32: the same on every machine

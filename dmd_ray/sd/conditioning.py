@@ -1,7 +1,8 @@
 """Text conditions for distillation: fresh (noise, prompt embedding) draws from a finite prompt set.
 
 The text encoder is frozen, so a prompt's embedding never changes: each prompt is encoded once, the first time it
-is drawn, and then read from a table on the device (up to `max_cached` prompts; beyond that, every step encodes).
+is drawn, and then read from a table on the device, up to `max_cache_bytes` of embeddings (256 MiB by default: all
+180 shapes prompts take 0.2 MiB, 1,100 SD 1.5 prompts in bf16 fill it); prompts beyond that are encoded when drawn.
 """
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from torch import Tensor
 
 
 class PromptConditions:
-    def __init__(self, teacher, prompts: list[str], latent_shape: tuple[int, ...], device: torch.device | str, max_cached: int = 4096):
+    def __init__(self, teacher, prompts: list[str], latent_shape: tuple[int, ...], device: torch.device | str, max_cache_bytes: int = 256 << 20):
         if not prompts:
             raise ValueError("the prompt set is empty")
         self.teacher, self.prompts, self.latent_shape = teacher, list(prompts), tuple(latent_shape)
-        self.device, self.max_cached = torch.device(device), max_cached
+        self.device, self.max_cache_bytes = torch.device(device), max_cache_bytes
         self._cache: dict[str, Tensor] = {}
 
     def encode(self, prompts: list[str]) -> Tensor:
@@ -22,7 +23,8 @@ class PromptConditions:
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         if missing:
             embeddings = self.teacher.encode_prompts(missing)
-            if len(self._cache) + len(missing) > self.max_cached:
+            per_prompt = embeddings[0].numel() * embeddings.element_size()
+            if (len(self._cache) + len(missing)) * per_prompt > self.max_cache_bytes:
                 fresh = dict(zip(missing, embeddings))
                 return torch.stack([self._cache.get(p, fresh.get(p)) for p in prompts])
             self._cache.update(zip(missing, embeddings))

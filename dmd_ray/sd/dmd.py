@@ -28,7 +28,9 @@ def build_objective(cfg: DistillConfig, teacher: Teacher, generator_net: nn.Modu
     timestep = schedule.num_timesteps - 1 if cfg.generator_timestep < 0 else cfg.generator_timestep
     generator = OneStepGenerator(generator_net, schedule, prediction_type, timestep)
     real_x0 = X0Denoiser(GuidedDenoiser(teacher.denoiser(), cfg.guidance_scale, teacher.uncond_embedding()), schedule, prediction_type)
-    if cfg.regression_space == "pixel":
+    if cfg.lambda_reg == 0:
+        regression = None  # the "without regression" ablation: no LPIPS network to build (or download)
+    elif cfg.regression_space == "pixel":
         lpips = LPIPSDistance(cfg.lpips_backbone, cfg.lpips_pretrained_backbone, cfg.lpips_min_size).to(device)
         regression = RegressionLoss(lpips, decode=teacher.decode)
     else:

@@ -24,6 +24,7 @@ from dmd_ray.data import storage
 from dmd_ray.method.schedule import check_prediction_type
 from dmd_ray.sd.architectures import BUILT_IN
 from dmd_ray.sd.teacher import COMPONENTS, Teacher, freeze
+from dmd_ray.typed_config import ConfigError
 
 # Trained models that ship inside the package (README, "The demo teacher"): name -> local diffusers folder.
 PACKAGED_TEACHERS = {"demo": os.path.join(ASSETS, "demo-teacher")}
@@ -39,7 +40,7 @@ _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 _S3_SUFFIXES = (".safetensors", ".json", ".txt")
 
 
-class ModelNotFoundError(ValueError):
+class ModelNotFoundError(ConfigError):
     """A spec that names nothing loadable; the message names the spec and what was tried."""
 
 
@@ -117,7 +118,7 @@ def locate(spec: str, kind: str = "teacher", cache_dir: str | None = None) -> st
         raise error(f"{kind} {spec!r}: no such folder ({os.path.abspath(local)} does not exist)")
     if kind == "teacher":
         return spec  # a hub id
-    names = ", ".join(sorted([*BUILT_IN, *packaged] if kind == "teacher" else packaged)) or "none are registered yet"
+    names = ", ".join(sorted(packaged)) or "none are registered yet"  # only generators get here: teachers are hub ids
     raise error(f"{kind} {spec!r} is neither a built-in name (built-in: {names}), an s3:// URI, nor an existing folder "
                 f"({os.path.abspath(local)} does not exist)")
 
@@ -242,7 +243,7 @@ class TeacherInfo:
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         f = self.vae_scale_factor
         if resolution <= 0 or resolution % f:
-            raise ValueError(f"resolution {resolution} is not a positive multiple of the VAE's scale factor {f}")
+            raise ConfigError(f"resolution {resolution} is not a positive multiple of the VAE's scale factor {f}")
         return (self.latent_channels, resolution // f, resolution // f)
 
 

@@ -21,9 +21,11 @@ from torch import Tensor, nn
 
 from dmd_ray.data import storage
 from dmd_ray.method.schedule import NoiseSchedule, check_prediction_type
+from dmd_ray.typed_config import ConfigError
 
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 _NETWORKS = ("text_encoder", "unet", "vae")
+
 
 def _module_dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
@@ -93,7 +95,7 @@ class Teacher:
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         f = self.vae_scale_factor
         if resolution <= 0 or resolution % f:
-            raise ValueError(f"resolution {resolution} is not a positive multiple of the VAE's scale factor {f}")
+            raise ConfigError(f"resolution {resolution} is not a positive multiple of the VAE's scale factor {f}")
         return (int(self.unet.config.in_channels), resolution // f, resolution // f)
 
     # ----------------------------------------------------------------------------------------- text
@@ -212,6 +214,7 @@ def _drop_source_paths(folder: str) -> None:
                 if isinstance(config, dict) and config.pop("_name_or_path", None) is not None:
                     with open(path, "w") as f:
                         json.dump(config, f, indent=2, sort_keys=True)
+
 
 # Weight and activation dtypes by name, as configs spell them.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
