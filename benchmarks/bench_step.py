@@ -5,7 +5,8 @@
 Rows (same teacher, batches, LPIPS and prompts; one process, one device):
   plain-eager     torch AdamW, eager networks, losses read every step (the old plain-torch benchmark loop)
   engines-eager   the Ray Train worker's two DeepSpeed engines, eager, losses read every step (the old worker path)
-  engines-fast    the same engines with the worker's GPU defaults: compiled networks, fused AdamW, losses read
+  engines-fast    the same engines with the fast settings (--compile, --fused-adamw; both off by default in the
+                  job until measured through it): compiled networks, fused AdamW, losses read
                   every --log-every steps
 Each row: ms per iteration (median of the timed steps after warm-up), GPU-busy fraction and kernel launches per
 iteration from torch.profiler over --profile-steps steps, compile time (first steps beyond the steady step time).
@@ -132,6 +133,7 @@ def main(argv=None) -> None:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--variants", default="plain-eager,engines-eager,engines-fast")
     p.add_argument("--compile", default="auto")
+    p.add_argument("--fused-adamw", default="auto")
     p.add_argument("--zero-stage", type=int, default=0)
     p.add_argument("--lpips", default="alex")
     p.add_argument("--lpips-min-size", type=int, default=64)
@@ -141,7 +143,7 @@ def main(argv=None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = DistillConfig(teacher=args.teacher, dm_batch_size=args.dm_batch, reg_batch_size=args.reg_batch, lr=1e-5, warmup_steps=1,
                         regression_space="pixel", lpips_backbone=args.lpips, lpips_pretrained_backbone=False, lpips_min_size=args.lpips_min_size,
-                        zero_stage=args.zero_stage, compile=args.compile, gradient_checkpointing=args.gradient_checkpointing == "true")
+                        zero_stage=args.zero_stage, compile=args.compile, fused_adamw=args.fused_adamw, gradient_checkpointing=args.gradient_checkpointing == "true")
     cfg.check()
     teacher = load_teacher(args.teacher)
     rows = []
