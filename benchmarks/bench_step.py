@@ -3,11 +3,12 @@
     python benchmarks/bench_step.py --teacher demo --dm-batch 64 --reg-batch 16 --steps 30
 
 Rows (same teacher, batches, LPIPS and prompts; one process, one device):
-  plain-eager     torch AdamW, eager networks, losses read every step (the old plain-torch benchmark loop)
-  engines-eager   the Ray Train worker's two DeepSpeed engines, eager, losses read every step (the old worker path)
-  engines-fast    the same engines with the fast settings (--compile, --fused-adamw; both off by default in the
-                  job until measured through it): compiled networks, fused AdamW, losses read
+  plain-eager     torch AdamW, eager networks, losses read every step (the plain-torch loop as it was)
+  plain-fast      the same loop with the fast settings: compiled networks (--compile), fused AdamW, losses read
                   every --log-every steps
+  engines-eager   the Ray Train worker's two DeepSpeed engines (distill_worker.engine), eager, losses read every step
+  engines-fast    the same engines with the job's fast settings (--compile, --fused-adamw; auto = on, on GPU)
+Today's path before a change is measured by running an older checkout's copy of this script in the same session.
 Each row: ms per iteration (median of the timed steps after warm-up), GPU-busy fraction and kernel launches per
 iteration from torch.profiler over --profile-steps steps, compile time (first steps beyond the steady step time).
 """
@@ -46,7 +47,7 @@ def init_single_process_distributed(device: torch.device) -> None:
 
 
 def build(variant: str, cfg: DistillConfig, teacher, device):
-    """(step function, teacher) for one variant; the teacher is a fresh copy per variant."""
+    """(step function, conditions, latent shape) for one variant; the teacher is a fresh copy per variant."""
     from dmd_ray.distributed import distill_worker
 
     teacher = copy.deepcopy(teacher)
@@ -54,29 +55,33 @@ def build(variant: str, cfg: DistillConfig, teacher, device):
     prompts = read_prompts(BUILTIN_PROMPTS)
     latent_shape = teacher.latent_shape(teacher.default_resolution)
     rng = torch.Generator().manual_seed(0)
-    if variant == "plain-eager":
+    cfg = dataclasses.replace(cfg, compile="false", fused_adamw="false") if variant.endswith("-eager") else cfg
+    mode = cfg.compile_mode(device.type)
+    if variant.startswith("plain-"):
         nets = [UNetDenoiser(copy.deepcopy(teacher.unet).to(device).train().requires_grad_(True)) for _ in range(2)]
-        teacher.to(device=device, dtype=dtype)
-        conditions = PromptConditions(teacher, prompts, latent_shape, device)
-        opts = [torch.optim.AdamW(n.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) for n in nets]
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        for net in nets:
+            distill_worker.compile_network(net.unet, mode)
+        fused = cfg.fused_adamw == "true" or (cfg.fused_adamw == "auto" and device.type == "cuda")
+        opts = [torch.optim.AdamW(n.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None) for n in nets]
         updates = [optimizer_update(o, n.parameters(), cfg.grad_clip) for o, n in zip(opts, nets)]
-        step = build_step(cfg, teacher, conditions, nets[0], nets[1], updates[0], updates[1], rng, cfg.dm_batch_size, device)
-
-        def run(*args):
-            with autocast:
-                return step(*args)
-
-        return run, conditions, latent_shape
-    init_single_process_distributed(device)
-    cfg = dataclasses.replace(cfg, compile="false", fused_adamw="false") if variant == "engines-eager" else cfg
-    gen = distill_worker.engine(cfg, teacher.unet, cfg.lr, cfg.dm_batch_size + cfg.reg_batch_size, device)
-    fake = distill_worker.engine(cfg, teacher.unet, cfg.lr, cfg.dm_batch_size, device)
+    else:
+        init_single_process_distributed(device)
+        nets = [distill_worker.engine(cfg, teacher.unet, cfg.lr, batch, device) for batch in (cfg.dm_batch_size + cfg.reg_batch_size, cfg.dm_batch_size)]
+        updates = [distill_worker.engine_update(net, cfg.grad_clip) for net in nets]
     teacher.to(device=device, dtype=dtype)
-    distill_worker.compile_network(teacher.unet, cfg.compile_mode(device.type))
     conditions = PromptConditions(teacher, prompts, latent_shape, device)
-    step = build_step(cfg, teacher, conditions, gen, fake, distill_worker.engine_update(gen), distill_worker.engine_update(fake), rng, cfg.dm_batch_size, device)
-    return step, conditions, latent_shape
+    step = build_step(cfg, teacher, conditions, nets[0], nets[1], updates[0], updates[1], rng, cfg.dm_batch_size, device)
+    distill_worker.compile_frozen(teacher, step.objective, mode)
+    # the plain loop autocasts itself; the engines autocast inside (ZeRO-0) or hold bf16 weights (ZeRO 1-3)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16" and variant.startswith("plain-"))
+
+    def run(*args):
+        if mode is not None:
+            torch.compiler.cudagraph_mark_step_begin()
+        with autocast:
+            return step(*args)
+
+    return run, conditions, latent_shape
 
 
 def measure(variant: str, cfg: DistillConfig, teacher, device, steps: int, warmup: int, profile_steps: int, log_every: int) -> dict:
@@ -87,7 +92,7 @@ def measure(variant: str, cfg: DistillConfig, teacher, device, steps: int, warmu
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randn(cfg.reg_batch_size, *latent_shape, generator=gen).to(device), conditions.encode(prompts[i : i + cfg.reg_batch_size]),
                 torch.randn(cfg.reg_batch_size, *latent_shape, generator=gen).to(device)) for i in range(0, 8 * cfg.reg_batch_size, cfg.reg_batch_size)]
-    every = 1 if variant != "engines-fast" else log_every
+    every = log_every if variant.endswith("-fast") else 1
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     def run(n: int) -> tuple[dict, float]:
@@ -131,7 +136,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--profile-steps", type=int, default=10)
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--variants", default="plain-eager,engines-eager,engines-fast")
+    p.add_argument("--variants", default="plain-eager,plain-fast,engines-eager,engines-fast")
     p.add_argument("--compile", default="auto")
     p.add_argument("--fused-adamw", default="auto")
     p.add_argument("--zero-stage", type=int, default=0)
@@ -151,6 +156,9 @@ def main(argv=None) -> None:
         row = measure(variant, cfg, teacher, device, args.steps, args.warmup, args.profile_steps, args.log_every)
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if args.json:  # after every row: a later row that runs out of time keeps the earlier ones
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
         torch.cuda.empty_cache() if device.type == "cuda" else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\n{args.teacher}, DM {args.dm_batch} + regression {args.reg_batch}, LPIPS-{args.lpips} at {args.lpips_min_size}, ZeRO-{args.zero_stage}, {name}, {time.strftime('%Y-%m-%d')}")
@@ -158,9 +166,6 @@ def main(argv=None) -> None:
     for r in rows:
         print(f"{r['variant']:<16}{r['ms_per_iteration']:>9.1f}{r.get('gpu_busy', float('nan')):>10.2f}{r.get('launches_per_iteration', float('nan')):>13.0f}"
               f"{r['compile_s']:>11.1f}{r.get('peak_memory_gib', float('nan')):>10.1f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -120,6 +120,12 @@ class DistillConfig:
     t_min: float = 0.02  # DM-loss timesteps, as fractions of T
     t_max: float = 0.98
     generator_timestep: int = -1  # -1: T - 1 (999 for SD)
+    # DMD2 (Yin et al. 2024b): `fake_updates` is its two time-scale rule; these add its GAN and multi-step generator
+    generator_steps: int = 1  # > 1: DMD2's multi-step generator at t_k = (n - k) * (T // n) - 1 (999, 749, 499, 249 for
+    #                           4), trained with backward simulation; needs lambda_reg 0; exported for diffusers' LCMScheduler
+    gan_weight: float = 0.0  # > 0: DMD2's GAN term in the generator's loss (DMD2: 3e-3 ImageNet, 1e-3 SD 1.5). The
+    #                          classifier sees the pairs' teacher outputs as its real samples (see README, DMD2)
+    gan_discriminator_weight: float = 1e-2  # the classifier's loss weight in the fake-score update (DMD2: 1e-2)
     fake_updates: int = 1  # fake-score updates per generator update (DMD2's TTUR: 5-10)
     regression_space: str = "pixel"  # "pixel": decode both sides with the VAE, LPIPS; "latent": L2 on latents
     lpips_backbone: str = "vgg"  # DMD used VGG
@@ -139,11 +145,12 @@ class DistillConfig:
     precision: str = "bf16"  # bf16 (fp16 diverges, DMD2) or fp32
     zero_stage: int = 2
     gradient_checkpointing: bool = False
-    # speed (BENCHMARKS.md, "DMD iteration"): torch.compile of the three UNets: false, true (default mode), auto (on
-    # GPU under ZeRO 0-2), or a torch.compile mode: reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs. Off by
-    # default until it is measured through the whole job: each new shape (the sample grid's batch) recompiles.
-    compile: str = "false"
-    fused_adamw: str = "false"  # true / auto (on GPU): torch's fused AdamW kernel instead of its per-tensor loop
+    # speed (BENCHMARKS.md, "DMD iteration"): torch.compile of the step's networks (the three UNets, and the VAE
+    # decoder and LPIPS of the pixel regression loss): auto (on GPU: CUDA graphs under ZeRO-0, the default mode under
+    # ZeRO 1-2, eager under ZeRO-3), true (default mode), false, or a torch.compile mode (reduce-overhead,
+    # max-autotune-no-cudagraphs, ...). Compiled once per run: the shapes are fixed, sample grids run eager.
+    compile: str = "auto"
+    fused_adamw: str = "auto"  # true / auto (on GPU): torch's fused AdamW kernel instead of its per-tensor loop
     # scale
     num_workers: int = 1
     use_gpu: str = "auto"  # auto | true | false
@@ -193,8 +200,13 @@ class DistillConfig:
             problems.append(f"precision must be bf16 or fp32, got {self.precision!r} (fp16 diverges, see DMD2)")
         if not 0.0 <= self.t_min <= self.t_max <= 1.0:
             problems.append(f"need 0 <= t_min <= t_max <= 1, got t_min {self.t_min}, t_max {self.t_max}")
-        if self.dm_weight < 0 or self.lambda_reg < 0 or (self.dm_weight == 0 and self.lambda_reg == 0):
-            problems.append(f"dm_weight and lambda_reg must be >= 0 and not both 0 (the generator would learn nothing), got {self.dm_weight} and {self.lambda_reg}")
+        if min(self.dm_weight, self.lambda_reg, self.gan_weight, self.gan_discriminator_weight) < 0 or (self.dm_weight == 0 and self.lambda_reg == 0 and self.gan_weight == 0):
+            problems.append(f"dm_weight, lambda_reg and gan_weight must be >= 0 and not all 0 (the generator would learn nothing), got {self.dm_weight}, {self.lambda_reg} and {self.gan_weight}")
+        if self.generator_steps < 1:
+            problems.append(f"generator_steps must be >= 1, got {self.generator_steps}")
+        elif self.generator_steps > 1 and (self.lambda_reg != 0 or self.generator_timestep != -1):
+            problems.append(f"a {self.generator_steps}-step generator trains without the one-step regression loss and at its own timesteps: "
+                            f"set --lambda-reg 0 (got {self.lambda_reg}) and leave --generator-timestep at -1 (got {self.generator_timestep})")
         if self.regression_space not in ("pixel", "latent"):
             problems.append(f"regression_space must be pixel or latent, got {self.regression_space!r}")
         if self.use_gpu not in USE_GPU:
@@ -220,7 +232,9 @@ class DistillConfig:
         its parameter-gathering hooks run inside the forward."""
         if self.compile == "false" or (self.compile == "auto" and (device_type != "cuda" or self.zero_stage == 3)):
             return None
-        return "default" if self.compile in ("auto", "true") else self.compile
+        if self.compile == "auto":
+            return "reduce-overhead" if self.zero_stage == 0 else "default"
+        return "default" if self.compile == "true" else self.compile
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

@@ -26,52 +26,82 @@ from dmd_ray.distributed.pair_job import PairStream
 from dmd_ray.distributed.run_records import RunRecords
 from dmd_ray.method.objective import read_logs
 from dmd_ray.method.optim import warmup_schedule
+from dmd_ray.method.transfer import to_device
 from dmd_ray.sd.conditioning import PromptConditions
-from dmd_ray.sd.dmd import build_step
+from dmd_ray.sd.dmd import build_step, gan_classifier
 from dmd_ray.sd.resolve import load_teacher
 from dmd_ray.sd.teacher import UNetDenoiser
 
 
 def deepspeed_config(cfg: DistillConfig, micro_batch: int) -> dict:
-    return {
+    """ZeRO 1-3 keep DeepSpeed's bf16 mode (bf16 weights, fp32 master copies in its ZeRO optimizer, gradients
+    clipped there). ZeRO-0 shards nothing, so it trains fp32 weights under torch autocast with the client optimizer
+    itself: no BF16_Optimizer with its per-parameter gradient hooks and copies, and `engine_update` clips with torch's
+    multi-tensor kernels instead of DeepSpeed's per-parameter loop (on the 3.7M-parameter demo UNet those
+    per-parameter kernels were most of an iteration's 18,000 launches; BENCHMARKS.md)."""
+    zero0 = cfg.zero_stage == 0
+    config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": cfg.grad_clip,
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        "gradient_clipping": 0.0 if zero0 else cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": False, "contiguous_gradients": True},
         "zero_allow_untested_optimizer": True,  # torch's own AdamW, passed in: ZeRO 0-3 all accept it
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if cfg.precision == "bf16":
+        config["torch_autocast" if zero0 else "bf16"] = {"enabled": True, "dtype": "bfloat16"} if zero0 else {"enabled": True}
+    return config
 
 
-def engine(cfg: DistillConfig, unet, lr: float, micro_batch: int, device: torch.device):
-    """A DeepSpeed engine training a copy of the teacher's UNet: torch's AdamW (fused on GPU: no JIT-compiled
-    DeepSpeed op, which costs 40 s on a CPU node), the shared warm-up schedule, the network compiled on GPU."""
+def engine(cfg: DistillConfig, unet, lr: float, micro_batch: int, device: torch.device, world_size: int = 1, classifier=None):
+    """A DeepSpeed engine training a copy of the teacher's UNet: torch's AdamW (fused on GPU: one kernel for all
+    parameters, and no JIT-compiled DeepSpeed op, which costs 40 s on a CPU node), the shared warm-up schedule, the
+    network compiled on GPU."""
     import deepspeed
 
-    unet = copy.deepcopy(unet).train().requires_grad_(True)
+    unet = copy.deepcopy(unet).float().train().requires_grad_(True)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    model = UNetDenoiser(unet, classifier).to(device)
     fused = cfg.fused_adamw == "true" or (cfg.fused_adamw == "auto" and device.type == "cuda")
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay, fused=fused or None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay, fused=fused or None)
     schedule = lambda optimizer: warmup_schedule(optimizer, max(1, cfg.warmup_steps))  # noqa: E731
-    ds_engine = deepspeed.initialize(model=UNetDenoiser(unet), optimizer=optimizer, config=deepspeed_config(cfg, micro_batch), lr_scheduler=schedule)[0]
+    ds_engine = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, micro_batch), lr_scheduler=schedule)[0]
+    if cfg.zero_stage == 0 and world_size == 1:
+        ds_engine.enable_backward_allreduce = False  # one rank: DeepSpeed would still flatten, "reduce" and copy back every gradient
     compile_network(unet, cfg.compile_mode(device.type))
     return ds_engine
 
 
 def compile_network(module: torch.nn.Module, mode: str | None) -> None:
-    """torch.compile in place (Module.compile keeps parameter names: checkpoints and exports are unchanged)."""
+    """torch.compile in place (Module.compile keeps parameter names: checkpoints and exports are unchanged).
+    Shapes are static per run (the DM, regression and fake batches are fixed); sample grids run eager
+    (RunRecords.sample_grid), so their batch does not compile a second graph."""
     if mode is not None:
         module.compile(mode=mode, dynamic=False)
 
 
-def engine_update(engine):
+def compile_frozen(teacher, objective, mode: str | None) -> None:
+    """The frozen networks of the step compiled: the teacher's UNet (real score) and, for the pixel regression
+    loss, the VAE decoder and the LPIPS network that the generator's gradient flows back through."""
+    compile_network(teacher.unet, mode)
+    if objective.regression is not None and isinstance(objective.regression.distance, torch.nn.Module):
+        compile_network(teacher.vae.decoder, mode)
+        compile_network(objective.regression.distance, mode)
+
+
+def engine_update(engine, grad_clip: float = 0.0):
+    """An `Update` through a DeepSpeed engine. Under ZeRO-0 (DeepSpeed's clipping off, see deepspeed_config) the
+    gradients are clipped here, after the engine's all-reduce, and the norm stays on the device."""
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    own_clip = engine.zero_optimization_stage() == 0
+
     def update(loss):
         engine.backward(loss)
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf, foreach=True) if own_clip else None
         engine.step()
-        return engine.get_global_grad_norm()  # None where the engine does not compute it
+        return norm if own_clip else engine.get_global_grad_norm()  # None where the engine does not compute it
 
     return update
 
@@ -105,14 +135,14 @@ def train_loop_per_worker(config: dict) -> None:
 
     # ---- set-up: the frozen teacher, two engines, the step, the state of a resumed run
     teacher = load_teacher(cfg.teacher, cache_dir=cfg.cache_dir or None)
-    gen_engine = engine(cfg, teacher.unet, cfg.lr, cfg.local_dm_batch + cfg.local_reg_batch, device)
-    fake_engine = engine(cfg, teacher.unet, cfg.fake_lr or cfg.lr, cfg.local_dm_batch, device)
+    gen_engine = engine(cfg, teacher.unet, cfg.lr, cfg.local_dm_batch + cfg.local_reg_batch, device, world)
+    fake_engine = engine(cfg, teacher.unet, cfg.fake_lr or cfg.lr, cfg.local_dm_batch, device, world, gan_classifier(cfg, teacher.unet))
     teacher.to(device=device, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
-    compile_network(teacher.unet, cfg.compile_mode(device.type))
     conditions = PromptConditions(teacher, list(plan.prompts), plan.latent_shape, device)
     rng = torch.Generator("cpu").manual_seed(cfg.seed * 1000 + rank)
-    step_fn = build_step(cfg, teacher, conditions, gen_engine, fake_engine, engine_update(gen_engine), engine_update(fake_engine),
+    step_fn = build_step(cfg, teacher, conditions, gen_engine, fake_engine, engine_update(gen_engine, cfg.grad_clip), engine_update(fake_engine, cfg.grad_clip),
                          rng, cfg.local_dm_batch, device)
+    compile_frozen(teacher, step_fn.objective, cfg.compile_mode(device.type))
     generator = step_fn.objective.generator
     records = RunRecords(cfg, rank, world)
     step, stream_state = records.resume(gen_engine, fake_engine, rng)
@@ -124,13 +154,16 @@ def train_loop_per_worker(config: dict) -> None:
     deadline = time.monotonic() + 60 * cfg.time_limit_minutes
     window_start, window_steps = time.perf_counter(), 0
     finite = torch.ones((), dtype=torch.bool, device=device)
+    compiled = cfg.compile_mode(device.type) is not None
     last = step >= cfg.max_steps  # a finished run that is rerun only exports again
     while not last:
         maybe_kill_for_test(cfg, step, rank)
         lrs = {"lr_generator": gen_engine.get_lr()[0], "lr_fake": fake_engine.get_lr()[0]}  # the rates this step uses
         batch = next(stream)
-        pair_cond = conditions.encode(batch["prompt"]) if step_fn.objective.uses_regression else None
-        logs = step_fn(to_device(batch["noise"], device), pair_cond, to_device(batch["target"], device))
+        pair_cond = conditions.encode(batch["prompt"]) if step_fn.objective.uses_regression or step_fn.objective.gan is not None else None
+        if compiled:
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the previous iteration's outputs may be reused
+        logs = step_fn(to_device(batch["noise"], device, torch.float32), pair_cond, to_device(batch["target"], device, torch.float32))
         finite &= all_finite(logs, device)  # on the device: read with the logs
         step, window_steps = step + 1, window_steps + 1
         last = step >= cfg.max_steps or bool(cfg.time_limit_minutes and step % 10 == 0 and past_deadline(deadline, device))
@@ -170,17 +203,11 @@ def train_loop_per_worker(config: dict) -> None:
             unet = type(teacher.unet).from_config(teacher.unet.config)  # not a deepcopy: the teacher's may be compiled
             unet.load_state_dict({k.removeprefix("unet."): v.float().cpu() for k, v in state.items()})
             uri = export_generator(teacher.to("cpu", torch.float32), unet, storage.join(cfg.output, "export"), generator.timestep,
-                                   {"teacher": cfg.teacher, "steps": step, "guidance_scale": cfg.guidance_scale}, dtype=getattr(torch, cfg.export_dtype))
+                                   {"teacher": cfg.teacher, "steps": step, "guidance_scale": cfg.guidance_scale}, dtype=getattr(torch, cfg.export_dtype),
+                                   timesteps=getattr(generator, "timesteps", None))
             print(f"[distill] export written to {uri}", flush=True)
     if world > 1:
         torch.distributed.barrier()
-
-
-def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch tensor on the device in float32; from pinned memory, so the copy does not wait for the device."""
-    if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True).float()
-    return x.float()
 
 
 def all_finite(logs: dict, device: torch.device) -> torch.Tensor:

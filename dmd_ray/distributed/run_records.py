@@ -129,7 +129,8 @@ class RunRecords:
         collectively); rank 0 writes samples/<tag>.png and samples/latest.png."""
         prompts = list(self.cfg.sample_prompts)
         noise = torch.stack([seeded_noise(pair_seed(self.cfg.seed + SAMPLE_SEED_OFFSET, i), latent_shape) for i in range(len(prompts))])
-        images = teacher.decode(generator(noise.to(device), teacher.encode_prompts(prompts)))
+        with torch.compiler.set_stance("force_eager"):  # a grid's batch would compile (and CUDA-graph) a graph of its own
+            images = teacher.decode(generator(noise.to(device), teacher.encode_prompts(prompts)))
         if self.rank != 0:
             return
         data = png_bytes(grid(to_uint8(images), columns=len(prompts)), min_size=256)

@@ -1,8 +1,16 @@
-"""The one-step generator: the teacher's network at one fixed timestep, its output read as x0.
+"""The generators: the teacher's network at one fixed timestep (or a few), its output read as x0.
 
 DMD initialises G(z) = mu_base(z, T-1) (Yin et al. 2024, Sec. 3.1): the generator is a trainable copy of the
 teacher evaluated on pure noise at t = 999 for SD 1.5. DMD2 conditions on t = 399 for one-step SDXL (the
-"timestep shift"), still feeding pure noise; both are this class with a different `timestep`.
+"timestep shift"), still feeding pure noise; both are OneStepGenerator with a different `timestep`.
+
+DMD2's multi-step generator (Sec. 4.4) applies the same network at a fixed decreasing list of timesteps (999, 749,
+499, 249 for four steps), re-noising each x0 estimate to the next timestep with fresh noise, as consistency models
+sample. It is trained with backward simulation (Sec. 4.5): the input at step k is what the current generator itself
+produces after k steps from pure noise, not a noised real image, so training sees the inputs inference will.
+
+`train_sample(noise, cond, generator)` is what training differentiates: G(z) for one step; for several, a
+backward-simulated input at a random step per sample and one differentiable forward there.
 """
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from dmd_ray.method.schedule import NoiseSchedule, check_prediction_type
+from dmd_ray.method.transfer import to_device
 
 
 class OneStepGenerator(nn.Module):
@@ -29,3 +38,51 @@ class OneStepGenerator(nn.Module):
     def forward(self, noise: Tensor, cond: Any = None) -> Tensor:
         t = torch.full((noise.shape[0],), self.timestep, device=noise.device, dtype=torch.long)
         return self.schedule.to_x0(self.net(noise, t, cond), noise, t, self.prediction_type)
+
+    def train_sample(self, noise: Tensor, cond: Any = None, generator: torch.Generator | None = None) -> Tensor:
+        return self(noise, cond)
+
+
+class MultiStepGenerator(nn.Module):
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule, prediction_type: str, timesteps: list[int]):
+        super().__init__()
+        check_prediction_type(prediction_type)
+        timesteps = [int(t) for t in timesteps]
+        if not timesteps or any(not 0 <= t < schedule.num_timesteps for t in timesteps) or timesteps != sorted(set(timesteps), reverse=True):
+            raise ValueError(f"generator timesteps must be distinct, decreasing and in [0, {schedule.num_timesteps - 1}], got {timesteps}")
+        self.net, self.schedule, self.prediction_type, self.timesteps = net, schedule, prediction_type, timesteps
+        self.timestep = timesteps[0]
+
+    def denoise(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        return self.schedule.to_x0(self.net(x_t, t, cond), x_t, t, self.prediction_type)
+
+    def _fresh_noise(self, like: Tensor, generator: torch.Generator | None) -> Tensor:
+        noise = torch.randn(like.shape, generator=generator, device=like.device if generator is None else generator.device)
+        return to_device(noise, like.device, like.dtype)
+
+    def forward(self, noise: Tensor, cond: Any = None, generator: torch.Generator | None = None) -> Tensor:
+        """Sampling: denoise at each timestep, re-noise to the next one (diffusers' LCMScheduler does the same)."""
+        x = noise
+        for k, step in enumerate(self.timesteps):
+            x0 = self.denoise(x, self._full(step, noise), cond)
+            if k + 1 < len(self.timesteps):
+                x = self.schedule.add_noise(x0.to(noise.dtype), self._fresh_noise(noise, generator), self._full(self.timesteps[k + 1], noise))
+        return x0
+
+    def train_sample(self, noise: Tensor, cond: Any = None, generator: torch.Generator | None = None) -> Tensor:
+        """Backward simulation: each sample gets a step k uniform in [0, steps); its input is the current generator's
+        own chain after k steps from `noise` (no gradients), and its output the differentiable x0 at step k."""
+        n = noise.shape[0]
+        k = to_device(torch.randint(0, len(self.timesteps), (n,), generator=generator, device=generator.device if generator is not None else "cpu"), noise.device)
+        x_in, x = noise, noise
+        with torch.no_grad():
+            for j in range(len(self.timesteps) - 1):  # x: the chain's input at step j + 1
+                x0 = self.denoise(x, self._full(self.timesteps[j], noise), cond)
+                x = self.schedule.add_noise(x0.to(noise.dtype), self._fresh_noise(noise, generator), self._full(self.timesteps[j + 1], noise))
+                x_in = torch.where((k == j + 1).reshape((-1,) + (1,) * (noise.ndim - 1)), x, x_in)
+        t = torch.as_tensor(self.timesteps, device=noise.device)[k]
+        return self.denoise(x_in, t, cond)
+
+    @staticmethod
+    def _full(step: int, like: Tensor) -> Tensor:
+        return torch.full((like.shape[0],), step, device=like.device, dtype=torch.long)

@@ -2,9 +2,10 @@
 
 Each iteration makes one generator update on
 
-    loss_G = dm_weight * loss_DM(G(z), c) + lambda_reg * loss_reg(G(z_ref), y_ref)
+    loss_G = dm_weight * loss_DM(G(z), c) + lambda_reg * loss_reg(G(z_ref), y_ref) + gan_weight * loss_GAN_G(G(z), c)
 
-and then `fake_updates` fake-score updates (DMD: 1; DMD2's TTUR: 5-10) on the denoising loss of detached G(z').
+and then `fake_updates` fake-score updates (DMD: 1; DMD2's TTUR: 5-10) on the denoising loss of detached G(z')
+(plus, with DMD2's GAN, gan_discriminator_weight * loss_GAN_D of G(z') against real samples).
 `DMDObjective` says what to differentiate and guarantees that each loss touches one trainable network only;
 `DMDStep` runs one iteration with update functions supplied by the caller (a torch optimiser in the 2D toy and the
 plain-torch benchmark, a DeepSpeed engine in the Ray Train worker): the same loop body everywhere.
@@ -21,26 +22,32 @@ import torch
 from torch import Tensor
 
 from dmd_ray.method.denoiser import Denoiser, concat_conditions
-from dmd_ray.method.generator import OneStepGenerator
+from dmd_ray.method.gan import GANLoss
+from dmd_ray.method.generator import MultiStepGenerator, OneStepGenerator
 from dmd_ray.method.losses import DenoisingLoss, DistributionMatchingLoss, RegressionLoss
 
 
 @dataclass
 class DMDObjective:
-    generator: OneStepGenerator
+    generator: OneStepGenerator | MultiStepGenerator
     dm_loss: DistributionMatchingLoss
     fake_loss: DenoisingLoss
     regression: RegressionLoss | None = None
     lambda_reg: float = 0.25
     dm_weight: float = 1.0  # 0 gives the "without distribution matching" ablation (regression only)
+    gan: GANLoss | None = None  # DMD2's GAN term (its classifier head trains with the fake score)
+    gan_weight: float = 3e-3  # the generator's GAN weight (DMD2: 3e-3 on ImageNet, 1e-3 for SD 1.5)
+    gan_discriminator_weight: float = 1e-2  # the classifier's loss weight in the fake-score update (DMD2: always 1e-2)
 
     def __post_init__(self):
-        if self.dm_weight == 0 and not self.uses_regression:
-            raise ValueError("with dm_weight = 0 and no regression loss the generator has nothing to learn from")
+        if self.dm_weight == 0 and not self.uses_regression and self.gan is None:
+            raise ValueError("with dm_weight = 0, no regression loss and no GAN the generator has nothing to learn from")
+        if self.uses_regression and isinstance(self.generator, MultiStepGenerator):
+            raise ValueError("the regression loss maps pure noise to the teacher's output in one step: a multi-step generator trains without it (lambda_reg = 0)")
 
     @property
     def needs_fake_score(self) -> bool:
-        return self.dm_weight != 0
+        return self.dm_weight != 0 or self.gan is not None
 
     @property
     def uses_regression(self) -> bool:
@@ -60,17 +67,21 @@ class DMDObjective:
         Both batches go through the generator in one forward (DMD Alg. 1 concatenates them too), so a sharded
         generator gathers its weights once per step.
         """
-        use_dm, use_reg = self.needs_fake_score, self.uses_regression
+        use_fresh, use_reg = self.needs_fake_score, self.uses_regression  # fresh noise feeds DM and the GAN
         if use_reg and (pair_noise is None or pair_target is None):
             raise ValueError("the regression loss needs a batch of (noise, target) pairs")
-        inputs = ([(noise, cond)] if use_dm else []) + ([(pair_noise, pair_cond)] if use_reg else [])
-        out = self.generator(torch.cat([z for z, _ in inputs]), concat_conditions([c for _, c in inputs]))
+        inputs = ([(noise, cond)] if use_fresh else []) + ([(pair_noise, pair_cond)] if use_reg else [])
+        out = self.generator.train_sample(torch.cat([z for z, _ in inputs]), concat_conditions([c for _, c in inputs]), generator)
         total = torch.zeros((), device=out.device)
         logs: dict[str, Tensor] = {}
-        if use_dm:
+        if self.dm_weight != 0:
             loss_dm = self.dm_loss(out[: noise.shape[0]], cond, generator=generator)
             total = total + self.dm_weight * loss_dm
             logs["loss_dm"] = loss_dm.detach()
+        if self.gan is not None:
+            loss_gan = self.gan.generator_loss(out[: noise.shape[0]], cond, generator=generator)
+            total = total + self.gan_weight * loss_gan
+            logs["loss_gan_generator"] = loss_gan.detach()
         if use_reg:
             loss_reg = self.regression(out[out.shape[0] - pair_noise.shape[0] :], pair_target)
             total = total + self.lambda_reg * loss_reg
@@ -79,13 +90,22 @@ class DMDObjective:
         return total, logs
 
     def fake_score_loss(
-        self, fake_net: Denoiser, noise: Tensor, cond: Any = None, generator: torch.Generator | None = None
+        self, fake_net: Denoiser, noise: Tensor, cond: Any = None, generator: torch.Generator | None = None,
+        real: Tensor | None = None, real_cond: Any = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The fake score's denoising loss on generator samples; G runs without gradients."""
+        """The fake score's denoising loss on generator samples (G runs without gradients); with the GAN, plus the
+        classifier's loss on those samples against `real` ones."""
         with torch.no_grad():
-            samples = self.generator(noise, cond)
+            samples = self.generator.train_sample(noise, cond, generator)
         loss = self.fake_loss(fake_net, samples, cond, generator=generator)
-        return loss, {"loss_fake": loss.detach()}
+        logs = {"loss_fake": loss.detach()}
+        if self.gan is not None:
+            if real is None:
+                raise ValueError("the GAN's classifier needs a batch of real samples")
+            loss_d = self.gan.discriminator_loss(samples, cond, real, real_cond, generator=generator)
+            loss = loss + self.gan_discriminator_weight * loss_d
+            logs["loss_gan_discriminator"] = loss_d.detach()
+        return loss, logs
 
 
 Update = Callable[[Tensor], Any]  # backpropagates a loss, steps the optimiser, returns the gradient norm (or None)
@@ -116,7 +136,7 @@ class DMDStep:
         _log_norm(logs, "grad_norm_generator", self.update_generator(loss))
         for _ in range(self.fake_updates if self.objective.needs_fake_score else 0):
             noise, cond = self.draw(self.dm_batch, self.rng)
-            loss_fake, logs_fake = self.objective.fake_score_loss(self.fake_score, noise, cond, generator=self.rng)
+            loss_fake, logs_fake = self.objective.fake_score_loss(self.fake_score, noise, cond, generator=self.rng, real=pair_target, real_cond=pair_cond)
             _log_norm(logs, "grad_norm_fake", self.update_fake(loss_fake))
             logs.update(logs_fake)
         return logs

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from dmd_ray.method.transfer import to_device
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
@@ -81,12 +83,11 @@ class NoiseSchedule:
     def alpha_sigma(self, t: Tensor, ndim: int) -> tuple[Tensor, Tensor]:
         """float64 (alpha_t, sigma_t) for integer timesteps `t` of shape [B], shaped [B, 1, ...] to `ndim` dims."""
         t = torch.as_tensor(t)
-        if t.is_floating_point():
-            if not torch.equal(t, t.round()):
+        if t.device.type == "cpu":  # checked where it is free: on a GPU each check would make the host wait
+            if t.is_floating_point() and not torch.equal(t, t.round()):
                 raise ValueError("timesteps of a discrete schedule must be integers")
-            t = t.long()
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
-            raise ValueError(f"timesteps must lie in [0, {self.num_timesteps - 1}]")
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
+                raise ValueError(f"timesteps must lie in [0, {self.num_timesteps - 1}]")
         alpha, sigma = self._table(t.device)
         shape = (-1,) + (1,) * (ndim - 1)
         return alpha[t.long()].reshape(shape), sigma[t.long()].reshape(shape)
@@ -110,7 +111,7 @@ class NoiseSchedule:
         lo = min(lo, hi)
         gen_device = generator.device if generator is not None else device
         t = torch.randint(lo, hi + 1, (batch_size,), generator=generator, device=gen_device)
-        return t.to(device)
+        return to_device(t, device)
 
     # ----------------------------------------------------------------------------------------- maths
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dmd_ray.method.transfer import to_device
+
 
 class PromptConditions:
     def __init__(self, teacher, prompts: list[str], latent_shape: tuple[int, ...], device: torch.device | str, max_cache_bytes: int = 256 << 20):
@@ -33,5 +35,5 @@ class PromptConditions:
     def draw(self, n: int, rng: torch.Generator) -> tuple[Tensor, Tensor]:
         """n prompts drawn uniformly from the set, and standard normal latents (both from `rng`, on the CPU)."""
         chosen = [self.prompts[i] for i in torch.randint(0, len(self.prompts), (n,), generator=rng).tolist()]
-        noise = torch.randn((n, *self.latent_shape), generator=rng).to(self.device)
+        noise = to_device(torch.randn((n, *self.latent_shape), generator=rng), self.device)
         return noise, self.encode(chosen)

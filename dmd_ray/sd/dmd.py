@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from dmd_ray.method.denoiser import GuidedDenoiser, X0Denoiser
-from dmd_ray.method.generator import OneStepGenerator
+from dmd_ray.method.gan import BottleneckClassifier, GANLoss
+from dmd_ray.method.generator import MultiStepGenerator, OneStepGenerator
 from dmd_ray.method.losses import DenoisingLoss, DistributionMatchingLoss, LPIPSDistance, RegressionLoss, squared_l2
 from dmd_ray.method.objective import DMDObjective, DMDStep, Update
 from dmd_ray.sd.conditioning import PromptConditions
@@ -25,8 +26,11 @@ def build_objective(cfg: DistillConfig, teacher: Teacher, generator_net: nn.Modu
     """The generator (the teacher's network at T-1, or `generator_timestep`) and the DMD objective around two
     trainable denoisers (UNetDenoiser modules, or DeepSpeed engines wrapping them)."""
     schedule, prediction_type = teacher.schedule, teacher.prediction_type
-    timestep = schedule.num_timesteps - 1 if cfg.generator_timestep < 0 else cfg.generator_timestep
-    generator = OneStepGenerator(generator_net, schedule, prediction_type, timestep)
+    if cfg.generator_steps > 1:
+        generator = MultiStepGenerator(generator_net, schedule, prediction_type, generator_timesteps(schedule.num_timesteps, cfg.generator_steps))
+    else:
+        timestep = schedule.num_timesteps - 1 if cfg.generator_timestep < 0 else cfg.generator_timestep
+        generator = OneStepGenerator(generator_net, schedule, prediction_type, timestep)
     real_x0 = X0Denoiser(GuidedDenoiser(teacher.denoiser(), cfg.guidance_scale, teacher.uncond_embedding()), schedule, prediction_type)
     if cfg.lambda_reg == 0:
         regression = None  # the "without regression" ablation: no LPIPS network to build (or download)
@@ -42,7 +46,23 @@ def build_objective(cfg: DistillConfig, teacher: Teacher, generator_net: nn.Modu
         regression=regression,
         lambda_reg=cfg.lambda_reg,
         dm_weight=cfg.dm_weight,
+        gan=GANLoss(fake_net, schedule) if cfg.gan_weight > 0 else None,
+        gan_weight=cfg.gan_weight,
+        gan_discriminator_weight=cfg.gan_discriminator_weight,
     )
+
+
+def generator_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """DMD2's multi-step schedule, t_k = (n - k) * (T // n) - 1: 999, 749, 499, 249 for 4 steps of a 1000-step
+    teacher. diffusers' LCMScheduler with original_inference_steps = n picks the same ones (export.py)."""
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"generator steps must be in [1, {num_timesteps}], got {steps}")
+    return [(steps - k) * (num_timesteps // steps) - 1 for k in range(steps)]
+
+
+def gan_classifier(cfg: DistillConfig, unet: nn.Module) -> nn.Module | None:
+    """DMD2's classification head for the fake score's bottleneck (None without the GAN)."""
+    return BottleneckClassifier(unet.config.block_out_channels[-1]) if cfg.gan_weight > 0 else None
 
 
 def build_step(cfg: DistillConfig, teacher: Teacher, conditions: PromptConditions, generator_net: nn.Module, fake_net: nn.Module,

@@ -23,6 +23,7 @@ import torch
 from dmd_ray.images import to_uint8
 from dmd_ray.method.generator import OneStepGenerator
 from dmd_ray.method.sampling import seeded_noise
+from dmd_ray.typed_config import ConfigError
 from dmd_ray.sd.resolve import load_teacher, read_generator_info
 from dmd_ray.sd.teacher import resolve_dtype
 
@@ -69,6 +70,9 @@ class OneStepImageGenerator:
 
     def __init__(self, folder: str, device: str | torch.device = "cpu", dtype: str = "auto"):
         info = read_generator_info(folder)
+        if len(info.get("generator_timesteps", [0])) > 1:
+            raise ConfigError(f"{folder} holds a {len(info['generator_timesteps'])}-step generator; this service runs one-step generators "
+                              f"(run it with diffusers: num_inference_steps={len(info['generator_timesteps'])}, guidance_scale=1.0)")
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.components = load_teacher(folder, torch_dtype=self.dtype).to(device=self.device)

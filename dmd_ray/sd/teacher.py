@@ -49,16 +49,30 @@ class UNetDenoiser(nn.Module):
     like the UNet itself.
     """
 
-    def __init__(self, unet: nn.Module):
+    def __init__(self, unet: nn.Module, classifier: nn.Module | None = None):
         super().__init__()
         self.unet = unet
+        self.classifier = classifier  # DMD2's GAN head on the bottleneck (the fake score's; method/gan.py)
 
-    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor, classify: bool = False) -> Tensor:
+        """The UNet's prediction; with `classify`, the classifier's [B] logits on the UNet's bottleneck (the
+        mid-block's output) instead. One call (not a separate method) so that a DeepSpeed engine wrapping this
+        module runs both under its autocast and parameter hooks."""
         if not isinstance(cond, Tensor):
             raise TypeError(f"a text-to-image UNet is conditioned on [B, L, D] text embeddings, not {type(cond).__name__}")
         dtype = _module_dtype(self.unet)
         t = torch.as_tensor(t, device=x_t.device)
-        return self.unet(x_t.to(dtype), t, encoder_hidden_states=cond.to(dtype), return_dict=False)[0]
+        if not classify:
+            return self.unet(x_t.to(dtype), t, encoder_hidden_states=cond.to(dtype), return_dict=False)[0]
+        if self.classifier is None or getattr(self.unet, "mid_block", None) is None:
+            raise ValueError("classify=True needs a classifier head and a UNet with a mid block")
+        features = []
+        hook = self.unet.mid_block.register_forward_hook(lambda module, args, output: features.append(output))
+        try:
+            self.unet(x_t.to(dtype), t, encoder_hidden_states=cond.to(dtype), return_dict=False)
+        finally:
+            hook.remove()
+        return self.classifier(features[0])
 
 
 @dataclass(eq=False)

@@ -1,0 +1,81 @@
+"""DMD2's GAN term (Yin et al. 2024b, Sec. 4.3): a classifier on the fake score's bottleneck, diffusion-GAN style.
+
+Real and generated samples are both diffused to a random t before the classifier sees them (the fake score is a
+denoiser: its features are defined on noisy inputs). The classifier is a small head on the fake score network's
+bottleneck features, trained with the fake score on the non-saturating loss
+
+    loss_D = softplus(D(fake_t)) + softplus(-D(real_t))
+
+and the generator adds gan_weight * softplus(-D(G(z)_t)) to its loss, with gradients flowing through the fake score
+network to G's output but not into the fake score's weights (DMD2 turns their requires_grad off for that turn).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dmd_ray.method.schedule import NoiseSchedule
+from dmd_ray.method.transfer import to_device
+
+class BottleneckClassifier(nn.Module):
+    """[B, C, H, W] bottleneck features -> [B] logits. DMD2's head is a stack of stride-2 4x4 convolutions down to 4x4
+    (an 8x8 SD bottleneck); this one pools after two convolutions, so it fits any bottleneck size (the demo
+    teacher's is 2x2)."""
+
+    def __init__(self, channels: int, hidden: int = 0, groups: int = 8):
+        super().__init__()
+        hidden = hidden or channels
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, hidden, 3, padding=1), nn.GroupNorm(min(groups, hidden), hidden), nn.SiLU(),
+            nn.Conv2d(hidden, hidden, 3, padding=1), nn.GroupNorm(min(groups, hidden), hidden), nn.SiLU(),
+        )
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.out(self.body(features.float()).mean(dim=(2, 3))).squeeze(1)
+
+
+@contextmanager
+def frozen(module: nn.Module):
+    """The module's parameters get no gradients inside (gradients still flow through it to its inputs); their
+    requires_grad flags are restored afterwards."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class GANLoss:
+    """Both sides of the non-saturating diffusion-GAN loss. `network` is the fake score network, which also
+    classifies: network(x_t, t, cond, classify=True) -> [B] logits from its bottleneck."""
+
+    def __init__(self, network: nn.Module, schedule: NoiseSchedule, t_range: tuple[float, float] = (0.0, 1.0)):
+        self.network = network
+        self.schedule = schedule
+        self.t_range = t_range
+
+    def classify(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
+        return self.network(x_t, t, cond, classify=True).float()
+
+    def _diffuse(self, x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        t = self.schedule.sample_timesteps(x.shape[0], self.t_range, x.device, generator)
+        noise = torch.randn(x.shape, generator=generator, device=x.device if generator is None else generator.device)
+        return self.schedule.add_noise(x, to_device(noise, x.device, x.dtype), t), t
+
+    def generator_loss(self, fake: Tensor, cond: Any = None, generator: torch.Generator | None = None) -> Tensor:
+        x_t, t = self._diffuse(fake, generator)
+        with frozen(self.network):
+            return F.softplus(-self.classify(x_t, t, cond)).mean()
+
+    def discriminator_loss(self, fake: Tensor, fake_cond: Any, real: Tensor, real_cond: Any, generator: torch.Generator | None = None) -> Tensor:
+        fake_t, t_fake = self._diffuse(fake.detach(), generator)
+        real_t, t_real = self._diffuse(real.detach().to(fake.dtype), generator)
+        return F.softplus(self.classify(fake_t, t_fake, fake_cond)).mean() + F.softplus(-self.classify(real_t, t_real, real_cond)).mean()

@@ -1,0 +1,158 @@
+"""DMD2's switches on small networks without Ray: the multi-step generator (its schedule, sampling, backward
+simulation and diffusers export), the GAN term (which network each side's gradients reach), one DMD2 iteration on the
+tiny teacher, and the refusals of combinations that cannot train."""
+import copy
+
+import pytest
+import torch
+
+from dmd_ray.config import DistillConfig
+from dmd_ray.demos.toy2d import MLPDenoiser
+from dmd_ray.method.gan import BottleneckClassifier, GANLoss
+from dmd_ray.method.generator import MultiStepGenerator, OneStepGenerator
+from dmd_ray.method.objective import read_logs
+from dmd_ray.method.optim import optimizer_update
+from dmd_ray.method.schedule import NoiseSchedule
+from dmd_ray.sd.architectures import build_tiny_teacher
+from dmd_ray.sd.conditioning import PromptConditions
+from dmd_ray.sd.dmd import build_step, gan_classifier, generator_timesteps
+from dmd_ray.sd.teacher import UNetDenoiser
+from dmd_ray.typed_config import ConfigError
+
+SCHEDULE = NoiseSchedule.from_betas("scaled_linear", 0.00085, 0.012, 1000)
+
+
+class Recording(torch.nn.Module):
+    """An MLP denoiser that records each call's timesteps and whether it builds a graph."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = MLPDenoiser(hidden=32, depth=1)
+        self.calls = []
+
+    def forward(self, x_t, t, cond=None):
+        self.calls.append((t.tolist(), torch.is_grad_enabled()))
+        return self.net(x_t, t, cond)
+
+
+def test_the_multi_step_schedule_is_dmd2s_and_lcms():
+    assert generator_timesteps(1000, 4) == [999, 749, 499, 249]
+    assert generator_timesteps(1000, 2) == [999, 499]
+    assert generator_timesteps(1000, 1) == [999]
+    with pytest.raises(ValueError, match="distinct, decreasing"):
+        MultiStepGenerator(Recording(), SCHEDULE, "epsilon", [499, 999])
+
+
+def test_sampling_denoises_then_renoises_and_one_step_is_the_one_step_generator():
+    net = Recording()
+    gen = MultiStepGenerator(net, SCHEDULE, "epsilon", [999, 499])
+    z = torch.randn(5, 2)
+    with torch.no_grad():
+        out = gen(z, None, torch.Generator().manual_seed(3))
+        x0 = SCHEDULE.to_x0(net(z, torch.full((5,), 999), None), z, torch.full((5,), 999), "epsilon")
+        fresh = torch.randn(z.shape, generator=torch.Generator().manual_seed(3))
+        x = SCHEDULE.add_noise(x0, fresh, torch.full((5,), 499))
+        expected = SCHEDULE.to_x0(net(x, torch.full((5,), 499), None), x, torch.full((5,), 499), "epsilon")
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(MultiStepGenerator(net, SCHEDULE, "epsilon", [999])(z), OneStepGenerator(net, SCHEDULE, "epsilon")(z))
+
+
+def test_backward_simulation_feeds_the_generators_own_chain_and_differentiates_one_forward():
+    net = Recording()
+    gen = MultiStepGenerator(net, SCHEDULE, "epsilon", [999, 749, 499, 249])
+    z = torch.randn(64, 2)
+    out = gen.train_sample(z, None, torch.Generator().manual_seed(1))
+    k = torch.randint(0, 4, (64,), generator=torch.Generator().manual_seed(1))  # the first draw: each sample's step
+    assert [(t[0], grad) for t, grad in net.calls[:3]] == [(999, False), (749, False), (499, False)]  # the chain, no graph
+    last_t, last_grad = net.calls[-1]
+    assert last_grad and last_t == [[999, 749, 499, 249][i] for i in k.tolist()] and len(net.calls) == 4
+    assert set(k.tolist()) == {0, 1, 2, 3}
+    with torch.no_grad():  # samples at step 0 were denoised from the pure noise itself
+        first = k == 0
+        t0 = torch.full((int(first.sum()),), 999)
+        torch.testing.assert_close(out[first], SCHEDULE.to_x0(net.net(z[first], t0), z[first], t0, "epsilon"))
+    out.sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def tiny_nets(teacher, gan=True):
+    cfg = DistillConfig(gan_weight=1e-3 if gan else 0.0)
+    gen = UNetDenoiser(copy.deepcopy(teacher.unet).requires_grad_(True))
+    fake = UNetDenoiser(copy.deepcopy(teacher.unet).requires_grad_(True), gan_classifier(cfg, teacher.unet))
+    return gen, fake
+
+
+def test_gan_generator_side_reaches_only_the_generator_and_classifier_side_only_the_fake_score():
+    teacher = build_tiny_teacher()
+    gen_net, fake_net = tiny_nets(teacher)
+    assert isinstance(fake_net.classifier, BottleneckClassifier)
+    gan = GANLoss(fake_net, teacher.schedule)
+    cond = teacher.encode_prompts(["a red circle", "a blue square"])
+    generator = OneStepGenerator(gen_net, teacher.schedule, teacher.prediction_type)
+    rng = torch.Generator().manual_seed(0)
+    gan.generator_loss(generator(torch.randn(2, 4, 8, 8), cond), cond, rng).backward()
+    assert all(p.grad is not None for p in gen_net.parameters())
+    assert all(p.grad is None for p in fake_net.parameters())
+    assert all(p.requires_grad for p in fake_net.parameters())  # restored after the generator's turn
+    gen_net.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        fake = generator(torch.randn(2, 4, 8, 8), cond)
+    loss_d = gan.discriminator_loss(fake, cond, torch.randn(2, 4, 8, 8), cond, rng)
+    loss_d.backward()
+    assert all(p.grad is not None for p in fake_net.classifier.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in fake_net.unet.parameters())
+    assert all(p.grad is None for p in gen_net.parameters())
+    assert 0 < float(loss_d.detach()) < 10
+
+
+@pytest.mark.parametrize("generator_steps", [1, 2])
+def test_one_dmd2_iteration_on_the_tiny_teacher(generator_steps):
+    """GAN + TTUR + no regression (+ the 2-step generator with backward simulation), as the worker builds it."""
+    teacher = build_tiny_teacher()
+    cfg = DistillConfig(gan_weight=1e-3, lambda_reg=0.0, fake_updates=2, generator_steps=generator_steps, regression_space="latent")
+    cfg.check()
+    gen_net, fake_net = tiny_nets(teacher)
+    opts = [torch.optim.AdamW(n.parameters(), lr=1e-4) for n in (gen_net, fake_net)]
+    conditions = PromptConditions(teacher, ["a red circle", "a blue square"], (4, 8, 8), "cpu")
+    step = build_step(cfg, teacher, conditions, gen_net, fake_net, optimizer_update(opts[0], gen_net.parameters(), 10.0),
+                      optimizer_update(opts[1], fake_net.parameters(), 10.0), torch.Generator().manual_seed(0), 2, "cpu")
+    assert isinstance(step.objective.generator, MultiStepGenerator if generator_steps > 1 else OneStepGenerator)
+    head_before = copy.deepcopy(fake_net.classifier.state_dict())
+    logs = read_logs(step(None, conditions.encode(["a red circle", "a blue square"]), torch.randn(2, 4, 8, 8)))
+    assert {"loss_dm", "loss_gan_generator", "loss_gan_discriminator", "loss_fake", "grad_norm_generator"} <= set(logs)
+    assert "loss_reg" not in logs and all(v == v for v in logs.values())
+    assert any(not torch.equal(v, fake_net.classifier.state_dict()[k]) for k, v in head_before.items())  # the head trains
+
+
+def test_multi_step_export_runs_in_diffusers_with_that_many_steps(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from dmd_ray.sd.export import export_generator
+    from dmd_ray.sd.one_step import OneStepImageGenerator
+
+    teacher = build_tiny_teacher()
+    timesteps = generator_timesteps(1000, 2)
+    folder = export_generator(teacher, copy.deepcopy(teacher.unet), str(tmp_path / "two-step"), timestep=999, timesteps=timesteps)
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    latents = pipe("a blue triangle", num_inference_steps=2, guidance_scale=1.0, latents=z.clone(), output_type="latent",
+                   generator=torch.Generator().manual_seed(5)).images
+    gen = MultiStepGenerator(teacher.denoiser(), teacher.schedule, teacher.prediction_type, timesteps)
+    with torch.no_grad():
+        expected = gen(z, teacher.encode_prompts(["a blue triangle"]), torch.Generator().manual_seed(5))
+    torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="2-step generator.*num_inference_steps=2"):
+        OneStepImageGenerator(folder)
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    (dict(generator_steps=2), "set --lambda-reg 0"),
+    (dict(generator_steps=0), "generator_steps must be >= 1"),
+    (dict(gan_weight=-1.0), "must be >= 0"),
+    (dict(dm_weight=0.0, lambda_reg=0.0), "not all 0"),
+])
+def test_dmd2_combinations_that_cannot_train_are_refused(overrides, problem):
+    with pytest.raises(ConfigError, match=problem):
+        DistillConfig(**overrides).check()
+    DistillConfig(dm_weight=0.0, lambda_reg=0.0, gan_weight=1e-3).check()  # GAN only: DMD2's "GAN only" row
