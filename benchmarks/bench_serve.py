@@ -98,17 +98,18 @@ def outside_serve_replica(max_ongoing_requests: int) -> None:
 
 async def run_bare(folder: str, device: str, args, config, concurrencies: list[int]) -> list[dict]:
     from dmd_ray.sd.one_step import SEED_MODULUS, GenerationJob, ImageSize, OneStepImageGenerator
-    from serve.app import BatchedGenerator, encode_pngs
+    from serve.app import BatchedGenerator, ImageEncoder
 
     generator = OneStepImageGenerator(folder, device, config.dtype)
     size = ImageSize.parse(args.size) if args.size else generator.native_size
     generator.warmup(config.max_batch_size, [size])
-    batcher = BatchedGenerator(generator, config.max_batch_size, config.batch_wait_timeout_s)
+    batcher = BatchedGenerator(generator, config.max_batch_size, config.batch_wait_timeout_s, on_device=device == "cuda")
+    encoder = ImageEncoder(config.encode_threads or max(2, int(config.num_cpus)))  # as the service sets them up
 
     async def send(seed: int) -> None:
         job = GenerationJob(PROMPTS[seed % len(PROMPTS)], (seed % SEED_MODULUS,), size)
-        for png in await encode_pngs(await batcher.generate(job)):
-            base64.b64encode(png)  # as the service encodes its response
+        for image in await encoder.encode(await batcher.generate(job), args.output_format, 90):
+            base64.b64encode(image)  # as the service encodes its response
 
     rows = []
     for c in concurrencies:
@@ -131,7 +132,8 @@ async def run_http(url: str, args, concurrencies: list[int]) -> tuple[list[dict]
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
 
         async def send(seed: int) -> None:
-            body = {"prompt": PROMPTS[seed % len(PROMPTS)], "seed": seed, "response_format": "b64_json"}
+            body = {"prompt": PROMPTS[seed % len(PROMPTS)], "seed": seed, "response_format": "b64_json",
+                    "output_format": args.output_format, "output_compression": 90}
             if args.size:
                 body["size"] = args.size
             async with session.post(f"{url}/v1/images/generations", json=body) as response:
@@ -185,6 +187,7 @@ def main() -> int:
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--max-ongoing-requests", type=int, default=0, help="per replica; default: the service's")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--output-format", default="png", choices=["png", "jpeg", "webp"], help="the images' format (JPEG/WebP at quality 90)")
     p.add_argument("--num-cpus", type=float, default=float(os.cpu_count() or 1),
                    help="the replica's CPUs, and torch threads for both paths on CPU")
     p.add_argument("--json", help="write the results here too")

@@ -162,6 +162,11 @@ class DistillConfig:
     max_failures: int = 2
     log_every: int = 1
     sample_every: int = 100  # steps; 0: no sample grids
+    # quality during training: every `eval_every` steps (0: never) the generator makes `eval_samples` images that a
+    # judge of the teacher's domain scores (FID in its features, prompt accuracy) into metrics.jsonl and TensorBoard.
+    # The package has a judge for the shapes domain (the demo teacher): jobs/distill.py passes it for shapes prompts
+    eval_every: int = 0
+    eval_samples: int = 360
     export: bool = True  # write <output>/export at the end
     export_dtype: str = "float32"  # the exported weights: float32, or float16 (half the size; what serving runs on GPUs)
     sample_prompts: tuple[str, ...] = DEFAULT_SAMPLE_PROMPTS
@@ -214,7 +219,9 @@ class DistillConfig:
         for name in ("max_steps", "fake_updates", "log_every", "num_pairs"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("checkpoint_every", "sample_every"):
+        if self.eval_samples < 2:
+            problems.append(f"eval_samples must be >= 2 (FID needs two), got {self.eval_samples}")
+        for name in ("checkpoint_every", "sample_every", "eval_every"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
         if self.lr <= 0 or self.fake_lr < 0:

@@ -16,15 +16,33 @@ sys.path.insert(0, ROOT)  # the repo root, for `ray job submit --working-dir .`
 from dmd_ray.config import DistillConfig, cli_main  # noqa: E402
 from dmd_ray.distributed.cluster import init_ray  # noqa: E402
 from dmd_ray.distributed.distill_driver import distill  # noqa: E402
-from dmd_ray.typed_config import load_yaml  # noqa: E402
+from dmd_ray.typed_config import ConfigError, load_yaml  # noqa: E402
 
 DEMO_PRESET = os.path.join(ROOT, "jobs", "presets", "demo.yaml")
+
+
+def run(cfg: DistillConfig):
+    """The job, with the shapes judge as its in-training probe when --eval-every asks for one."""
+    probe = None
+    if cfg.eval_every:
+        from dmd_ray.data.prompts import read_prompts
+        from dmd_ray.demos import shapes
+        from dmd_ray.demos.shapes_eval import TrainingProbe
+
+        try:  # the judge reads the shapes domain only: a run on other prompts has no judge here
+            for prompt in read_prompts(cfg.prompts) if cfg.prompts else []:
+                shapes.parse_prompt(prompt)
+        except ValueError as e:
+            raise ConfigError(f"--eval-every scores images with the shapes domain's judge, but {cfg.prompts} is not a shapes prompt set ({e}): "
+                              "set --eval-every 0") from None
+        probe = TrainingProbe(cfg.eval_samples, cfg.seed)
+    return distill(cfg, probe)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     defaults = load_yaml(DEMO_PRESET) if not argv else None  # no arguments: the demo
-    return cli_main("distill", DistillConfig, distill, argv, __doc__.split("\n\n")[0], defaults, setup=init_ray)
+    return cli_main("distill", DistillConfig, run, argv, __doc__.split("\n\n")[0], defaults, setup=init_ray)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ replica. Concurrent requests on a replica are gathered by `@serve.batch` and gen
 queues at most `max_queued_requests` more before answering 503 (or 429), and the autoscaler keeps
 `target_ongoing_requests` per replica. docs/serving.md has the API, the configuration and the measurements.
 
-Routes: POST /v1/images/generations (OpenAI's images API), GET /v1/models, POST /generate (image/png), GET /health,
+Routes: POST /v1/images/generations (OpenAI's images API), GET /v1/models, POST /generate (one image: PNG, JPEG or
+WebP), GET /health,
 GET / (a page that regenerates as you type), /openapi.json and /docs. Errors use OpenAI's error JSON.
 """
 # No `from __future__ import annotations`: FastAPI must see real types on the methods of a class that Serve
@@ -20,6 +21,7 @@ import hmac
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -32,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dmd_ray.images import png_bytes
+from dmd_ray.images import MEDIA_TYPES, encode_image
 from dmd_ray.sd import resolve
 from dmd_ray.sd.one_step import SEED_MODULUS, GenerationJob, ImageSize, OneStepImageGenerator
 from serve.config import ServiceConfig
@@ -72,6 +74,8 @@ class ImageGenerationRequest(BaseModel):
     n: int = Field(1, ge=1, description="How many images; at most `max_images` (4 by default).")
     size: str | None = Field(None, description='"WIDTHxHEIGHT", one of the served sizes, or "auto" (the default size).')
     response_format: Literal["b64_json", "url"] | None = Field(None, description="Only b64_json is served.")
+    output_format: Literal["png", "jpeg", "webp"] = Field("png", description="The images' format (jpeg is the fastest to encode).")
+    output_compression: int = Field(100, ge=0, le=100, description="jpeg and webp quality, 0-100 (100: the best); png ignores it.")
     seed: int | None = Field(None, ge=0, lt=SEED_MODULUS,
                              description="Extension: image i uses seed + i; the same prompt and seed give the same image.")
     user: str | None = Field(None, description="Accepted for compatibility; unused.")
@@ -86,6 +90,7 @@ class GeneratedImage(BaseModel):
 class ImagesResponse(BaseModel):
     created: int
     data: list[GeneratedImage]
+    output_format: str = "png"
 
 
 class GenerateRequest(BaseModel):
@@ -94,6 +99,8 @@ class GenerateRequest(BaseModel):
     prompt: str
     seed: int | None = Field(None, ge=0, lt=SEED_MODULUS)
     size: str | None = None
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: int = Field(100, ge=0, le=100)
 
 
 class ModelCard(BaseModel):
@@ -199,8 +206,9 @@ class BatchedGenerator:
     instance per process.
     """
 
-    def __init__(self, generator: OneStepImageGenerator, max_batch_size: int, batch_wait_timeout_s: float):
+    def __init__(self, generator: OneStepImageGenerator, max_batch_size: int, batch_wait_timeout_s: float, on_device: bool = False):
         self.generator = generator
+        self.on_device = on_device  # images stay on the generator's device as uint8 tensors (for ImageEncoder)
         self.max_batch_size = max_batch_size
         self._gather.set_max_batch_size(max_batch_size)
         self._gather.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -241,7 +249,7 @@ class BatchedGenerator:
     async def _run(self, jobs: list[GenerationJob], futures: list[asyncio.Future]) -> None:
         started = time.perf_counter()
         try:
-            results = await asyncio.to_thread(self.generator.generate, jobs)
+            results = await asyncio.to_thread(self.generator.generate, jobs, self.on_device)
         except Exception as e:
             self.consecutive_failures += 1
             for future in futures:
@@ -257,9 +265,28 @@ class BatchedGenerator:
                 future.set_result(result)
 
 
-async def encode_pngs(images: np.ndarray) -> list[bytes]:
-    # Off the event loop: a 512x512 PNG takes milliseconds, time in which the next batch can already run.
-    return await asyncio.to_thread(lambda: [png_bytes(image) for image in images])
+class ImageEncoder:
+    """Encodes a job's images off the event loop and off the generator's path: JPEG of images still on a GPU with
+    torchvision's nvJPEG (batched, on the device), everything else with PIL in a thread pool, one image per thread
+    (PIL's zlib, libjpeg and libwebp release the GIL). A 512x512 PNG costs ~55 ms of CPU at level 1, JPEG a few."""
+
+    def __init__(self, threads: int):
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="encode")
+
+    async def encode(self, images, output_format: str, quality: int) -> list[bytes]:
+        """`images`: [n, H, W, 3] uint8 array, or [n, 3, H, W] uint8 tensor (on a GPU: the generator's output)."""
+        if not isinstance(images, np.ndarray):
+            if output_format == "jpeg" and images.is_cuda:
+                return await asyncio.to_thread(_nvjpeg, images, quality)
+            images = await asyncio.to_thread(lambda: images.permute(0, 2, 3, 1).cpu().numpy())
+        loop = asyncio.get_running_loop()
+        return list(await asyncio.gather(*(loop.run_in_executor(self.pool, encode_image, image, output_format, quality) for image in images)))
+
+
+def _nvjpeg(images, quality: int) -> list[bytes]:
+    from torchvision.io import encode_jpeg
+
+    return [bytes(data.cpu().numpy()) for data in encode_jpeg(list(images), quality=max(1, quality))]
 
 
 # --------------------------------------------------------------------------------------------- the deployment
@@ -299,7 +326,8 @@ class OneStepImageService:
             started = time.perf_counter()
             self.generator.warmup(config.max_batch_size, sizes)
             logger.info("warm-up took %.1f s", time.perf_counter() - started)
-        self.batcher = BatchedGenerator(self.generator, config.max_batch_size, config.batch_wait_timeout_s)
+        self.batcher = BatchedGenerator(self.generator, config.max_batch_size, config.batch_wait_timeout_s, on_device=device == "cuda")
+        self.encoder = ImageEncoder(config.encode_threads or max(2, int(config.num_cpus)))
         logger.info("serving %s (%s) on %s in %s; sizes %s; auth %s", self.model_id, config.model, device,
                     self.generator.dtype, ", ".join(map(str, sizes)), "on" if api.state.api_key else "off")
 
@@ -309,7 +337,7 @@ class OneStepImageService:
             raise RuntimeError(f"the last {self.batcher.consecutive_failures} batches failed")
 
     # ----------------------------------------------------------------------------------------- helpers
-    async def _generate(self, job: GenerationJob) -> np.ndarray:
+    async def _generate(self, job: GenerationJob):
         try:
             return await asyncio.wait_for(self.batcher.generate(job), timeout=self.config.request_timeout_s)
         except asyncio.TimeoutError:
@@ -327,21 +355,25 @@ class OneStepImageService:
             raise RequestError("response_format 'url' is not supported: this server returns images inline; use 'b64_json'.",
                                "response_format", code="unsupported_response_format")
         job = validate_generation(body.prompt, body.n, body.size, body.seed, self.limits)
-        pngs = await encode_pngs(await self._generate(job))
-        data = [GeneratedImage(b64_json=base64.b64encode(png).decode(), seed=seed) for png, seed in zip(pngs, job.seeds)]
-        return ImagesResponse(created=int(time.time()), data=data)
+        encoded = await self.encoder.encode(await self._generate(job), body.output_format, body.output_compression)
+        data = [GeneratedImage(b64_json=base64.b64encode(image).decode(), seed=seed) for image, seed in zip(encoded, job.seeds)]
+        return ImagesResponse(created=int(time.time()), data=data, output_format=body.output_format)
 
-    @api.post("/generate", response_class=Response, responses={200: {"content": {"image/png": {}}}, **ERROR_RESPONSES}, dependencies=AUTHORIZED)
-    async def generate_png(self, body: GenerateRequest) -> Response:
-        """One image as image/png. Headers: X-Seed (the seed used) and Server-Timing (from the request's arrival at
-        the replica to its image: batching wait and generation)."""
+    @api.post("/generate", response_class=Response, responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}, **ERROR_RESPONSES},
+              dependencies=AUTHORIZED)
+    async def generate_one(self, body: GenerateRequest) -> Response:
+        """One image as image/png (or output_format jpeg or webp). Headers: X-Seed (the seed used) and Server-Timing
+        (from the request's arrival at the replica to its image: batching wait and generation; then encoding)."""
         job = validate_generation(body.prompt, 1, body.size, body.seed, self.limits)
         started = time.perf_counter()
         images = await self._generate(job)
         generation_ms = (time.perf_counter() - started) * 1000
-        (png,) = await encode_pngs(images)
-        headers = {"X-Seed": str(job.seeds[0]), "Server-Timing": f"generate;dur={generation_ms:.1f}", "Cache-Control": "no-store"}
-        return Response(png, media_type="image/png", headers=headers)
+        started = time.perf_counter()
+        (encoded,) = await self.encoder.encode(images, body.output_format, body.output_compression)
+        encode_ms = (time.perf_counter() - started) * 1000
+        headers = {"X-Seed": str(job.seeds[0]), "Server-Timing": f"generate;dur={generation_ms:.1f}, encode;dur={encode_ms:.1f}",
+                   "Cache-Control": "no-store"}
+        return Response(encoded, media_type=MEDIA_TYPES[body.output_format], headers=headers)
 
     @api.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES, dependencies=AUTHORIZED)
     async def list_models(self) -> ModelList:

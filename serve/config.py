@@ -36,6 +36,7 @@ class ServiceConfig:
     accelerator: str = "auto"  # auto: a GPU per replica when the cluster has GPUs, else CPU
     dtype: str = "auto"  # auto: float16 on GPU, float32 on CPU
     num_cpus: float = 1.0  # per replica; on CPU also the number of torch threads
+    encode_threads: int = 0  # threads encoding PNG/JPEG/WebP beside generation; 0: max(2, num_cpus)
     num_gpus: float = 1.0  # per replica when on GPU (fractions pack replicas onto one GPU)
     warmup: bool = True  # run full batches at start-up, before the replica takes traffic
     # dynamic batching (@serve.batch): a batch holds at most max_batch_size images
@@ -78,7 +79,7 @@ class ServiceConfig:
         for name in ("max_batch_size", "max_ongoing_requests", "max_prompt_chars", "max_images"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
-        for name in ("num_cpus", "batch_wait_timeout_s", "retry_after_s"):
+        for name in ("num_cpus", "batch_wait_timeout_s", "retry_after_s", "encode_threads"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         for name in ("health_check_period_s", "health_check_timeout_s", "request_timeout_s"):

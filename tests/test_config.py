@@ -203,3 +203,10 @@ def test_every_import_points_down():
                         continue
                     other = target.split(".")[1]
                     assert other in LAYERS and LAYERS.index(other) <= LAYERS.index(layer), f"{module} imports {target}"
+
+
+def test_in_training_evaluation_without_a_judge_is_refused():
+    from dmd_ray.distributed.distill_driver import distill
+
+    with pytest.raises(ConfigError, match="eval_every needs a judge"):
+        distill(DistillConfig(eval_every=100))

@@ -50,10 +50,14 @@ def test_distil_export_and_load_with_diffusers(ray_cluster, tmp_path, monkeypatc
 
     monkeypatch.chdir(tmp_path)
     out = str(tmp_path / "run")
-    cfg = small("run", regression_space="pixel", lpips_backbone="alex", lpips_pretrained_backbone=False, lpips_min_size=32, sample_every=2)
-    distill(cfg)
+    from dmd_ray.demos.shapes_eval import TrainingProbe
+
+    cfg = small("run", regression_space="pixel", lpips_backbone="alex", lpips_pretrained_backbone=False, lpips_min_size=32, sample_every=2,
+                eval_every=2, eval_samples=24)
+    distill(cfg, TrainingProbe(cfg.eval_samples, cfg.seed))
     history = read_history(out)
     assert [r["step"] for r in history] == [1, 2, 3, 4]
+    assert [r["step"] for r in history if "eval_fid" in r and "eval_prompt_accuracy" in r] == [2, 4]  # quality during training
     for row in history:
         for key in ("loss_dm", "loss_reg", "loss_fake", "grad_norm_generator", "grad_norm_fake", "lr_generator", "lr_fake", "samples_per_s", "step_time_s"):
             assert key in row and row[key] == row[key]  # present and not NaN

@@ -43,3 +43,22 @@ def test_evaluate_job_end_to_end(ray_cluster, tmp_path):
     assert teacher_row["prompt_accuracy"] > onestep_row["prompt_accuracy"] + 0.1
     assert teacher_row["fid"] < onestep_row["fid"]
     assert (tmp_path / "eval" / "grid.png").stat().st_size > 1000
+
+
+def test_training_probe_scores_the_generators_images_of_its_own_rows():
+    """The in-training probe (DistillConfig.eval_every): renders of its rows score as the domain's real images do,
+    noise scores far worse; its rows are the first rows of jobs/evaluate.py."""
+    import torch
+
+    from dmd_ray.demos import shapes
+    from dmd_ray.demos.shapes_eval import TrainingProbe
+
+    probe = TrainingProbe(num_samples=60, seed=3)
+    prompts, seeds = probe.rows()
+    assert len(prompts) == 60 and seeds == list(range(3, 63)) and prompts[:2] == shapes.evaluation_prompts()[:2]
+    renders = ((shapes.render([shapes.parse_prompt(p) for p in prompts], seed=7) + 1) * 127.5).round().to(torch.uint8)
+    good = probe(renders.permute(0, 2, 3, 1).numpy(), prompts)
+    noise = probe(np.random.default_rng(0).integers(0, 256, renders.permute(0, 2, 3, 1).shape, dtype=np.uint8), prompts)
+    assert set(good) == {"fid", "prompt_accuracy"}
+    assert good["prompt_accuracy"] > 0.9 and noise["prompt_accuracy"] < 0.2
+    assert good["fid"] < noise["fid"]

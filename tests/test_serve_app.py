@@ -110,6 +110,14 @@ def test_openai_client_generates_through_the_service(serve_url):
     again = client.images.generate(prompt="a small red circle", size="64x64", extra_body={"seed": 43})
     assert np.abs(decode_png(again.data[0].b64_json).astype(int) - images[1].astype(int)).max() <= 1  # seed -> image
 
+    for output_format, magic in (("jpeg", b"\xff\xd8\xff"), ("webp", b"RIFF")):
+        result = client.images.generate(prompt="a small red circle", size="64x64", extra_body={"seed": 43, "output_format": output_format, "output_compression": 95})
+        data = base64.b64decode(result.data[0].b64_json)
+        assert data.startswith(magic) and result.model_extra["output_format"] == output_format
+        assert np.abs(decode_png(result.data[0].b64_json).astype(int) - images[1].astype(int)).mean() < 12  # the same image, lossy
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(prompt="a small red circle", extra_body={"output_format": "gif"})
+    assert caught.value.status_code == 400
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.generate(prompt="a small red circle", n=5)
     assert caught.value.status_code == 400 and caught.value.body["param"] == "n"
@@ -123,6 +131,9 @@ def test_png_route_health_page_and_schema(serve_url):
     response = requests.post(f"{serve_url}/generate", json={"prompt": "a blue square", "seed": 7}, headers=auth(), timeout=HTTP_TIMEOUT_S)
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
     assert response.headers["x-seed"] == "7" and "dur=" in response.headers["server-timing"]
+    jpeg = requests.post(f"{serve_url}/generate", json={"prompt": "a blue square", "seed": 7, "output_format": "jpeg"}, headers=auth(), timeout=HTTP_TIMEOUT_S)
+    assert jpeg.status_code == 200 and jpeg.headers["content-type"] == "image/jpeg" and jpeg.content.startswith(b"\xff\xd8")
+    assert "encode;dur=" in jpeg.headers["server-timing"]
     same = requests.post(f"{serve_url}/generate", json={"prompt": "a blue square", "seed": 7}, headers=auth(), timeout=HTTP_TIMEOUT_S)
     assert same.content == response.content  # deterministic: same prompt and seed, same PNG
 
@@ -239,6 +250,7 @@ def test_page_regenerates_the_image_as_the_user_types(serve_url):
             assert "ms round trip" in page.text_content("#latency")
             assert page.text_content("#error") == ""
             assert 1 <= len(generate_calls) < len(prompt) // 2  # debounced: not one request per keystroke
+            assert all('"output_format":"jpeg"' in (request.post_data or "") for request in generate_calls)  # the fastest format
         finally:
             browser.close()
 

@@ -202,3 +202,45 @@ def test_png_bytes_round_trip(generator):
     image = generator.generate([GenerationJob("a dot", (0,), generator.native_size)])[0][0]
     decoded = np.asarray(Image.open(io.BytesIO(png_bytes(image))))
     assert np.array_equal(decoded, image)
+
+
+def test_output_formats_round_trip_and_encode_in_parallel_in_order(generator):
+    """PNG is lossless, JPEG and WebP close at high quality; the service's encoder keeps the images' order, from a
+    uint8 array (CPU replicas) or an NCHW uint8 tensor (what a GPU replica's generator hands over)."""
+    import asyncio
+    import io
+
+    from PIL import Image
+
+    from dmd_ray.images import encode_image
+    from serve.app import ImageEncoder
+
+    size = generator.native_size
+    jobs = [GenerationJob("a dot", (0, 1, 2), size), GenerationJob("a red ring", (3,), size)]
+    images = np.concatenate(generator.generate(jobs))
+    on_device = generator.generate(jobs, on_device=True)
+    assert all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in on_device)
+    assert np.array_equal(torch.cat(on_device).permute(0, 2, 3, 1).numpy(), images)
+    for output_format, tolerance in (("png", 0), ("jpeg", 16), ("webp", 16)):
+        decoded = np.asarray(Image.open(io.BytesIO(encode_image(images[0], output_format, quality=95))).convert("RGB"))
+        assert decoded.shape == images[0].shape and np.abs(decoded.astype(int) - images[0].astype(int)).mean() <= tolerance, output_format
+    encoder = ImageEncoder(threads=3)
+    for batch in (images, torch.cat(on_device)):
+        encoded = asyncio.run(encoder.encode(batch, "jpeg", 90))
+        assert encoded == [encode_image(image, "jpeg", 90) for image in images]  # in order, as encoded one by one
+    with pytest.raises(ValueError, match="not one of png, jpeg, webp"):
+        encode_image(images[0], "gif")
+
+
+def test_requests_name_a_bad_output_format_or_compression():
+    from pydantic import ValidationError
+
+    from serve.app import GenerateRequest, ImageGenerationRequest
+
+    assert ImageGenerationRequest(prompt="x").output_format == "png"
+    assert ImageGenerationRequest(prompt="x", output_format="webp", output_compression=0).output_compression == 0
+    for bad in (dict(output_format="gif"), dict(output_compression=101), dict(output_compression=-1)):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            ImageGenerationRequest(prompt="x", **bad)
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            GenerateRequest(prompt="x", **bad)

@@ -99,6 +99,27 @@ def metrics(images: np.ndarray, prompts: list[str], judge, real: torch.Tensor) -
     return result
 
 
+class TrainingProbe:
+    """Quality during distillation (DistillConfig.eval_every): `rows()` gives the prompts and seeds the worker's
+    generator draws, the call scores its uint8 images with `metrics` against renders of the same prompts. The
+    evaluation prompts in order, seeds from `seed`: the same rows as the first `num_samples` of jobs/evaluate.py."""
+
+    def __init__(self, num_samples: int = 360, seed: int = 0):
+        self.num_samples, self.seed = num_samples, seed
+        self._judge = self._real = None
+
+    def rows(self) -> tuple[list[str], list[int]]:
+        rows = sample_rows(EvalConfig(num_samples=self.num_samples, seed=self.seed))
+        return [r["prompt"] for r in rows], [r["seed"] for r in rows]
+
+    def __call__(self, images: np.ndarray, prompts: list[str]) -> dict:
+        if self._judge is None:  # once per worker: the judge and the rendered reference images
+            self._judge = shapes.load_classifier()
+            self._real = ((shapes.render([shapes.parse_prompt(p) for p in prompts], seed=self.seed + 10**6) + 1) * 127.5).round().to(torch.uint8)
+        result = metrics(images, prompts, self._judge, self._real)
+        return {k: result[k] for k in ("fid", "prompt_accuracy", *(["lpips_diversity"] if "lpips_diversity" in result else []))}
+
+
 # --------------------------------------------------------------------------------------------- the job
 def log(msg: str) -> None:
     print(f"[evaluate {time.strftime('%H:%M:%S')}] {msg}", flush=True)

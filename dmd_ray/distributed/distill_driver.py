@@ -122,8 +122,15 @@ def check_resume_world_size(cfg: DistillConfig) -> None:
         )
 
 
-def distill(cfg: DistillConfig):
-    """Runs the whole job (pairs if needed, distillation, export); returns the Ray Train Result."""
+def distill(cfg: DistillConfig, probe=None):
+    """Runs the whole job (pairs if needed, distillation, export); returns the Ray Train Result.
+
+    `probe`, needed when cfg.eval_every > 0: a picklable callable `probe(make_images) -> {metric: value}` that judges
+    the generator's images of its own prompts and seeds (`make_images(prompts, seeds)` -> uint8 NHWC array); it runs
+    on rank 0 of the workers (shapes_eval.TrainingProbe for the shapes domain)."""
+    if cfg.eval_every and probe is None:
+        raise ConfigError("eval_every needs a judge of the teacher's domain; the package has one for the shapes domain (the demo teacher, "
+                          "with shapes prompts): set --eval-every 0 for other teachers")
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -143,7 +150,7 @@ def distill(cfg: DistillConfig):
     log(f"distilling {cfg.teacher} on {cfg.num_workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), ZeRO-{cfg.zero_stage}, {cfg.precision}, {cfg.max_steps} steps")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "plan": plan},
+        train_loop_config={"cfg": cfg, "plan": plan, "probe": probe},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}),
         run_config=run_config(cfg.output, cfg.run_name, cfg.keep_checkpoints, cfg.max_failures, None if use_gpu else {"DS_ACCELERATOR": "cpu"}),

@@ -23,7 +23,7 @@ from dmd_ray.data import storage
 from dmd_ray.distributed.cluster import TrainingDiverged, past_deadline
 from dmd_ray.distributed.distill_driver import DistillPlan
 from dmd_ray.distributed.pair_job import PairStream
-from dmd_ray.distributed.run_records import RunRecords
+from dmd_ray.distributed.run_records import RunRecords, generated_images
 from dmd_ray.method.objective import read_logs
 from dmd_ray.method.optim import warmup_schedule
 from dmd_ray.method.transfer import to_device
@@ -125,6 +125,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg: DistillConfig = config["cfg"]
     plan: DistillPlan = config["plan"]
+    probe = config.get("probe")  # judges the generator's images every cfg.eval_every steps (distill_driver.distill)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -172,7 +173,8 @@ def train_loop_per_worker(config: dict) -> None:
         if cfg.sample_every and (step % cfg.sample_every == 0 or last):
             records.sample_grid(f"step_{step:07d}", generator, teacher, plan.latent_shape, device)
         checkpoint = bool(cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or last))
-        if not (checkpoint or last or step % cfg.log_every == 0):
+        evaluate = bool(cfg.eval_every and (step % cfg.eval_every == 0 or last))
+        if not (checkpoint or last or evaluate or step % cfg.log_every == 0):
             continue
         if world > 1:  # every rank stops together, whichever rank diverged
             flag = finite.int()
@@ -185,6 +187,11 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {"step": step, **read_logs(logs), **lrs, "step_time_s": seconds, "samples_per_s": (cfg.dm_batch_size + cfg.reg_batch_size) / seconds}
         if device.type == "cuda":
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if evaluate:
+            prompts, seeds = probe.rows()
+            images = generated_images(generator, teacher, prompts, seeds, plan.latent_shape, device)
+            if rank == 0:
+                metrics.update({f"eval_{k}": float(v) for k, v in probe(images, prompts).items()})
         records.record(metrics, echo=True)
         if checkpoint:
             records.save_checkpoint(step, metrics, gen_engine, fake_engine, rng, stream)

@@ -35,6 +35,20 @@ def read_history(output: str) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+@torch.no_grad()
+def generated_images(generator, teacher, prompts: list[str], seeds: list[int], latent_shape, device, batch_size: int = 64):
+    """uint8 NHWC images of the generator from the seeded noise of `seeds`, eager: a new batch size would compile
+    (and CUDA-graph) graphs of its own. Every rank calls it (ZeRO-3 gathers weights collectively)."""
+    import numpy as np
+
+    out = []
+    with torch.compiler.set_stance("force_eager"):
+        for i in range(0, len(prompts), batch_size):
+            noise = torch.stack([seeded_noise(seed, latent_shape) for seed in seeds[i : i + batch_size]]).to(device)
+            out.append(to_uint8(teacher.decode(generator(noise, teacher.encode_prompts(prompts[i : i + batch_size])))))
+    return np.concatenate(out)
+
+
 class RunRecords:
     """One per worker; rank 0 writes the shared files, every rank takes part in checkpoints and sample grids."""
 
@@ -123,16 +137,14 @@ class RunRecords:
             self.writer.close()
 
     # ---------------------------------------------------------------------------------------- samples
-    @torch.no_grad()
     def sample_grid(self, tag: str, generator, teacher, latent_shape, device) -> None:
         """The generator on fixed noise and the config's sample prompts. Every rank runs it (ZeRO-3 gathers weights
         collectively); rank 0 writes samples/<tag>.png and samples/latest.png."""
         prompts = list(self.cfg.sample_prompts)
-        noise = torch.stack([seeded_noise(pair_seed(self.cfg.seed + SAMPLE_SEED_OFFSET, i), latent_shape) for i in range(len(prompts))])
-        with torch.compiler.set_stance("force_eager"):  # a grid's batch would compile (and CUDA-graph) a graph of its own
-            images = teacher.decode(generator(noise.to(device), teacher.encode_prompts(prompts)))
+        seeds = [pair_seed(self.cfg.seed + SAMPLE_SEED_OFFSET, i) for i in range(len(prompts))]
+        images = generated_images(generator, teacher, prompts, seeds, latent_shape, device)
         if self.rank != 0:
             return
-        data = png_bytes(grid(to_uint8(images), columns=len(prompts)), min_size=256)
+        data = png_bytes(grid(images, columns=len(prompts)), min_size=256)
         for name in (f"{tag}.png", "latest.png"):
             storage.write_bytes(storage.join(self.cfg.output, "samples", name), data)

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from dmd_ray.images import to_uint8
+from dmd_ray.images import to_uint8_tensor
 from dmd_ray.method.generator import OneStepGenerator
 from dmd_ray.method.sampling import seeded_noise
 from dmd_ray.typed_config import ConfigError
@@ -90,19 +90,21 @@ class OneStepImageGenerator:
             raise ValueError(f"size {size} is not supported by this generator: width and height must be multiples of {m}")
 
     @torch.inference_mode()
-    def generate(self, jobs: Sequence[GenerationJob]) -> list[np.ndarray]:
-        """One [n, H, W, 3] uint8 array per job. Jobs of one size run as one batch; equal prompts are encoded once."""
-        results: list[np.ndarray | None] = [None] * len(jobs)
+    def generate(self, jobs: Sequence[GenerationJob], on_device: bool = False) -> list[np.ndarray] | list[torch.Tensor]:
+        """One [n, H, W, 3] uint8 array per job, or with `on_device` one [n, 3, H, W] uint8 tensor on the generator's
+        device (for an encoder there: nvJPEG). Jobs of one size run as one batch; equal prompts are encoded once."""
+        results: list = [None] * len(jobs)
         for size in sorted({job.size for job in jobs}):
             indices = [i for i, job in enumerate(jobs) if job.size == size]
             images = self._generate_same_size([jobs[i] for i in indices], size)
+            images = images if on_device else images.permute(0, 2, 3, 1).cpu().numpy()
             start = 0
             for i in indices:
                 results[i] = images[start : start + jobs[i].num_images]
                 start += jobs[i].num_images
         return results  # type: ignore[return-value]
 
-    def _generate_same_size(self, jobs: Sequence[GenerationJob], size: ImageSize) -> np.ndarray:
+    def _generate_same_size(self, jobs: Sequence[GenerationJob], size: ImageSize) -> torch.Tensor:
         c = self.components
         latent_shape = (int(c.unet.config.in_channels), size.height // c.vae_scale_factor, size.width // c.vae_scale_factor)
         prompts = [job.prompt for job in jobs for _ in job.seeds]
@@ -112,7 +114,7 @@ class OneStepImageGenerator:
         noise = torch.stack([seeded_noise(seed, latent_shape) for job in jobs for seed in job.seeds])
         noise = noise.to(self.device, self.dtype)
         x0 = self.generator(noise, embeddings)
-        return to_uint8(c.decode(x0))
+        return to_uint8_tensor(c.decode(x0))
 
     def warmup(self, max_batch_size: int, sizes: Sequence[ImageSize] = ()) -> None:
         """Generates once per size and batch size before the first user does, who would otherwise pay for lazy
