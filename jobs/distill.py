@@ -36,7 +36,23 @@ def run(cfg: DistillConfig):
             raise ConfigError(f"--eval-every scores images with the shapes domain's judge, but {cfg.prompts} is not a shapes prompt set ({e}): "
                               "set --eval-every 0") from None
         probe = TrainingProbe(cfg.eval_samples, cfg.seed)
-    return distill(cfg, probe)
+    result = distill(cfg, probe)
+    if cfg.teacher == "demo" and cfg.export:
+        compare_with_the_shipped_student(cfg)
+    return result
+
+
+def compare_with_the_shipped_student(cfg: DistillConfig) -> None:
+    """The demo's last picture: rendered scenes, the teacher (50 PNDM steps), the shipped `demo` student (one step,
+    trained on a GPU) and this run's student (one step), on the same prompts and seeds."""
+    from dmd_ray.data import storage
+    from dmd_ray.demos.shapes_eval import comparison_grid
+    from dmd_ray.images import png_bytes
+
+    export = storage.join(storage.absolute(cfg.output), "export")
+    uri = storage.join(cfg.output, "comparison.png")
+    storage.write_bytes(uri, png_bytes(comparison_grid(["teacher:demo", "demo", export]), min_size=256))
+    print(f"[distill] rows of {uri}: rendered scenes; the teacher (50 steps); the shipped demo student (1 step); this run's student (1 step)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -209,6 +209,8 @@ class BatchedGenerator:
     def __init__(self, generator: OneStepImageGenerator, max_batch_size: int, batch_wait_timeout_s: float, on_device: bool = False):
         self.generator = generator
         self.on_device = on_device  # images stay on the generator's device as uint8 tensors (for ImageEncoder)
+        # one thread runs every batch (and the warm-up): CUDA graphs recorded in one thread replay in that thread only
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self.max_batch_size = max_batch_size
         self._gather.set_max_batch_size(max_batch_size)
         self._gather.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -249,7 +251,7 @@ class BatchedGenerator:
     async def _run(self, jobs: list[GenerationJob], futures: list[asyncio.Future]) -> None:
         started = time.perf_counter()
         try:
-            results = await asyncio.to_thread(self.generator.generate, jobs, self.on_device)
+            results = await asyncio.get_running_loop().run_in_executor(self.thread, self.generator.generate, jobs, self.on_device)
         except Exception as e:
             self.consecutive_failures += 1
             for future in futures:
@@ -315,18 +317,18 @@ class OneStepImageService:
         if device == "cpu":
             torch.set_num_threads(max(1, int(config.num_cpus)))
         folder = resolve.resolve_generator(config.model, config.cache_dir or None)
-        self.generator = OneStepImageGenerator(folder, device, config.dtype)
+        self.generator = OneStepImageGenerator(folder, device, config.dtype, config.decoder, config.cache_dir or None, config.compile_mode(device))
         sizes = tuple(ImageSize.parse(s) for s in config.sizes) or (self.generator.native_size,)
         for size in sizes:
             self.generator.check_size(size)
         self.limits = RequestLimits(config.max_prompt_chars, config.max_images, sizes)
         self.model_id = served_model_name(config)
         self.model_created = int(os.path.getmtime(os.path.join(folder, "dmd_ray.json")))
-        if config.warmup:
-            started = time.perf_counter()
-            self.generator.warmup(config.max_batch_size, sizes)
-            logger.info("warm-up took %.1f s", time.perf_counter() - started)
         self.batcher = BatchedGenerator(self.generator, config.max_batch_size, config.batch_wait_timeout_s, on_device=device == "cuda")
+        if config.warmup:  # in the batcher's thread, where the compiled graphs will replay
+            started = time.perf_counter()
+            self.batcher.thread.submit(self.generator.warmup, config.max_batch_size, sizes).result()
+            logger.info("warm-up took %.1f s (compile: %s)", time.perf_counter() - started, self.generator.compile_mode or "off")
         self.encoder = ImageEncoder(config.encode_threads or max(2, int(config.num_cpus)))
         logger.info("serving %s (%s) on %s in %s; sizes %s; auth %s", self.model_id, config.model, device,
                     self.generator.dtype, ", ".join(map(str, sizes)), "on" if api.state.api_key else "off")

@@ -35,6 +35,10 @@ class ServiceConfig:
     cache_dir: str = ""  # where s3:// generators are downloaded; "" means ~/.cache/dmd_ray/generators
     accelerator: str = "auto"  # auto: a GPU per replica when the cluster has GPUs, else CPU
     dtype: str = "auto"  # auto: float16 on GPU, float32 on CPU
+    # torch.compile of the UNet and the decoder: auto (GPU: reduce-overhead, i.e. CUDA graphs per batch and image size,
+    # recorded at warm-up; CPU: eager), false, or a torch.compile mode
+    compile: str = "auto"
+    decoder: str = ""  # "": the generator's VAE; a tiny decoder (TAESD architecture): demo-tiny, a folder, s3:// or a hub id (madebyollin/taesd)
     num_cpus: float = 1.0  # per replica; on CPU also the number of torch threads
     encode_threads: int = 0  # threads encoding PNG/JPEG/WebP beside generation; 0: max(2, num_cpus)
     num_gpus: float = 1.0  # per replica when on GPU (fractions pack replicas onto one GPU)
@@ -69,6 +73,12 @@ class ServiceConfig:
         config = from_dict(cls, values)
         config.check()
         return config
+
+    def compile_mode(self, device: str) -> str:
+        """The torch.compile mode for a replica on `device` ("" for eager)."""
+        if self.compile == "auto":
+            return "reduce-overhead" if device == "cuda" else ""
+        return "" if self.compile == "false" else ("default" if self.compile == "true" else self.compile)
 
     def check(self) -> None:
         problems = []

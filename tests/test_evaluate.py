@@ -62,3 +62,12 @@ def test_training_probe_scores_the_generators_images_of_its_own_rows():
     assert set(good) == {"fid", "prompt_accuracy"}
     assert good["prompt_accuracy"] > 0.9 and noise["prompt_accuracy"] < 0.2
     assert good["fid"] < noise["fid"]
+
+
+def test_comparison_grid_puts_each_model_under_the_renders():
+    """The README demo's last picture (jobs/distill.py writes it for the demo teacher): renders, then one row per model."""
+    from dmd_ray.demos.shapes_eval import comparison_grid
+
+    picture = comparison_grid(["teacher-onestep:demo", "demo"], columns=3)
+    assert picture.shape == (3 * 32, 3 * 32, 3) and picture.dtype == np.uint8
+    assert picture[32:64].std() > 0 and not np.array_equal(picture[32:64], picture[64:96])

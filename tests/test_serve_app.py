@@ -113,8 +113,9 @@ def test_openai_client_generates_through_the_service(serve_url):
     for output_format, magic in (("jpeg", b"\xff\xd8\xff"), ("webp", b"RIFF")):
         result = client.images.generate(prompt="a small red circle", size="64x64", extra_body={"seed": 43, "output_format": output_format, "output_compression": 95})
         data = base64.b64decode(result.data[0].b64_json)
-        assert data.startswith(magic) and result.model_extra["output_format"] == output_format
-        assert np.abs(decode_png(result.data[0].b64_json).astype(int) - images[1].astype(int)).mean() < 12  # the same image, lossy
+        assert data.startswith(magic) and result.model_dump()["output_format"] == output_format
+        decoded = decode_png(result.data[0].b64_json).astype(int)  # the same image, lossy: nearer seed 43's than seed 42's
+        assert np.abs(decoded - images[1].astype(int)).mean() < 0.7 * np.abs(decoded - images[0].astype(int)).mean()
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.generate(prompt="a small red circle", extra_body={"output_format": "gif"})
     assert caught.value.status_code == 400

@@ -244,3 +244,55 @@ def test_requests_name_a_bad_output_format_or_compression():
             ImageGenerationRequest(prompt="x", **bad)
         with pytest.raises(ValidationError, match=next(iter(bad))):
             GenerateRequest(prompt="x", **bad)
+
+
+# --------------------------------------------------------------------------------------------- the tiny decoder
+def test_tiny_decoder_loads_from_its_name_a_folder_s3_and_refuses_what_cannot_decode(s3_bucket, tmp_path, monkeypatch):
+    """resolve.load_tiny_decoder: the packaged demo-tiny, a folder, an s3:// prefix; a hub id that cannot be fetched
+    and a decoder of other latents are refused by name."""
+    from huggingface_hub import constants
+
+    from dmd_ray.data.storage import upload_tree
+    from dmd_ray.demos.tiny_decoder import build_tiny_decoder
+
+    packaged = resolve.load_tiny_decoder("demo-tiny")
+    assert not any(p.requires_grad for p in packaged.parameters())
+    resolve.check_tiny_decoder(packaged, 4, 4, "demo-tiny")
+    folder = str(tmp_path / "taesd-like")
+    build_tiny_decoder(4, 8).save_pretrained(folder, safe_serialization=True)  # SD's layout: three upsamplings
+    local = resolve.load_tiny_decoder(folder)
+    assert local.decode(torch.randn(1, 4, 8, 8), return_dict=False)[0].shape == (1, 3, 64, 64)
+    with pytest.raises(resolve.ConfigError, match="upsampled 8x; this model's are 4-channel, upsampled 4x"):
+        resolve.check_tiny_decoder(local, 4, 4, folder)
+    upload_tree(folder, f"{s3_bucket}/decoders/taesd-like")
+    from_s3 = resolve.load_tiny_decoder(f"{s3_bucket}/decoders/taesd-like", cache_dir=str(tmp_path / "cache"))
+    assert all(torch.equal(a, b) for a, b in zip(from_s3.state_dict().values(), local.state_dict().values()))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(resolve.DecoderNotFoundError, match="madebyollin/taesd.*HF_HUB_OFFLINE"):
+        resolve.load_tiny_decoder("madebyollin/taesd")
+    with pytest.raises(resolve.DecoderNotFoundError, match="no such folder"):
+        resolve.load_tiny_decoder(str(tmp_path / "missing"))
+
+
+def test_the_demo_generator_decodes_with_the_tiny_decoder_close_to_its_vae():
+    size = ImageSize(32, 32)
+    jobs = [GenerationJob("a large red circle on a blue background", (0, 1, 2, 3), size)]
+    full = OneStepImageGenerator(resolve.BUILT_IN_GENERATORS["demo"])
+    tiny = OneStepImageGenerator(resolve.BUILT_IN_GENERATORS["demo"], decoder="demo-tiny")
+    a, b = full.generate(jobs)[0].astype(float), tiny.generate(jobs)[0].astype(float)
+    assert a.shape == b.shape == (4, 32, 32, 3)
+    assert np.abs(a - b).mean() < 12  # pixel levels of 255 (BENCHMARKS.md has the judge's FID and accuracy)
+
+
+@pytest.mark.slow
+def test_the_compiled_generator_gives_the_eager_images():
+    """compile_mode (the service's `compile`, reduce-overhead on GPUs) only changes speed: compiled in the default
+    mode on CPU, the same jobs give the eager images within a pixel level, with the full VAE and the tiny decoder."""
+    size = ImageSize(32, 32)
+    jobs = [GenerationJob("a red ring", (1, 2), size), GenerationJob("a blue square", (3,), size)]
+    for decoder in ("", "demo-tiny"):
+        eager = OneStepImageGenerator(resolve.BUILT_IN_GENERATORS["demo"], decoder=decoder)
+        compiled = OneStepImageGenerator(resolve.BUILT_IN_GENERATORS["demo"], decoder=decoder, compile_mode="default")
+        compiled.warmup(3, [size])
+        a, b = (np.concatenate(g.generate(jobs)).astype(int) for g in (eager, compiled))
+        assert np.abs(a - b).max() <= 1, decoder

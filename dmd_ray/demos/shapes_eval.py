@@ -76,8 +76,10 @@ def metrics(images: np.ndarray, prompts: list[str], judge, real: torch.Tensor) -
 
     fake = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
     features = shapes.ClassifierFeatures(judge)
-    fid = FrechetInceptionDistance(feature=features, reset_real_features=False)
-    kid = KernelInceptionDistance(feature=features, subset_size=min(100, len(fake) // 2), subsets=20)
+    # sync_on_compute off: inside a Ray Train run (TrainingProbe) only rank 0 scores, and torchmetrics would otherwise
+    # wait for the other ranks in an all-gather
+    fid = FrechetInceptionDistance(feature=features, reset_real_features=False, sync_on_compute=False)
+    kid = KernelInceptionDistance(feature=features, subset_size=min(100, len(fake) // 2), subsets=20, sync_on_compute=False)
     for metric in (fid, kid):
         metric.update(real, real=True)
         metric.update(fake, real=False)
@@ -118,6 +120,16 @@ class TrainingProbe:
             self._real = ((shapes.render([shapes.parse_prompt(p) for p in prompts], seed=self.seed + 10**6) + 1) * 127.5).round().to(torch.uint8)
         result = metrics(images, prompts, self._judge, self._real)
         return {k: result[k] for k in ("fid", "prompt_accuracy", *(["lpips_diversity"] if "lpips_diversity" in result else []))}
+
+
+def comparison_grid(specs: list[str], columns: int = 8, seed: int = 0) -> np.ndarray:
+    """One row per model of the first `columns` evaluation prompts and seeds, under a row of renders: in-process
+    (no Ray), for small grids such as the end of the README's demo."""
+    cfg = EvalConfig(num_samples=columns, seed=seed)
+    rows = sample_rows(cfg)
+    batch = {"prompt": [r["prompt"] for r in rows], "seed": [r["seed"] for r in rows]}
+    real = shapes.render([shapes.parse_prompt(p) for p in batch["prompt"]], seed=seed + 10**6)
+    return grid(np.concatenate([to_uint8(real), *(ImageMaker(spec, cfg)(batch)["image"] for spec in specs)]), columns)
 
 
 # --------------------------------------------------------------------------------------------- the job

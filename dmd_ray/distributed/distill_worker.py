@@ -49,8 +49,10 @@ def deepspeed_config(cfg: DistillConfig, micro_batch: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if cfg.precision == "bf16":
-        config["torch_autocast" if zero0 else "bf16"] = {"enabled": True, "dtype": "bfloat16"} if zero0 else {"enabled": True}
+    if cfg.precision == "bf16" and zero0:
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    elif cfg.precision == "bf16":
+        config["bf16"] = {"enabled": True}
     return config
 
 

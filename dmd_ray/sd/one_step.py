@@ -24,7 +24,7 @@ from dmd_ray.images import to_uint8_tensor
 from dmd_ray.method.generator import OneStepGenerator
 from dmd_ray.method.sampling import seeded_noise
 from dmd_ray.typed_config import ConfigError
-from dmd_ray.sd.resolve import load_teacher, read_generator_info
+from dmd_ray.sd.resolve import check_tiny_decoder, load_teacher, load_tiny_decoder, read_generator_info
 from dmd_ray.sd.teacher import resolve_dtype
 
 SEED_MODULUS = 2**32  # seeds are uint32: exact in a browser's JSON numbers (up to 2**53), easy to type and share
@@ -68,7 +68,14 @@ def random_seed() -> int:
 class OneStepImageGenerator:
     """An exported one-step generator on one device, turning batches of jobs into uint8 images."""
 
-    def __init__(self, folder: str, device: str | torch.device = "cpu", dtype: str = "auto"):
+    def __init__(self, folder: str, device: str | torch.device = "cpu", dtype: str = "auto", decoder: str = "", cache_dir: str | None = None,
+                 compile_mode: str = ""):
+        """`decoder`: "" decodes with the generator's own VAE; else a tiny latent decoder (resolve.load_tiny_decoder:
+        demo-tiny, a folder, s3:// or a hub id such as madebyollin/taesd), several times cheaper at some quality cost.
+        `compile_mode`: "" runs eager; else the UNet and the decoder are torch.compile'd in that mode, with static
+        shapes: "reduce-overhead" replays CUDA graphs, one per (batch size, image size), recorded by `warmup` (call
+        generate from one thread: CUDA graph trees are per thread). The text encoder stays eager: its batch is the
+        number of distinct prompts, which varies."""
         info = read_generator_info(folder)
         if len(info.get("generator_timesteps", [0])) > 1:
             raise ConfigError(f"{folder} holds a {len(info['generator_timesteps'])}-step generator; this service runs one-step generators "
@@ -80,6 +87,17 @@ class OneStepImageGenerator:
                                           self.components.prediction_type, info.get("generator_timestep"))
         self.info = info
         c = self.components
+        self.decode = c.decode
+        decoder_network = c.vae.decoder
+        if decoder:
+            tiny = load_tiny_decoder(decoder, cache_dir, self.dtype).to(self.device)
+            check_tiny_decoder(tiny, int(c.unet.config.in_channels), c.vae_scale_factor, decoder)
+            self.decode = lambda latents: tiny.decode(latents.to(self.dtype) / tiny.config.scaling_factor, return_dict=False)[0]
+            decoder_network = tiny.decoder
+        self.compile_mode = compile_mode
+        if compile_mode:
+            for network in (c.unet, decoder_network):
+                network.compile(mode=compile_mode, dynamic=False)
         self.native_size = ImageSize(c.default_resolution, c.default_resolution)
         # A latent side must survive the UNet's downsamplings (2 per down block but the last) exactly.
         self.size_multiple = c.vae_scale_factor * 2 ** (len(c.unet.config.down_block_types) - 1)
@@ -104,7 +122,14 @@ class OneStepImageGenerator:
                 start += jobs[i].num_images
         return results  # type: ignore[return-value]
 
-    def _generate_same_size(self, jobs: Sequence[GenerationJob], size: ImageSize) -> torch.Tensor:
+    def latents(self, jobs: Sequence[GenerationJob]) -> torch.Tensor:
+        """The generator's x0 latents for jobs of one size, before decoding."""
+        sizes = {job.size for job in jobs}
+        if len(sizes) != 1:
+            raise ValueError(f"latents() takes jobs of one size, got {sorted(map(str, sizes))}")
+        return self._latents(jobs, sizes.pop())
+
+    def _latents(self, jobs: Sequence[GenerationJob], size: ImageSize) -> torch.Tensor:
         c = self.components
         latent_shape = (int(c.unet.config.in_channels), size.height // c.vae_scale_factor, size.width // c.vae_scale_factor)
         prompts = [job.prompt for job in jobs for _ in job.seeds]
@@ -113,8 +138,12 @@ class OneStepImageGenerator:
         embeddings = embeddings[torch.tensor([unique.index(p) for p in prompts], device=embeddings.device)]
         noise = torch.stack([seeded_noise(seed, latent_shape) for job in jobs for seed in job.seeds])
         noise = noise.to(self.device, self.dtype)
-        x0 = self.generator(noise, embeddings)
-        return to_uint8_tensor(c.decode(x0))
+        if self.compile_mode:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous batch's graph outputs are no longer read
+        return self.generator(noise, embeddings)
+
+    def _generate_same_size(self, jobs: Sequence[GenerationJob], size: ImageSize) -> torch.Tensor:
+        return to_uint8_tensor(self.decode(self._latents(jobs, size)))
 
     def warmup(self, max_batch_size: int, sizes: Sequence[ImageSize] = ()) -> None:
         """Generates once per size and batch size before the first user does, who would otherwise pay for lazy

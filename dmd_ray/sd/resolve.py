@@ -30,6 +30,8 @@ from dmd_ray.typed_config import ConfigError
 PACKAGED_TEACHERS = {"demo": os.path.join(ASSETS, "demo-teacher")}
 # Exported one-step generators that ship inside the package: name -> local diffusers folder (see export.py).
 BUILT_IN_GENERATORS: dict[str, str] = {"demo": os.path.join(ASSETS, "demo-generator")}
+# Tiny latent decoders (diffusers AutoencoderTiny, TAESD's architecture) that ship inside the package.
+PACKAGED_DECODERS = {"demo-tiny": os.path.join(ASSETS, "demo-tiny-decoder")}
 
 GENERATOR_INFO = "dmd_ray.json"  # what marks a folder as an exported one-step generator (export.py writes it)
 GENERATOR_FORMAT = "dmd-ray-generator/1"
@@ -52,7 +54,16 @@ class GeneratorNotFoundError(ModelNotFoundError):
     pass
 
 
-_ERRORS = {"teacher": TeacherNotFoundError, "generator": GeneratorNotFoundError}
+class DecoderNotFoundError(ModelNotFoundError):
+    pass
+
+
+_ERRORS = {"teacher": TeacherNotFoundError, "generator": GeneratorNotFoundError, "decoder": DecoderNotFoundError}
+
+
+def _packaged(kind: str) -> dict[str, str]:
+    """The packaged models of a kind (read when asked: tests and plugins may register more)."""
+    return {"teacher": PACKAGED_TEACHERS, "generator": BUILT_IN_GENERATORS, "decoder": PACKAGED_DECODERS}[kind]
 
 
 def default_cache_dir(kind: str = "teacher") -> str:
@@ -78,6 +89,11 @@ def _wanted_from_s3(relative_path: str) -> bool:
     return len(parts) == 2 and parts[0] in COMPONENTS and parts[1].endswith(_S3_SUFFIXES)
 
 
+def _wanted_decoder_file(relative_path: str) -> bool:
+    """A tiny decoder is one model folder: its config and safetensors weights."""
+    return "/" not in relative_path and relative_path.endswith((".safetensors", ".json"))
+
+
 def _s3_cache_folder(uri: str, cache_dir: str) -> str:
     """One folder per URI: readable name, plus a hash so that different prefixes with one basename never collide."""
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
@@ -90,7 +106,7 @@ def _download_s3(uri: str, kind: str, cache_dir: str | None) -> str:
     uri = "s3://" + uri[len("s3://") :].strip("/")  # s3://b/p/ and s3://b/p are one model, cached once
     local = _s3_cache_folder(uri, os.path.expanduser(cache_dir or default_cache_dir(kind)))
     try:
-        return storage.download_prefix(uri, local, _wanted_from_s3)
+        return storage.download_prefix(uri, local, _wanted_decoder_file if kind == "decoder" else _wanted_from_s3)
     except storage.StorageError as e:  # nothing (usable) under the prefix
         raise _ERRORS[kind](f"{kind} {uri!r}: {e}") from e
     except OSError as e:  # pyarrow: missing bucket, access denied, unreachable endpoint
@@ -99,10 +115,10 @@ def _download_s3(uri: str, kind: str, cache_dir: str | None) -> str:
 
 def locate(spec: str, kind: str = "teacher", cache_dir: str | None = None) -> str:
     """The local folder a spec names (downloading an s3:// prefix into the cache first), or a teacher's hub id as it
-    is. Built-in teachers made in code have no folder: ask `BUILT_IN` first."""
+    is (a tiny decoder's too). Built-in teachers made in code have no folder: ask `BUILT_IN` first."""
     error = _ERRORS[kind]
     spec = str(spec)
-    packaged = PACKAGED_TEACHERS if kind == "teacher" else BUILT_IN_GENERATORS
+    packaged = _packaged(kind)
     if spec in packaged:
         if not os.path.isdir(packaged[spec]):
             raise error(f"the packaged {kind} {spec!r} is missing from this installation ({packaged[spec]})")
@@ -116,7 +132,7 @@ def locate(spec: str, kind: str = "teacher", cache_dir: str | None = None) -> st
         raise error(f"{kind} {spec!r} is a file; expected a diffusers folder (tokenizer/, text_encoder/, unet/, vae/, scheduler/)")
     if _looks_like_path(spec):
         raise error(f"{kind} {spec!r}: no such folder ({os.path.abspath(local)} does not exist)")
-    if kind == "teacher":
+    if kind in ("teacher", "decoder"):
         return spec  # a hub id
     names = ", ".join(sorted(packaged)) or "none are registered yet"  # only generators get here: teachers are hub ids
     raise error(f"{kind} {spec!r} is neither a built-in name (built-in: {names}), an s3:// URI, nor an existing folder "
@@ -291,6 +307,34 @@ def resolve_generator(spec: str, cache_dir: str | None = None) -> str:
             "(dmd_ray.sd.export.export_generator writes one); a multi-step teacher would give noise in one step"
         )
     return folder
+
+
+def load_tiny_decoder(spec: str, cache_dir: str | None = None, torch_dtype: torch.dtype = torch.float32):
+    """A tiny latent decoder (diffusers AutoencoderTiny: TAESD's architecture) from a packaged name (demo-tiny), a
+    folder, an s3:// prefix or a hub id (madebyollin/taesd for SD 1.x/2.x latents, madebyollin/taesdxl for SDXL's);
+    frozen, safetensors weights only. It decodes the latents the UNet sees (its scaling factor is 1)."""
+    from diffusers import AutoencoderTiny
+
+    where = locate(spec, "decoder", cache_dir)
+    try:
+        decoder = AutoencoderTiny.from_pretrained(where, torch_dtype=torch_dtype, use_safetensors=True)
+    except Exception as e:
+        from huggingface_hub import constants
+
+        offline = " HF_HUB_OFFLINE is set, so only the local Hugging Face cache was searched." if constants.HF_HUB_OFFLINE else ""
+        raise DecoderNotFoundError(f"tiny decoder {spec!r}: could not load an AutoencoderTiny with safetensors weights from "
+                                   f"{where} (packaged: {', '.join(PACKAGED_DECODERS)}) ({brief(e)}).{offline}") from e
+    freeze(decoder)
+    return decoder
+
+
+def check_tiny_decoder(decoder, latent_channels: int, vae_scale_factor: int, spec: str = "") -> None:
+    """Refuses a tiny decoder that cannot decode this model's latents (channels, or upsampling factor)."""
+    cfg = decoder.config
+    scale = int(cfg.upsampling_scaling_factor) ** (len(cfg.decoder_block_out_channels) - 1)
+    if cfg.latent_channels != latent_channels or scale != vae_scale_factor:
+        raise ConfigError(f"tiny decoder {spec!r} decodes {cfg.latent_channels}-channel latents upsampled {scale}x; this model's are "
+                          f"{latent_channels}-channel, upsampled {vae_scale_factor}x by its VAE")
 
 
 def read_generator_info(folder: str) -> dict:
