@@ -210,3 +210,22 @@ def test_in_training_evaluation_without_a_judge_is_refused():
 
     with pytest.raises(ConfigError, match="eval_every needs a judge"):
         distill(DistillConfig(eval_every=100))
+
+
+def test_a_resume_under_another_zero_stage_or_worker_count_is_refused(tmp_path):
+    """The checkpoint's engine states fit one ZeRO stage (and, under ZeRO 1-3, one worker count): refused on the driver."""
+    import json
+
+    from dmd_ray.distributed.distill_driver import check_resume_world_size
+
+    checkpoint = tmp_path / "run" / "distill" / "checkpoint_step_0000100"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"world_size": 2, "config": {"zero_stage": 2}}))
+    base = dict(output=str(tmp_path / "run"), run_name="distill")
+    check_resume_world_size(DistillConfig(**base, zero_stage=2, num_workers=2))  # the same: resumes
+    with pytest.raises(ConfigError, match="written under ZeRO-2.*Resume with --zero-stage 2"):
+        check_resume_world_size(DistillConfig(**base, zero_stage=0, num_workers=2))
+    with pytest.raises(ConfigError, match="written by 2 worker.*--num-workers 2"):
+        check_resume_world_size(DistillConfig(**base, zero_stage=2, num_workers=1))
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"world_size": 2, "config": {"zero_stage": 0}}))
+    check_resume_world_size(DistillConfig(**base, zero_stage=0, num_workers=1))  # ZeRO-0: any worker count

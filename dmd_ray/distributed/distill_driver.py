@@ -114,7 +114,10 @@ def check_resume_world_size(cfg: DistillConfig) -> None:
         return
     state = json.loads(storage.read_bytes(storage.join(run_dir, checkpoints[-1], "trainer_state.json")))
     saved_stage = state.get("config", {}).get("zero_stage", cfg.zero_stage)
-    if state["world_size"] != cfg.num_workers and max(saved_stage, cfg.zero_stage) >= 1:
+    if saved_stage != cfg.zero_stage:  # ZeRO-0 keeps fp32 weights and torch's optimizer state, ZeRO 1-3 DeepSpeed's partitions
+        raise ConfigError(f"{run_dir} resumes from {checkpoints[-1]}, written under ZeRO-{saved_stage}; its engine states do not load under "
+                          f"ZeRO-{cfg.zero_stage}. Resume with --zero-stage {saved_stage}, or start a new run (--run-name or --output)")
+    if state["world_size"] != cfg.num_workers and saved_stage >= 1:
         raise ConfigError(
             f"{run_dir} resumes from {checkpoints[-1]}, written by {state['world_size']} worker(s) under ZeRO-{saved_stage}; DeepSpeed cannot "
             f"re-partition ZeRO optimizer states over {cfg.num_workers} worker(s). Resume with --num-workers {state['world_size']}, "
