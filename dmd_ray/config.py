@@ -150,6 +150,11 @@ class DistillConfig:
     # ZeRO 1-2, eager under ZeRO-3), true (default mode), false, or a torch.compile mode (reduce-overhead,
     # max-autotune-no-cudagraphs, ...). Compiled once per run: the shapes are fixed, sample grids run eager.
     compile: str = "auto"
+    # torch.compile's caches (Inductor's kernels and AOTAutograd's graphs, not Dynamo's tracing) saved after the first
+    # compiled steps and loaded by a resumed run, so that it skips most of the compilation: "auto" (<output>/compile_cache.bin),
+    # "" (none), or a file (local or s3://) that runs of the same shapes share. Loading it unpickles: keep it where
+    # only the runs' owners write, as the checkpoints.
+    compile_cache: str = "auto"
     fused_adamw: str = "auto"  # true / auto (on GPU): torch's fused AdamW kernel instead of its per-tensor loop
     # scale
     num_workers: int = 1

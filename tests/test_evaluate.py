@@ -37,8 +37,9 @@ def test_evaluate_job_end_to_end(ray_cluster, tmp_path):
     assert on_disk["models"] == json.loads(json.dumps(summary["models"]))
     teacher_row, onestep_row = summary["models"]["teacher:demo"], summary["models"][export]
     for row in (teacher_row, onestep_row):
-        assert set(row) >= {"fid", "kid", "prompt_accuracy", "lpips_diversity", "num_samples"}
+        assert set(row) >= {"fid", "kid", "prompt_accuracy", "lpips_diversity", "num_samples", "fid_ci95", "prompt_accuracy_ci95"}
         assert row["num_samples"] == 200 and 0 <= row["prompt_accuracy"] <= 1 and row["lpips_diversity"] > 0
+        assert row["prompt_accuracy_ci95"][0] <= row["prompt_accuracy"] <= row["prompt_accuracy_ci95"][1]
     # the guided multi-step teacher follows prompts far better than its own network run once, unguided
     assert teacher_row["prompt_accuracy"] > onestep_row["prompt_accuracy"] + 0.1
     assert teacher_row["fid"] < onestep_row["fid"]
@@ -71,3 +72,30 @@ def test_comparison_grid_puts_each_model_under_the_renders():
     picture = comparison_grid(["teacher-onestep:demo", "demo"], columns=3)
     assert picture.shape == (3 * 32, 3 * 32, 3) and picture.dtype == np.uint8
     assert picture[32:64].std() > 0 and not np.array_equal(picture[32:64], picture[64:96])
+
+
+def test_frechet_distance_and_its_bootstrap_interval():
+    """FID's closed form on known Gaussians, and bootstrap intervals that hold the estimate and narrow with samples."""
+    import torch
+
+    from dmd_ray.demos.shapes_eval import bootstrap_intervals, frechet_distance
+
+    eye, shift = torch.eye(3, dtype=torch.float64), torch.tensor([3.0, 0, 4.0], dtype=torch.float64)
+    assert frechet_distance(shift, eye, torch.zeros(3, dtype=torch.float64), eye) == pytest.approx(25.0)
+    a, b = torch.diag(torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64)), torch.diag(torch.tensor([4.0, 4.0, 1.0], dtype=torch.float64))
+    assert frechet_distance(shift, a, shift, b) == pytest.approx(1 + 0 + 4)  # sum of (sqrt a_i - sqrt b_i)^2
+    gen = torch.Generator().manual_seed(0)
+    real = torch.randn(2000, 4, generator=gen, dtype=torch.float64)
+    widths = []
+    for n in (200, 2000):
+        fake = torch.randn(n, 4, generator=gen, dtype=torch.float64) + 0.5
+        correct = torch.rand(n, generator=gen) < 0.7
+        ci = bootstrap_intervals(fake, real, correct, resamples=100)
+        fid = frechet_distance(fake.mean(0), torch.cov(fake.T), real.mean(0), torch.cov(real.T))
+        accuracy = float(correct.double().mean())
+        assert sum(ci["fid_ci95"]) / 2 == pytest.approx(fid) and ci["fid_ci95"][0] < fid < ci["fid_ci95"][1]
+        assert sum(ci["prompt_accuracy_ci95"]) / 2 == pytest.approx(accuracy)
+        binomial = 1.96 * (accuracy * (1 - accuracy) / n) ** 0.5  # the accuracy's spread is a binomial one
+        assert ci["prompt_accuracy_ci95"][1] - accuracy == pytest.approx(binomial, rel=0.3)
+        widths.append(ci["fid_ci95"][1] - ci["fid_ci95"][0])
+    assert widths[1] < widths[0] / 2

@@ -124,12 +124,12 @@ def test_one_iteration_on_the_tiny_teacher_with_torch_optimisers():
 
 
 @pytest.mark.slow
-def test_compiled_networks_give_the_eager_losses():
+def test_compiled_networks_give_the_eager_losses(tmp_path):
     """The fast path's compiled networks (torch.compile, as `--compile true` sets them up in the worker) compute the
     same DMD iterations as eager ones on CPU: three iterations of the tiny teacher, losses and gradient norms within
     float tolerance. (Minutes of compilation on 2 cores.)"""
     from dmd_ray.config import DistillConfig
-    from dmd_ray.distributed.distill_worker import compile_network
+    from dmd_ray.distributed.distill_worker import compile_network, load_compile_cache, save_compile_cache
     from dmd_ray.sd.architectures import build_tiny_teacher
     from dmd_ray.sd.conditioning import PromptConditions
     from dmd_ray.sd.dmd import build_step
@@ -152,3 +152,7 @@ def test_compiled_networks_give_the_eager_losses():
         assert eager.keys() == compiled.keys()
         for key in eager:
             assert compiled[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-7), key
+    # what a resumed run loads to skip most of the compilation (the worker's compile_cache)
+    cache = str(tmp_path / "compile_cache.bin")
+    assert save_compile_cache(cache) > 0
+    assert load_compile_cache(cache) and not load_compile_cache(str(tmp_path / "missing.bin"))

@@ -76,6 +76,24 @@ def engine(cfg: DistillConfig, unet, lr: float, micro_batch: int, device: torch.
     return ds_engine
 
 
+class Autocast(torch.nn.Module):
+    """`module` called under bf16 autocast, as a ZeRO-0 engine's forward calls it."""
+
+    def __init__(self, module: torch.nn.Module, device_type: str):
+        super().__init__()
+        self.module, self.device_type = module, device_type
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.module(*args, **kwargs)
+
+
+def bare_module(engine, cfg: DistillConfig, device: torch.device) -> torch.nn.Module:
+    """The engine's network without the engine, in the precision the engine runs it: for a backward that passes
+    through it to its inputs and is not the engine's own (DeepSpeed refuses those: the GAN's generator term)."""
+    return Autocast(engine.module, device.type) if deepspeed_config(cfg, 1).get("torch_autocast") else engine.module
+
+
 def compile_network(module: torch.nn.Module, mode: str | None) -> None:
     """torch.compile in place (Module.compile keeps parameter names: checkpoints and exports are unchanged).
     Shapes are static per run (the DM, regression and fake batches are fixed); sample grids run eager
@@ -91,6 +109,26 @@ def compile_frozen(teacher, objective, mode: str | None) -> None:
     if objective.regression is not None and isinstance(objective.regression.distance, torch.nn.Module):
         compile_network(teacher.vae.decoder, mode)
         compile_network(objective.regression.distance, mode)
+
+
+def compile_cache_uri(cfg: DistillConfig) -> str:
+    return storage.join(cfg.output, "compile_cache.bin") if cfg.compile_cache == "auto" else cfg.compile_cache
+
+
+def load_compile_cache(uri: str) -> bool:
+    """Hands a previous run's compile artifacts to torch.compile before anything compiles; True when some were loaded."""
+    if not uri or not storage.exists(uri):
+        return False
+    return torch.compiler.load_cache_artifacts(storage.read_bytes(uri)) is not None
+
+
+def save_compile_cache(uri: str) -> int:
+    """Writes what this process compiled (bytes written; 0 when nothing)."""
+    artifacts = torch.compiler.save_cache_artifacts()
+    if not uri or artifacts is None:
+        return 0
+    storage.write_bytes(uri, artifacts[0])
+    return len(artifacts[0])
 
 
 def engine_update(engine, grad_clip: float = 0.0):
@@ -144,8 +182,11 @@ def train_loop_per_worker(config: dict) -> None:
     conditions = PromptConditions(teacher, list(plan.prompts), plan.latent_shape, device)
     rng = torch.Generator("cpu").manual_seed(cfg.seed * 1000 + rank)
     step_fn = build_step(cfg, teacher, conditions, gen_engine, fake_engine, engine_update(gen_engine, cfg.grad_clip), engine_update(fake_engine, cfg.grad_clip),
-                         rng, cfg.local_dm_batch, device)
+                         rng, cfg.local_dm_batch, device, bare_module(fake_engine, cfg, device))
     compile_frozen(teacher, step_fn.objective, cfg.compile_mode(device.type))
+    compiled = cfg.compile_mode(device.type) is not None
+    cache_uri = compile_cache_uri(cfg) if compiled else ""
+    cache_loaded = load_compile_cache(cache_uri)
     generator = step_fn.objective.generator
     records = RunRecords(cfg, rank, world)
     step, stream_state = records.resume(gen_engine, fake_engine, rng)
@@ -157,7 +198,7 @@ def train_loop_per_worker(config: dict) -> None:
     deadline = time.monotonic() + 60 * cfg.time_limit_minutes
     window_start, window_steps = time.perf_counter(), 0
     finite = torch.ones((), dtype=torch.bool, device=device)
-    compiled = cfg.compile_mode(device.type) is not None
+    first_step, loop_start = step, time.perf_counter()
     last = step >= cfg.max_steps  # a finished run that is rerun only exports again
     while not last:
         maybe_kill_for_test(cfg, step, rank)
@@ -169,6 +210,13 @@ def train_loop_per_worker(config: dict) -> None:
         logs = step_fn(to_device(batch["noise"], device, torch.float32), pair_cond, to_device(batch["target"], device, torch.float32))
         finite &= all_finite(logs, device)  # on the device: read with the logs
         step, window_steps = step + 1, window_steps + 1
+        if compiled and step == first_step + 3:  # compiled at the first step, CUDA graphs recorded by the third
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            saved = save_compile_cache(cache_uri) if rank == 0 and not cache_loaded else 0
+            if rank == 0:
+                print(f"[distill] compilation: {time.perf_counter() - loop_start:.1f} s for the first 3 steps "
+                      f"(compile cache {'loaded' if cache_loaded else 'not found'}{f'; {saved / 2**20:.1f} MiB saved to {cache_uri}' if saved else ''})", flush=True)
         last = step >= cfg.max_steps or bool(cfg.time_limit_minutes and step % 10 == 0 and past_deadline(deadline, device))
         if last and step < cfg.max_steps and rank == 0:
             print(f"[distill] time limit of {cfg.time_limit_minutes} minutes reached at step {step} of {cfg.max_steps}: stopping here", flush=True)

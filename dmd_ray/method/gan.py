@@ -36,7 +36,8 @@ class BottleneckClassifier(nn.Module):
         self.out = nn.Linear(hidden, 1)
 
     def forward(self, features: Tensor) -> Tensor:
-        return self.out(self.body(features.float()).mean(dim=(2, 3))).squeeze(1)
+        dtype = self.out.weight.dtype  # fp32 (autocast decides), or bf16 weights under DeepSpeed's ZeRO 1-3 bf16 mode
+        return self.out(self.body(features.to(dtype)).mean(dim=(2, 3))).squeeze(1)
 
 
 @contextmanager
@@ -55,15 +56,20 @@ def frozen(module: nn.Module):
 
 class GANLoss:
     """Both sides of the non-saturating diffusion-GAN loss. `network` is the fake score network, which also
-    classifies: network(x_t, t, cond, classify=True) -> [B] logits from its bottleneck."""
+    classifies: network(x_t, t, cond, classify=True) -> [B] logits from its bottleneck. `frozen_network`, when
+    given, is the same network for the generator's side, where gradients pass through it to the samples: the bare
+    module when `network` is wrapped by a trainer (a DeepSpeed engine claims every backward through its forward)."""
 
-    def __init__(self, network: nn.Module, schedule: NoiseSchedule, t_range: tuple[float, float] = (0.0, 1.0)):
+    def __init__(self, network: nn.Module, schedule: NoiseSchedule, t_range: tuple[float, float] = (0.0, 1.0),
+                 frozen_network: nn.Module | None = None):
         self.network = network
+        self.frozen_network = network if frozen_network is None else frozen_network
         self.schedule = schedule
         self.t_range = t_range
 
-    def classify(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
-        return self.network(x_t, t, cond, classify=True).float()
+    @staticmethod
+    def classify(network: nn.Module, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
+        return network(x_t, t, cond, classify=True).float()
 
     def _diffuse(self, x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         t = self.schedule.sample_timesteps(x.shape[0], self.t_range, x.device, generator)
@@ -72,10 +78,11 @@ class GANLoss:
 
     def generator_loss(self, fake: Tensor, cond: Any = None, generator: torch.Generator | None = None) -> Tensor:
         x_t, t = self._diffuse(fake, generator)
-        with frozen(self.network):
-            return F.softplus(-self.classify(x_t, t, cond)).mean()
+        with frozen(self.frozen_network):
+            return F.softplus(-self.classify(self.frozen_network, x_t, t, cond)).mean()
 
     def discriminator_loss(self, fake: Tensor, fake_cond: Any, real: Tensor, real_cond: Any, generator: torch.Generator | None = None) -> Tensor:
         fake_t, t_fake = self._diffuse(fake.detach(), generator)
         real_t, t_real = self._diffuse(real.detach().to(fake.dtype), generator)
-        return F.softplus(self.classify(fake_t, t_fake, fake_cond)).mean() + F.softplus(-self.classify(real_t, t_real, real_cond)).mean()
+        return (F.softplus(self.classify(self.network, fake_t, t_fake, fake_cond)).mean()
+                + F.softplus(-self.classify(self.network, real_t, t_real, real_cond)).mean())

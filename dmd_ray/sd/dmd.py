@@ -22,9 +22,11 @@ if TYPE_CHECKING:
     from dmd_ray.config import DistillConfig
 
 
-def build_objective(cfg: DistillConfig, teacher: Teacher, generator_net: nn.Module, fake_net: nn.Module, device) -> DMDObjective:
+def build_objective(cfg: DistillConfig, teacher: Teacher, generator_net: nn.Module, fake_net: nn.Module, device,
+                    bare_fake_net: nn.Module | None = None) -> DMDObjective:
     """The generator (the teacher's network at T-1, or `generator_timestep`) and the DMD objective around two
-    trainable denoisers (UNetDenoiser modules, or DeepSpeed engines wrapping them)."""
+    trainable denoisers (UNetDenoiser modules, or DeepSpeed engines wrapping them; then `bare_fake_net` is the fake
+    engine's own module, which the generator's GAN term runs)."""
     schedule, prediction_type = teacher.schedule, teacher.prediction_type
     if cfg.generator_steps > 1:
         generator = MultiStepGenerator(generator_net, schedule, prediction_type, generator_timesteps(schedule.num_timesteps, cfg.generator_steps))
@@ -46,7 +48,7 @@ def build_objective(cfg: DistillConfig, teacher: Teacher, generator_net: nn.Modu
         regression=regression,
         lambda_reg=cfg.lambda_reg,
         dm_weight=cfg.dm_weight,
-        gan=GANLoss(fake_net, schedule) if cfg.gan_weight > 0 else None,
+        gan=GANLoss(fake_net, schedule, frozen_network=bare_fake_net) if cfg.gan_weight > 0 else None,
         gan_weight=cfg.gan_weight,
         gan_discriminator_weight=cfg.gan_discriminator_weight,
     )
@@ -66,10 +68,11 @@ def gan_classifier(cfg: DistillConfig, unet: nn.Module) -> nn.Module | None:
 
 
 def build_step(cfg: DistillConfig, teacher: Teacher, conditions: PromptConditions, generator_net: nn.Module, fake_net: nn.Module,
-               update_generator: Update, update_fake: Update, rng: torch.Generator, dm_batch: int, device) -> DMDStep:
+               update_generator: Update, update_fake: Update, rng: torch.Generator, dm_batch: int, device,
+               bare_fake_net: nn.Module | None = None) -> DMDStep:
     """One DMD iteration per call on this worker's share of the batch: `step(pair_noise, pair_cond, pair_target)`."""
     return DMDStep(
-        build_objective(cfg, teacher, generator_net, fake_net, device),
+        build_objective(cfg, teacher, generator_net, fake_net, device, bare_fake_net),
         fake_score=fake_net,
         draw=conditions.draw,
         update_generator=update_generator,
