@@ -198,6 +198,17 @@ def test_pair_stream_resumes_exactly_and_splits_shards_over_workers(tmp_path):
         assert head + targets(resumed, 14 - split) == expected, split
     epoch = [v for batch in expected[:6] for v in batch]
     assert len(set(epoch)) == 18 and expected[:6] != expected[6:12]  # each epoch without repeats, epochs in new orders
+
+    reads = []
+
+    def counting_read(files, chunk_size):
+        reads.append(list(files))
+        return read_with_pyarrow(files, chunk_size)
+
+    # shards kept in memory after the first pass: later passes read nothing and give the very same batches
+    assert targets(PairStream(out, 3, rank=0, world=1, seed=5, read=counting_read), 14) == expected and len(reads) == 1
+    reads.clear()
+    assert targets(PairStream(out, 3, rank=0, world=1, seed=5, read=counting_read, memory_bytes=0), 14) == expected and len(reads) == 3
     rank0 = {v for batch in targets(PairStream(out, 2, 0, 2, 5, read=read_with_pyarrow), 4) for v in batch}
     rank1 = {v for batch in targets(PairStream(out, 2, 1, 2, 5, read=read_with_pyarrow), 4) for v in batch}
     assert not rank0 & rank1
