@@ -152,6 +152,15 @@ def test_compiled_networks_give_the_eager_losses(tmp_path):
         assert eager.keys() == compiled.keys()
         for key in eager:
             assert compiled[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-7), key
+    # DMD2's GAN head reads the bottleneck of a compiled fake score too (its graph was traced without the hook)
+    from dmd_ray.method.gan import BottleneckClassifier
+    from dmd_ray.sd.teacher import UNetDenoiser
+
+    teacher = build_tiny_teacher()
+    fake = UNetDenoiser(teacher.unet, BottleneckClassifier(teacher.unet.config.block_out_channels[-1]))
+    compile_network(teacher.unet, "default")
+    cond = teacher.encode_prompts(["a red circle", "a blue square"])
+    assert fake(torch.randn(2, 4, 8, 8), torch.tensor([5, 900]), cond, classify=True).shape == (2,)
     # what a resumed run loads to skip most of the compilation (the worker's compile_cache)
     cache = str(tmp_path / "compile_cache.bin")
     assert save_compile_cache(cache) > 0

@@ -69,7 +69,9 @@ class UNetDenoiser(nn.Module):
         features = []
         hook = self.unet.mid_block.register_forward_hook(lambda module, args, output: features.append(output))
         try:
-            self.unet(x_t.to(dtype), t, encoder_hidden_states=cond.to(dtype), return_dict=False)
+            # .forward, not the call: a compiled UNet's graph was traced without this hook and would not run it
+            # (the GAN's calls run eager; the prediction path above stays compiled)
+            self.unet.forward(x_t.to(dtype), t, encoder_hidden_states=cond.to(dtype), return_dict=False)
         finally:
             hook.remove()
         return self.classifier(features[0])

@@ -1,0 +1,123 @@
+"""The service's one-step generator (sd/one_step.py: OneStepImageGenerator) without HTTP: latency at batch 1 and
+throughput at a larger batch, eager against compiled (CUDA graphs), with the generator's VAE and with a tiny
+decoder, in one run; plus JPEG encoding of the batch on the device (nvJPEG) and PNG on the CPU.
+
+    python benchmarks/bench_onestep.py --model tiny --modes eager,default          # CPU check, 32x32
+    python benchmarks/bench_onestep.py --model sd15-architecture --batch 16        # GPU: SD1.5, 512x512, fp16
+
+`--model`: a generator spec, or "tiny" / "sd15-architecture" (that architecture with random weights, exported
+first: speed does not depend on the weights). `--tiny-decoder`: a decoder spec (demo-tiny, a folder, s3://, hub
+id), or "random" for TAESD's published layout with random weights (what SD users load as madebyollin/taesd).
+Times are of `generate(..., on_device=True)` up to uint8 images on the device, synchronised, median of `--iters`
+calls after warm-up; compile time is the warm-up's (both batch sizes). Each row is written to --json as it ends.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from benchmarks.bench_serve import export_architecture  # noqa: E402
+from benchmarks.common import device_name, synchronize  # noqa: E402
+
+
+def timed(fn, iters: int, device) -> float:
+    """Median seconds of `iters` synchronised calls."""
+    times = []
+    for _ in range(iters):
+        started = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def random_tiny_decoder(folder: str) -> str:
+    from diffusers import AutoencoderTiny
+
+    AutoencoderTiny().save_pretrained(folder)  # diffusers' defaults are TAESD's layout (4 latent channels, x8)
+    return folder
+
+
+def measure(folder: str, device, dtype: str, decoder: str, mode: str, batch: int, iters: int) -> dict:
+    from dmd_ray.images import encode_image
+    from dmd_ray.sd.one_step import GenerationJob, OneStepImageGenerator
+
+    generator = OneStepImageGenerator(folder, device, dtype, decoder=decoder, compile_mode="" if mode == "eager" else mode)
+    size = generator.native_size
+    one = [GenerationJob("a small red circle on a blue background", (0,), size)]
+    many = [GenerationJob("a large green square", tuple(range(batch)), size)]
+    started = time.perf_counter()
+    for jobs in (one, many, one, many):  # compile (or first-call set-up), then CUDA graph recording
+        generator.generate(jobs, on_device=True)
+    synchronize(device)
+    warmup_s = time.perf_counter() - started
+    latency = timed(lambda: generator.generate(one, on_device=True), iters, device)
+    batch_s = timed(lambda: generator.generate(many, on_device=True), iters, device)
+    images = generator.generate(many, on_device=True)[0]
+    row = {"decoder": decoder or "vae", "mode": mode, "size": str(size), "batch": batch, "warmup_s": warmup_s,
+           "latency_ms": latency * 1e3, "images_per_s": batch / batch_s}
+    if images.device.type == "cuda":
+        from torchvision.io import encode_jpeg
+
+        row["nvjpeg_ms_per_image"] = 1e3 * timed(lambda: encode_jpeg(list(images), quality=90), 5, device) / batch
+    first = images[0].permute(1, 2, 0).cpu().numpy()
+    row["png_cpu_ms"] = 1e3 * timed(lambda: encode_image(first, "png"), 3, "cpu")
+    row["jpeg_cpu_ms"] = 1e3 * timed(lambda: encode_image(first, "jpeg", 90), 3, "cpu")
+    del generator
+    torch.compiler.reset()
+    return row
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--tiny-decoder", default="random", help='a tiny decoder spec, "random" (TAESD layout), or "" to skip')
+    p.add_argument("--modes", default="eager,reduce-overhead", help="eager, and torch.compile modes")
+    p.add_argument("--batch", type=int, default=16, help="the throughput batch")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU), float16, bfloat16, float32")
+    p.add_argument("--json", help="rows are written here as they end")
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-onestep-") as tmp:
+        from dmd_ray.sd.resolve import resolve_generator
+
+        if args.model in ("tiny", "sd15-architecture"):
+            folder = export_architecture(args.model, os.path.join(tmp, args.model))
+        else:
+            folder = resolve_generator(args.model)
+        decoders = [""]
+        if args.tiny_decoder:
+            decoders.append(random_tiny_decoder(os.path.join(tmp, "taesd")) if args.tiny_decoder == "random" else args.tiny_decoder)
+        for decoder in decoders:
+            for mode in args.modes.split(","):
+                row = measure(folder, device, args.dtype, decoder, mode, args.batch, args.iters)
+                row["decoder"] = "tiny (TAESD layout)" if decoder and args.tiny_decoder == "random" else row["decoder"]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump({"device": device_name(device), "torch": torch.__version__, "model": args.model, "dtype": args.dtype,
+                                   "date": str(datetime.date.today()), "rows": rows}, f, indent=1)
+    print(f"\n{device_name(device)}, {args.model}, dtype {args.dtype}, {datetime.date.today()}")
+    print(f"| decoder | mode | batch-1 latency ms | images/s at batch {args.batch} | warm-up (compile) s | nvJPEG ms/image | PNG CPU ms | JPEG CPU ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['decoder']} | {r['mode']} | {r['latency_ms']:.2f} | {r['images_per_s']:.1f} | {r['warmup_s']:.1f} | "
+              f"{r.get('nvjpeg_ms_per_image', float('nan')):.2f} | {r['png_cpu_ms']:.1f} | {r['jpeg_cpu_ms']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
