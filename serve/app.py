@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dmd_ray import compile_cache
 from dmd_ray.images import MEDIA_TYPES, encode_image
 from dmd_ray.sd import resolve
 from dmd_ray.sd.one_step import SEED_MODULUS, GenerationJob, ImageSize, OneStepImageGenerator
@@ -327,8 +328,11 @@ class OneStepImageService:
         self.batcher = BatchedGenerator(self.generator, config.max_batch_size, config.batch_wait_timeout_s, on_device=device == "cuda")
         if config.warmup:  # in the batcher's thread, where the compiled graphs will replay
             started = time.perf_counter()
+            cached = bool(self.generator.compile_mode) and compile_cache.load(config.compile_cache)
             self.batcher.thread.submit(self.generator.warmup, config.max_batch_size, sizes).result()
-            logger.info("warm-up took %.1f s (compile: %s)", time.perf_counter() - started, self.generator.compile_mode or "off")
+            saved = compile_cache.save(config.compile_cache) if self.generator.compile_mode and not cached else 0
+            logger.info("warm-up took %.1f s (compile: %s; compile cache %s)", time.perf_counter() - started, self.generator.compile_mode or "off",
+                        "loaded" if cached else f"written, {saved / 2**20:.1f} MiB" if saved else "off")
         self.encoder = ImageEncoder(config.encode_threads or max(2, int(config.num_cpus)))
         logger.info("serving %s (%s) on %s in %s; sizes %s; auth %s", self.model_id, config.model, device,
                     self.generator.dtype, ", ".join(map(str, sizes)), "on" if api.state.api_key else "off")

@@ -35,9 +35,13 @@ class ServiceConfig:
     cache_dir: str = ""  # where s3:// generators are downloaded; "" means ~/.cache/dmd_ray/generators
     accelerator: str = "auto"  # auto: a GPU per replica when the cluster has GPUs, else CPU
     dtype: str = "auto"  # auto: float16 on GPU, float32 on CPU
-    # torch.compile of the UNet and the decoder: auto (GPU: reduce-overhead, i.e. CUDA graphs per batch and image size,
-    # recorded at warm-up; CPU: eager), false, or a torch.compile mode
+    # torch.compile of the UNet and the decoder: auto (GPU: reduce-overhead, i.e. CUDA graphs per power-of-two batch and
+    # image size, recorded at warm-up; CPU: eager), false, or a torch.compile mode
     compile: str = "auto"
+    # torch.compile's artifacts (dmd_ray/compile_cache.py) in one file, local or s3://: loaded at replica start when it
+    # exists, written after the first replica's warm-up otherwise, so that new replicas of the same model, sizes and
+    # GPU type skip most of the compilation. "" keeps only Inductor's own cache on each node.
+    compile_cache: str = ""
     decoder: str = ""  # "": the generator's VAE; a tiny decoder (TAESD architecture): demo-tiny, a folder, s3:// or a hub id (madebyollin/taesd)
     num_cpus: float = 1.0  # per replica; on CPU also the number of torch threads
     encode_threads: int = 0  # threads encoding PNG/JPEG/WebP beside generation; 0: max(2, num_cpus)

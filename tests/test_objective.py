@@ -129,7 +129,8 @@ def test_compiled_networks_give_the_eager_losses(tmp_path):
     same DMD iterations as eager ones on CPU: three iterations of the tiny teacher, losses and gradient norms within
     float tolerance. (Minutes of compilation on 2 cores.)"""
     from dmd_ray.config import DistillConfig
-    from dmd_ray.distributed.distill_worker import compile_network, load_compile_cache, save_compile_cache
+    from dmd_ray import compile_cache
+    from dmd_ray.distributed.distill_worker import compile_network
     from dmd_ray.sd.architectures import build_tiny_teacher
     from dmd_ray.sd.conditioning import PromptConditions
     from dmd_ray.sd.dmd import build_step
@@ -163,5 +164,5 @@ def test_compiled_networks_give_the_eager_losses(tmp_path):
     assert fake(torch.randn(2, 4, 8, 8), torch.tensor([5, 900]), cond, classify=True).shape == (2,)
     # what a resumed run loads to skip most of the compilation (the worker's compile_cache)
     cache = str(tmp_path / "compile_cache.bin")
-    assert save_compile_cache(cache) > 0
-    assert load_compile_cache(cache) and not load_compile_cache(str(tmp_path / "missing.bin"))
+    assert compile_cache.save(cache) > 0
+    assert compile_cache.load(cache) and not compile_cache.load(str(tmp_path / "missing.bin"))

@@ -287,7 +287,11 @@ def test_the_demo_generator_decodes_with_the_tiny_decoder_close_to_its_vae():
 @pytest.mark.slow
 def test_the_compiled_generator_gives_the_eager_images():
     """compile_mode (the service's `compile`, reduce-overhead on GPUs) only changes speed: compiled in the default
-    mode on CPU, the same jobs give the eager images within a pixel level, with the full VAE and the tiny decoder."""
+    mode on CPU, the same jobs give the eager images within a pixel level, with the full VAE and the tiny decoder;
+    a batch of 3 runs padded to the 4-image graph and comes back as 3 images."""
+    from dmd_ray.sd.one_step import batch_bucket
+
+    assert [batch_bucket(n) for n in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
     size = ImageSize(32, 32)
     jobs = [GenerationJob("a red ring", (1, 2), size), GenerationJob("a blue square", (3,), size)]
     for decoder in ("", "demo-tiny"):
@@ -295,4 +299,6 @@ def test_the_compiled_generator_gives_the_eager_images():
         compiled = OneStepImageGenerator(resolve.BUILT_IN_GENERATORS["demo"], decoder=decoder, compile_mode="default")
         compiled.warmup(3, [size])
         a, b = (np.concatenate(g.generate(jobs)).astype(int) for g in (eager, compiled))
+        assert a.shape == b.shape == (3, 32, 32, 3)
         assert np.abs(a - b).max() <= 1, decoder
+        assert compiled.latents(jobs).shape[0] == 3

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from dmd_ray import compile_cache
 from dmd_ray.config import DistillConfig
 from dmd_ray.data import storage
 from dmd_ray.distributed.cluster import TrainingDiverged, past_deadline
@@ -115,22 +116,6 @@ def compile_cache_uri(cfg: DistillConfig) -> str:
     return storage.join(cfg.output, "compile_cache.bin") if cfg.compile_cache == "auto" else cfg.compile_cache
 
 
-def load_compile_cache(uri: str) -> bool:
-    """Hands a previous run's compile artifacts to torch.compile before anything compiles; True when some were loaded."""
-    if not uri or not storage.exists(uri):
-        return False
-    return torch.compiler.load_cache_artifacts(storage.read_bytes(uri)) is not None
-
-
-def save_compile_cache(uri: str) -> int:
-    """Writes what this process compiled (bytes written; 0 when nothing)."""
-    artifacts = torch.compiler.save_cache_artifacts()
-    if not uri or artifacts is None:
-        return 0
-    storage.write_bytes(uri, artifacts[0])
-    return len(artifacts[0])
-
-
 def engine_update(engine, grad_clip: float = 0.0):
     """An `Update` through a DeepSpeed engine. Under ZeRO-0 (DeepSpeed's clipping off, see deepspeed_config) the
     gradients are clipped here, after the engine's all-reduce, and the norm stays on the device."""
@@ -186,7 +171,7 @@ def train_loop_per_worker(config: dict) -> None:
     compile_frozen(teacher, step_fn.objective, cfg.compile_mode(device.type))
     compiled = cfg.compile_mode(device.type) is not None
     cache_uri = compile_cache_uri(cfg) if compiled else ""
-    cache_loaded = load_compile_cache(cache_uri)
+    cache_loaded = compile_cache.load(cache_uri)
     generator = step_fn.objective.generator
     records = RunRecords(cfg, rank, world)
     step, stream_state = records.resume(gen_engine, fake_engine, rng)
@@ -213,7 +198,7 @@ def train_loop_per_worker(config: dict) -> None:
         if compiled and step == first_step + 3:  # compiled at the first step, CUDA graphs recorded by the third
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            saved = save_compile_cache(cache_uri) if rank == 0 and not cache_loaded else 0
+            saved = compile_cache.save(cache_uri) if rank == 0 and not cache_loaded else 0
             if rank == 0:
                 print(f"[distill] compilation: {time.perf_counter() - loop_start:.1f} s for the first 3 steps "
                       f"(compile cache {'loaded' if cache_loaded else 'not found'}{f'; {saved / 2**20:.1f} MiB saved to {cache_uri}' if saved else ''})", flush=True)

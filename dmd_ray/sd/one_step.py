@@ -65,6 +65,11 @@ def random_seed() -> int:
     return secrets.randbelow(SEED_MODULUS)
 
 
+def batch_bucket(n: int) -> int:
+    """The batch a compiled generator runs `n` images in: the next power of two."""
+    return 1 << (n - 1).bit_length()
+
+
 class OneStepImageGenerator:
     """An exported one-step generator on one device, turning batches of jobs into uint8 images."""
 
@@ -127,7 +132,7 @@ class OneStepImageGenerator:
         sizes = {job.size for job in jobs}
         if len(sizes) != 1:
             raise ValueError(f"latents() takes jobs of one size, got {sorted(map(str, sizes))}")
-        return self._latents(jobs, sizes.pop())
+        return self._latents(jobs, sizes.pop())[: sum(job.num_images for job in jobs)]
 
     def _latents(self, jobs: Sequence[GenerationJob], size: ImageSize) -> torch.Tensor:
         c = self.components
@@ -139,17 +144,26 @@ class OneStepImageGenerator:
         noise = torch.stack([seeded_noise(seed, latent_shape) for job in jobs for seed in job.seeds])
         noise = noise.to(self.device, self.dtype)
         if self.compile_mode:
+            # static shapes: one graph per power-of-two batch (not per batch size), the batch padded with copies of
+            # its last row, which the callers drop after decoding
+            extra = batch_bucket(len(noise)) - len(noise)
+            noise, embeddings = (torch.cat([x, x[-1:].expand(extra, *x.shape[1:])]) for x in (noise, embeddings))
             torch.compiler.cudagraph_mark_step_begin()  # the previous batch's graph outputs are no longer read
         return self.generator(noise, embeddings)
 
     def _generate_same_size(self, jobs: Sequence[GenerationJob], size: ImageSize) -> torch.Tensor:
-        return to_uint8_tensor(self.decode(self._latents(jobs, size)))
+        return to_uint8_tensor(self.decode(self._latents(jobs, size))[: sum(job.num_images for job in jobs)])
 
     def warmup(self, max_batch_size: int, sizes: Sequence[ImageSize] = ()) -> None:
         """Generates once per size and batch size before the first user does, who would otherwise pay for lazy
         initialisation, kernel selection and allocator growth (seconds on a GPU, for every new batch shape). On a
         CPU only the largest batch is run: nothing there depends on the shape for long."""
-        batch_sizes = range(1, max_batch_size + 1) if self.device.type == "cuda" else [max_batch_size]
+        if self.compile_mode:  # one graph per bucket and size: Dynamo must not fall back to eager after its default 8
+            batch_sizes = sorted({min(batch_bucket(n), max_batch_size) for n in range(1, max_batch_size + 1)})
+            limit = len(batch_sizes) * len(sizes or [self.native_size]) + 2
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        else:
+            batch_sizes = range(1, max_batch_size + 1) if self.device.type == "cuda" else [max_batch_size]
         for size in sizes or [self.native_size]:
             for batch_size in batch_sizes:
                 self.generate([GenerationJob("warm-up", tuple(range(batch_size)), size)])
