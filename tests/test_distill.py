@@ -65,6 +65,7 @@ def test_distil_export_and_load_with_diffusers(ray_cluster, tmp_path, monkeypatc
     assert os.path.getsize(os.path.join(out, "samples", "latest.png")) > 1000
     assert os.path.exists(os.path.join(out, "samples", "step_0000004.png"))
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(out, "tensorboard")))
+    assert os.path.getsize(os.path.join(out, "metrics.png")) > 10_000  # losses and the in-training evaluation
     assert pairs.load_manifest(os.path.join(out, "pairs"))["status"] == "complete"
 
     export = os.path.join(out, "export")

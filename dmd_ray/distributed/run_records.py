@@ -3,7 +3,8 @@
 Checkpoints hold both DeepSpeed engines (weights and optimizer state), each worker's RNG state (safetensors) and,
 in trainer_state.json, the step, every worker's pair-stream position and the config: a resumed run replays the
 uninterrupted one exactly. The history is <output>/metrics.jsonl (one row per logged step, every `log_every` steps and
-at checkpoints; rows of an attempt that died are replaced on replay) and TensorBoard logs under <output>/tensorboard (staged locally for s3:// outputs).
+at checkpoints, written at least once a minute; rows of an attempt that died are replaced on replay), plotted into
+<output>/metrics.png at the end and TensorBoard logs under <output>/tensorboard (staged locally for s3:// outputs).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import time
 
 import torch
 
@@ -20,6 +22,7 @@ from dmd_ray.images import grid, png_bytes, to_uint8
 from dmd_ray.method.sampling import seeded_noise
 
 SAMPLE_SEED_OFFSET = 12345  # sample-grid noise never coincides with a pair's
+FLUSH_EVERY_S = 60.0  # the history is also written at checkpoints and at the end
 
 
 def history_uri(output: str) -> str:
@@ -55,6 +58,7 @@ class RunRecords:
     def __init__(self, cfg, rank: int, world: int):
         self.cfg, self.rank, self.world = cfg, rank, world
         self.history = read_history(cfg.output) if rank == 0 else []
+        self.flushed_at = time.monotonic()
         self.writer = None
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -120,11 +124,14 @@ class RunRecords:
                 self.writer.add_scalar(k, v, metrics["step"])
         if echo:
             print("[distill] " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()), flush=True)
+        if time.monotonic() - self.flushed_at > FLUSH_EVERY_S:  # a run killed between checkpoints keeps its history
+            self.flush()
 
     def flush(self) -> None:
         """Writes the history and publishes TensorBoard's files (rank 0)."""
         if self.rank != 0:
             return
+        self.flushed_at = time.monotonic()
         by_step = {int(row["step"]): row for row in self.history}
         storage.write_bytes(history_uri(self.cfg.output), "".join(json.dumps(by_step[s]) + "\n" for s in sorted(by_step)).encode())
         self.writer.flush()
@@ -135,6 +142,38 @@ class RunRecords:
         self.flush()
         if self.writer is not None:
             self.writer.close()
+        if self.rank == 0 and self.history:
+            storage.write_bytes(storage.join(self.cfg.output, "metrics.png"), plot_history(self.history))
+
+
+def plot_history(history: list[dict]) -> bytes:
+    """PNG of a run's history: the losses, and the in-training evaluation (FID, prompt accuracy) when there is one."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(history, key=lambda r: r["step"])
+    losses = [k for k in ("loss_dm", "loss_reg", "loss_fake", "loss_gan_generator", "loss_gan_discriminator") if any(k in r for r in rows)]
+    evals = [k for k in ("eval_fid", "eval_prompt_accuracy") if any(k in r for r in rows)]
+    fig, axes = plt.subplots(1, 1 + len(evals), figsize=(5 * (1 + len(evals)), 3.6), squeeze=False)
+    for ax, keys in zip(axes[0], [losses, *[[k] for k in evals]]):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            ax.plot(*zip(*points), marker="o" if key.startswith("eval_") else None, markersize=3, label=key)
+        ax.set_xlabel("iteration")
+        ax.set_title("losses" if keys is losses else keys[0].removeprefix("eval_").replace("_", " "))
+        ax.grid(alpha=0.3)
+        if keys is losses:
+            ax.set_yscale("log")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
 
     # ---------------------------------------------------------------------------------------- samples
     def sample_grid(self, tag: str, generator, teacher, latent_shape, device) -> None:
