@@ -65,7 +65,10 @@ def main() -> int:
     os.makedirs(out, exist_ok=True)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": f"127.0.0.1:{args.port}"}
     python = sys.executable
-    head = subprocess.run([python, "-m", "ray.scripts.scripts", "start", "--head", "--port", str(args.port), "--disable-usage-stats"],
+    # logical CPUs beyond the cores, as the embedded cluster has (cluster.init_ray): Ray Data's read tasks need a
+    # slot beside the train workers
+    cpus = str((os.cpu_count() or 1) + 4)
+    head = subprocess.run([python, "-m", "ray.scripts.scripts", "start", "--head", "--port", str(args.port), "--num-cpus", cpus, "--disable-usage-stats"],
                           env=env, capture_output=True, text=True)
     if head.returncode:
         sys.exit(f"ray start failed:\n{head.stderr[-2000:]}")
