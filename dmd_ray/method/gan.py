@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dmd_ray.method.schedule import NoiseSchedule
-from dmd_ray.method.transfer import to_device
 
 class BottleneckClassifier(nn.Module):
     """[B, C, H, W] bottleneck features -> [B] logits. DMD2's head is a stack of stride-2 4x4 convolutions down to 4x4
@@ -72,9 +71,8 @@ class GANLoss:
         return network(x_t, t, cond, classify=True).float()
 
     def _diffuse(self, x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        t = self.schedule.sample_timesteps(x.shape[0], self.t_range, x.device, generator)
-        noise = torch.randn(x.shape, generator=generator, device=x.device if generator is None else generator.device)
-        return self.schedule.add_noise(x, to_device(noise, x.device, x.dtype), t), t
+        x_t, t, _ = self.schedule.diffuse(x, self.t_range, generator)
+        return x_t, t
 
     def generator_loss(self, fake: Tensor, cond: Any = None, generator: torch.Generator | None = None) -> Tensor:
         x_t, t = self._diffuse(fake, generator)

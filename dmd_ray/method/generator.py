@@ -60,13 +60,18 @@ class MultiStepGenerator(nn.Module):
         noise = torch.randn(like.shape, generator=generator, device=like.device if generator is None else generator.device)
         return to_device(noise, like.device, like.dtype)
 
+    def _step(self, x: Tensor, j: int, cond: Any, generator: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
+        """Step j of the chain from x: x0 at timesteps[j], and x0 re-noised to timesteps[j + 1] (None at the last)."""
+        x0 = self.denoise(x, self._full(self.timesteps[j], x), cond)
+        if j + 1 == len(self.timesteps):
+            return x0, None
+        return x0, self.schedule.add_noise(x0.to(x.dtype), self._fresh_noise(x, generator), self._full(self.timesteps[j + 1], x))
+
     def forward(self, noise: Tensor, cond: Any = None, generator: torch.Generator | None = None) -> Tensor:
         """Sampling: denoise at each timestep, re-noise to the next one (diffusers' LCMScheduler does the same)."""
         x = noise
-        for k, step in enumerate(self.timesteps):
-            x0 = self.denoise(x, self._full(step, noise), cond)
-            if k + 1 < len(self.timesteps):
-                x = self.schedule.add_noise(x0.to(noise.dtype), self._fresh_noise(noise, generator), self._full(self.timesteps[k + 1], noise))
+        for j in range(len(self.timesteps)):
+            x0, x = self._step(x, j, cond, generator)
         return x0
 
     def train_sample(self, noise: Tensor, cond: Any = None, generator: torch.Generator | None = None) -> Tensor:
@@ -76,9 +81,8 @@ class MultiStepGenerator(nn.Module):
         k = to_device(torch.randint(0, len(self.timesteps), (n,), generator=generator, device=generator.device if generator is not None else "cpu"), noise.device)
         x_in, x = noise, noise
         with torch.no_grad():
-            for j in range(len(self.timesteps) - 1):  # x: the chain's input at step j + 1
-                x0 = self.denoise(x, self._full(self.timesteps[j], noise), cond)
-                x = self.schedule.add_noise(x0.to(noise.dtype), self._fresh_noise(noise, generator), self._full(self.timesteps[j + 1], noise))
+            for j in range(len(self.timesteps) - 1):  # x becomes the chain's input at step j + 1
+                _, x = self._step(x, j, cond, generator)
                 x_in = torch.where((k == j + 1).reshape((-1,) + (1,) * (noise.ndim - 1)), x, x_in)
         t = torch.as_tensor(self.timesteps, device=noise.device)[k]
         return self.denoise(x_in, t, cond)

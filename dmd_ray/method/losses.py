@@ -12,7 +12,6 @@ from torch import Tensor, nn
 
 from dmd_ray.method.denoiser import Denoiser
 from dmd_ray.method.schedule import NoiseSchedule, check_prediction_type
-from dmd_ray.method.transfer import to_device
 
 
 def _per_sample_mean(x: Tensor) -> Tensor:
@@ -40,9 +39,7 @@ class DistributionMatchingLoss:
 
     def __call__(self, x: Tensor, cond: Any = None, generator: torch.Generator | None = None) -> Tensor:
         with torch.no_grad():
-            t = self.schedule.sample_timesteps(x.shape[0], self.t_range, x.device, generator)
-            noise = torch.randn(x.shape, generator=generator, device=x.device if generator is None else generator.device)
-            x_t = self.schedule.add_noise(x.detach(), to_device(noise, x.device, x.dtype), t)
+            x_t, t, _ = self.schedule.diffuse(x.detach(), self.t_range, generator)
             x_ref = x.detach().float()
             p_real = x_ref - self.real_x0(x_t, t, cond).float()
             p_fake = x_ref - self.fake_x0(x_t, t, cond).float()
@@ -65,10 +62,7 @@ class DenoisingLoss:
 
     def __call__(self, denoiser: Denoiser, x0: Tensor, cond: Any = None, generator: torch.Generator | None = None) -> Tensor:
         x0 = x0.detach()
-        t = self.schedule.sample_timesteps(x0.shape[0], self.t_range, x0.device, generator)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device if generator is None else generator.device)
-        noise = to_device(noise, x0.device, x0.dtype)
-        x_t = self.schedule.add_noise(x0, noise, t)
+        x_t, t, noise = self.schedule.diffuse(x0, self.t_range, generator)
         target = self.schedule.training_target(x0, noise, t, self.prediction_type)
         return F.mse_loss(denoiser(x_t, t, cond).float(), target.float())
 

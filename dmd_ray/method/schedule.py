@@ -114,6 +114,15 @@ class NoiseSchedule:
         return to_device(t, device)
 
     # ----------------------------------------------------------------------------------------- maths
+    def diffuse(self, x0: Tensor, t_range: tuple[float, float] = (0.0, 1.0), generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """x0 noised to random timesteps in `t_range`: (x_t, t, noise). Both are drawn from `generator`, timesteps
+        first, on the generator's device (a CPU generator, whose state a checkpoint keeps, on GPU runs) and moved to
+        x0's without a host synchronisation."""
+        t = self.sample_timesteps(x0.shape[0], t_range, x0.device, generator)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device if generator is None else generator.device)
+        noise = to_device(noise, x0.device, x0.dtype)
+        return self.add_noise(x0, noise, t), t, noise
+
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         alpha, sigma = self.alpha_sigma(t, x0.ndim)
         return (alpha * x0.double() + sigma * noise.double()).to(x0.dtype)
