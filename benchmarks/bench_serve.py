@@ -3,13 +3,14 @@ directly, in one run, at several client concurrencies: requests/s, p50 and p99 l
 
     python benchmarks/bench_serve.py --model tiny                                  # CPU: tiny export, 32x32
     python benchmarks/bench_serve.py --model demo                                  # a built-in generator
-    python benchmarks/bench_serve.py --model sd15-architecture --concurrency 1,4,8,16,32   # GPU: SD1.5, 512x512, fp16
+    python benchmarks/bench_serve.py --model sd15-architecture --concurrency 1,8,32 --output-format jpeg,png,webp   # GPU
 
 `--model` is a generator spec (built-in name, folder, s3://), or "tiny" / "sd15-architecture": that architecture
 with random weights (speed does not depend on them), exported into a temporary folder first.
 
 "bare" is `serve.app.BatchedGenerator` (the replica's @serve.batch batching, same max batch size and wait) driven by
-coroutines in this process: generation, PNG encoding and base64, no HTTP. "http" is the service from
+coroutines in this process: generation set up as the service sets it up (`--compile`, `--decoder`, the warm-up in
+the generation thread), encoding in each `--output-format` (nvJPEG on a GPU for JPEG) and base64, no HTTP. "http" is the service from
 `serve.app.build_app` (one replica) driven by an aiohttp client posting to /v1/images/generations. Each client
 sends its next request when the previous one is answered (closed loop); every request has its own seed.
 """
@@ -96,44 +97,51 @@ def outside_serve_replica(max_ongoing_requests: int) -> None:
     serve.get_replica_context = lambda: types.SimpleNamespace(_deployment_config=config)
 
 
-async def run_bare(folder: str, device: str, args, config, concurrencies: list[int]) -> list[dict]:
+async def run_bare(folder: str, device: str, args, config, concurrencies: list[int], formats: list[str]) -> dict[str, list[dict]]:
     from dmd_ray.sd.one_step import SEED_MODULUS, GenerationJob, ImageSize, OneStepImageGenerator
     from serve.app import BatchedGenerator, ImageEncoder
 
-    generator = OneStepImageGenerator(folder, device, config.dtype)
+    # as the service sets them up: its compile mode and decoder, the warm-up in the batcher's generation thread
+    generator = OneStepImageGenerator(folder, device, config.dtype, config.decoder, compile_mode=config.compile_mode(device))
     size = ImageSize.parse(args.size) if args.size else generator.native_size
-    generator.warmup(config.max_batch_size, [size])
     batcher = BatchedGenerator(generator, config.max_batch_size, config.batch_wait_timeout_s, on_device=device == "cuda")
-    encoder = ImageEncoder(config.encode_threads or max(2, int(config.num_cpus)))  # as the service sets them up
+    started = time.perf_counter()
+    batcher.thread.submit(generator.warmup, config.max_batch_size, [size]).result()
+    print(f"bare: warm-up {time.perf_counter() - started:.1f} s (compile: {generator.compile_mode or 'off'})", flush=True)
+    encoder = ImageEncoder(config.encode_threads or max(2, int(config.num_cpus)))
 
-    async def send(seed: int) -> None:
-        job = GenerationJob(PROMPTS[seed % len(PROMPTS)], (seed % SEED_MODULUS,), size)
-        for image in await encoder.encode(await batcher.generate(job), args.output_format, 90):
-            base64.b64encode(image)  # as the service encodes its response
+    rows: dict[str, list[dict]] = {}
+    for output_format in formats:
 
-    rows = []
-    for c in concurrencies:
-        before = (batcher.batches_run, batcher.images_generated)
-        rows.append(await closed_loop(send, c, args.seconds, args.warmup_requests))
-        rows[-1]["mean_batch"] = (batcher.images_generated - before[1]) / max(1, batcher.batches_run - before[0])
-        report("bare", rows[-1])
+        async def send(seed: int) -> None:
+            job = GenerationJob(PROMPTS[seed % len(PROMPTS)], (seed % SEED_MODULUS,), size)
+            for image in await encoder.encode(await batcher.generate(job), output_format, 90):
+                base64.b64encode(image)  # as the service encodes its response
+
+        rows[output_format] = []
+        for c in concurrencies:
+            before = (batcher.batches_run, batcher.images_generated)
+            rows[output_format].append(await closed_loop(send, c, args.seconds, args.warmup_requests))
+            rows[output_format][-1]["mean_batch"] = (batcher.images_generated - before[1]) / max(1, batcher.batches_run - before[0])
+            report(f"bare {output_format}", rows[output_format][-1])
     del batcher, generator
     if device == "cuda":
         torch.cuda.empty_cache()
     return rows
 
 
-async def run_http(url: str, args, concurrencies: list[int]) -> tuple[list[dict], list[dict]]:
-    """The HTTP rows, and Serve's floor: GET /health (nothing computed) with 1 and with the most clients."""
+async def run_http(url: str, args, concurrencies: list[int], formats: list[str]) -> tuple[dict[str, list[dict]], list[dict]]:
+    """The HTTP rows per output format, and Serve's floor: GET /health (nothing computed) with 1 and with the most
+    clients."""
     import aiohttp
 
-    rows = []
+    rows: dict[str, list[dict]] = {}
     connector = aiohttp.TCPConnector(limit=max(concurrencies))
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
 
-        async def send(seed: int) -> None:
+        async def post(seed: int, output_format: str) -> None:
             body = {"prompt": PROMPTS[seed % len(PROMPTS)], "seed": seed, "response_format": "b64_json",
-                    "output_format": args.output_format, "output_compression": 90}
+                    "output_format": output_format, "output_compression": 90}
             if args.size:
                 body["size"] = args.size
             async with session.post(f"{url}/v1/images/generations", json=body) as response:
@@ -146,12 +154,14 @@ async def run_http(url: str, args, concurrencies: list[int]) -> tuple[list[dict]
                 health = await response.json()
             return health["batches"], health["batches"] * health["mean_batch_images"]
 
-        for c in concurrencies:
-            before = await batch_counts()
-            rows.append(await closed_loop(send, c, args.seconds, args.warmup_requests))
-            after = await batch_counts()
-            rows[-1]["mean_batch"] = (after[1] - before[1]) / max(1, after[0] - before[0])
-            report("http", rows[-1])
+        for output_format in formats:
+            rows[output_format] = []
+            for c in concurrencies:
+                before = await batch_counts()
+                rows[output_format].append(await closed_loop(lambda seed: post(seed, output_format), c, args.seconds, args.warmup_requests))
+                after = await batch_counts()
+                rows[output_format][-1]["mean_batch"] = (after[1] - before[1]) / max(1, after[0] - before[0])
+                report(f"http {output_format}", rows[output_format][-1])
 
         async def health(_seed: int) -> None:
             async with session.get(f"{url}/health") as response:
@@ -187,12 +197,17 @@ def main() -> int:
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--max-ongoing-requests", type=int, default=0, help="per replica; default: the service's")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--output-format", default="png", choices=["png", "jpeg", "webp"], help="the images' format (JPEG/WebP at quality 90)")
+    p.add_argument("--output-format", default="png", help="comma-separated: png, jpeg, webp (JPEG/WebP at quality 90); rows for each")
+    p.add_argument("--compile", default="auto", help="the service's compile setting, used by both paths")
+    p.add_argument("--decoder", default="", help="the service's decoder: a tiny decoder spec, or empty for the VAE")
     p.add_argument("--num-cpus", type=float, default=float(os.cpu_count() or 1),
                    help="the replica's CPUs, and torch threads for both paths on CPU")
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
+    formats = args.output_format.split(",")
+    if not set(formats) <= {"png", "jpeg", "webp"}:
+        p.error(f"--output-format takes png, jpeg and webp, got {args.output_format}")
 
     import ray
 
@@ -205,7 +220,7 @@ def main() -> int:
         "max_ongoing_requests": args.max_ongoing_requests or max(ServiceConfig.max_ongoing_requests, args.max_batch_size),
         "max_images": 1, "max_queued_requests": -1,
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "request_timeout_s": 120,
-        "sizes": [args.size] if args.size else [],
+        "sizes": [args.size] if args.size else [], "compile": args.compile, "decoder": args.decoder,
     }
     config = ServiceConfig.from_args({**service_args, "model": "unused"})
     if device == "cpu":
@@ -225,23 +240,24 @@ def main() -> int:
         print(f"{device_name}; torch {torch.__version__}, ray {ray.__version__}; model {args.model}; "
               f"max batch {config.max_batch_size}, wait {args.batch_wait_ms:g} ms", flush=True)
 
-        bare = asyncio.run(run_bare(folder, device, args, config, concurrencies))
+        bare = asyncio.run(run_bare(folder, device, args, config, concurrencies, formats))
         ray.init(address="local", include_dashboard=False, num_cpus=max(4, int(args.num_cpus) + 2), log_to_driver=False)
         try:
             url = start_service(folder, service_args)
-            http, floor = asyncio.run(run_http(url, args, concurrencies))
+            http, floor = asyncio.run(run_http(url, args, concurrencies, formats))
         finally:
             from ray import serve
 
             serve.shutdown()
             ray.shutdown()
 
-    print(f"\n{device_name}, {args.model} at {args.size or 'native size'}, {datetime.date.today()}")
-    print("| clients | bare req/s | bare p50 ms | bare p99 ms | HTTP req/s | HTTP p50 ms | HTTP p99 ms | HTTP/bare req/s "
+    print(f"\n{device_name}, {args.model} at {args.size or 'native size'}, compile {config.compile_mode(device) or 'off'}, "
+          f"decoder {args.decoder or 'VAE'}, {datetime.date.today()}")
+    print("| format | clients | bare req/s | bare p50 ms | bare p99 ms | HTTP req/s | HTTP p50 ms | HTTP p99 ms | HTTP/bare req/s "
           "| added p50 ms | mean batch bare / HTTP |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for b, h in zip(bare, http):
-        print(f"| {b['concurrency']} | {b['req_per_s']:.1f} | {b['p50_ms']:.1f} | {b['p99_ms']:.1f} | {h['req_per_s']:.1f} | "
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for output_format, b, h in ((f, b, h) for f in formats for b, h in zip(bare[f], http[f])):
+        print(f"| {output_format} | {b['concurrency']} | {b['req_per_s']:.1f} | {b['p50_ms']:.1f} | {b['p99_ms']:.1f} | {h['req_per_s']:.1f} | "
               f"{h['p50_ms']:.1f} | {h['p99_ms']:.1f} | {h['req_per_s'] / b['req_per_s']:.2f}x | {h['p50_ms'] - b['p50_ms']:+.1f} | "
               f"{b['mean_batch']:.1f} / {h['mean_batch']:.1f} |")
     print(f"Serve's floor (GET /health, nothing computed): p50 {floor[0]['p50_ms']:.1f} ms with 1 client; "
