@@ -2,7 +2,7 @@
 
     python benchmarks/bench_pairs.py                                   # CPU, tiny teacher
     python benchmarks/bench_pairs.py --teacher sd15-architecture --resolution 512 --steps 50 --guidance 3 \
-        --batch-size 16 --num-pairs 96 --shard-size 32 --diffusers-baseline --compile   # one GPU
+        --batch-size 16 --num-pairs 96 --shard-size 32 --diffusers-baseline --compile auto   # one GPU
 
 Rows (pairs/s; "steady" leaves out the first shard, i.e. start-up, model loading and compilation):
   plain loop          the job's actor class (PairShardActor: PairSampler + ShardWriter) called in this process,
@@ -128,7 +128,7 @@ def main() -> int:
     p.add_argument("--sampler", default="pndm")
     p.add_argument("--resolution", type=int, default=0)
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet in both plain loop and Ray job")
+    p.add_argument("--compile", default="false", help="the job's compile setting (auto: CUDA graphs on GPU), for the plain loop and the Ray job")
     p.add_argument("--diffusers-baseline", action="store_true")
     p.add_argument("--skip-ray", action="store_true")
     p.add_argument("--json", help="write the results here too")

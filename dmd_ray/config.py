@@ -64,11 +64,21 @@ class PairsConfig:
     num_actors: int = 0  # 0: one per GPU (or 1 on a machine without GPUs)
     gpus_per_actor: float = -1.0  # -1: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
-    compile: bool = False  # torch.compile the UNet (GPU)
+    # torch.compile of the teacher's UNet: false, auto (GPU: reduce-overhead, one CUDA graph per step shape at the
+    # fixed batch, short batches padded to it; CPU: eager), true (default mode) or a mode. Off by default until its
+    # pairs/s is measured on a GPU (BENCHMARKS.md)
+    compile: str = "false"
     cache_dir: str = ""  # where s3:// teachers are cached; default ~/.cache/dmd_ray/teachers
+
+    def compile_mode(self, device_type: str) -> str | None:
+        if self.compile == "false" or (self.compile == "auto" and device_type != "cuda"):
+            return None
+        return {"auto": "reduce-overhead", "true": "default"}.get(self.compile, self.compile)
 
     def check(self) -> None:
         problems = []
+        if self.compile not in COMPILE_SETTINGS:
+            problems.append(f"compile must be one of {', '.join(COMPILE_SETTINGS)}, got {self.compile!r}")
         if not self.prompts:
             problems.append("prompts is required (a .txt/.csv/.jsonl/.parquet file, local or s3://)")
         if self.num_pairs <= 0:

@@ -255,3 +255,22 @@ def test_killed_run_resumes_to_exactly_n_unique_pairs_on_s3(s3_bucket, prompts_f
     assert sorted(index.tolist()) == list(range(96))
     assert len({n.numpy().tobytes() for n in noise}) == 96
     assert pairs.load_manifest(out)["status"] == "complete"
+
+
+@pytest.mark.slow
+def test_compiled_pair_sampler_gives_the_eager_pairs():
+    """`compile` (auto: CUDA graphs on a GPU; the default mode here) only changes speed: a short batch, padded to the
+    compiled batch size, gives the eager pairs."""
+    import torch
+
+    from dmd_ray.sd.architectures import build_tiny_teacher
+    from dmd_ray.sd.teacher_sampler import PairSampler
+
+    settings = dict(sampler="ddim", steps=4, guidance_scale=3.0, resolution=32, device=torch.device("cpu"), dtype=torch.float32)
+    eager = PairSampler(build_tiny_teacher(), **settings)
+    compiled = PairSampler(build_tiny_teacher(), **settings, compile_mode="default", batch_size=4)
+    prompts, seeds = ["a red circle", "a blue square", "a green star"], [1, 2, 3]
+    (noise_a, target_a), (noise_b, target_b) = eager(prompts, seeds), compiled(prompts, seeds)
+    assert target_b.shape == target_a.shape and target_a.shape[0] == 3
+    torch.testing.assert_close(noise_b, noise_a)
+    torch.testing.assert_close(target_b, target_a, rtol=1e-4, atol=1e-4)

@@ -130,7 +130,7 @@ class PairShardActor:
         teacher = load_teacher(cfg.teacher, cache_dir=cfg.cache_dir or None)
         sampler = PairSampler(teacher, sampler=cfg.sampler, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
                               resolution=cfg.resolution or teacher.default_resolution, device=device,
-                              dtype=resolve_dtype(cfg.dtype, device), compile=cfg.compile)
+                              dtype=resolve_dtype(cfg.dtype, device), compile_mode=cfg.compile_mode(device.type), batch_size=cfg.batch_size)
         provenance = {"teacher": cfg.teacher, "sampler": cfg.sampler, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale}
         self.writer = pairs.ShardWriter(cfg.out, cfg.layout, prompts, cfg.seed, sampler, cfg.batch_size, provenance)
 
