@@ -25,7 +25,7 @@ from dmd_ray.method.generator import OneStepGenerator
 from dmd_ray.method.sampling import seeded_noise
 from dmd_ray.typed_config import ConfigError
 from dmd_ray.sd.resolve import check_tiny_decoder, load_teacher, load_tiny_decoder, read_generator_info
-from dmd_ray.sd.teacher import resolve_dtype
+from dmd_ray.sd.teacher import pad_rows, resolve_dtype
 
 SEED_MODULUS = 2**32  # seeds are uint32: exact in a browser's JSON numbers (up to 2**53), easy to type and share
 
@@ -146,8 +146,8 @@ class OneStepImageGenerator:
         if self.compile_mode:
             # static shapes: one graph per power-of-two batch (not per batch size), the batch padded with copies of
             # its last row, which the callers drop after decoding
-            extra = batch_bucket(len(noise)) - len(noise)
-            noise, embeddings = (torch.cat([x, x[-1:].expand(extra, *x.shape[1:])]) for x in (noise, embeddings))
+            rows = batch_bucket(len(noise))
+            noise, embeddings = pad_rows(noise, rows), pad_rows(embeddings, rows)
             torch.compiler.cudagraph_mark_step_begin()  # the previous batch's graph outputs are no longer read
         return self.generator(noise, embeddings)
 

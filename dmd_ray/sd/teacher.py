@@ -35,6 +35,12 @@ def _module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def pad_rows(x: Tensor, rows: int) -> Tensor:
+    """`x` grown to `rows` rows with copies of its last one: a compiled graph's static batch for a shorter batch,
+    whose extra outputs the caller drops."""
+    return torch.cat([x, x[-1:].expand(rows - len(x), *x.shape[1:])]) if rows > len(x) else x
+
+
 def freeze(*modules: nn.Module) -> None:
     """Teachers are frozen: eval mode (no dropout) and no gradients; a trainable copy turns them back on."""
     for m in modules:

@@ -8,6 +8,7 @@ import torch
 
 from dmd_ray.method.denoiser import GuidedDenoiser
 from dmd_ray.method.sampling import ode_sample, seeded_noise
+from dmd_ray.sd.teacher import pad_rows
 
 SAMPLERS = {
     "ddim": "DDIMScheduler",
@@ -61,9 +62,7 @@ class PairSampler:
     def __call__(self, prompts: list[str], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         noise = torch.stack([seeded_noise(s, self.latent_shape) for s in seeds])
         cond = self.teacher.encode_prompts(prompts).to(self.device, self.dtype)
-        x_T = noise.to(self.device, self.dtype)
-        extra = max(0, self.batch_size - len(seeds))
-        if extra:  # copies of the last row, dropped below
-            x_T, cond = (torch.cat([v, v[-1:].expand(extra, *v.shape[1:])]) for v in (x_T, cond))
+        x_T = pad_rows(noise.to(self.device, self.dtype), self.batch_size)  # (only when compiled) rows dropped below
+        cond = pad_rows(cond, self.batch_size)
         x = ode_sample(self.denoiser, self.scheduler, x_T, cond, self.steps)[: len(seeds)]
         return noise, x.float().cpu()
