@@ -99,3 +99,15 @@ def test_frechet_distance_and_its_bootstrap_interval():
         assert ci["prompt_accuracy_ci95"][1] - accuracy == pytest.approx(binomial, rel=0.3)
         widths.append(ci["fid_ci95"][1] - ci["fid_ci95"][0])
     assert widths[1] < widths[0] / 2
+
+
+def test_a_run_history_plots_its_losses_and_evaluation():
+    """<output>/metrics.png at the end of every run (run_records.plot_history): a PNG, with or without eval rows."""
+    from dmd_ray.distributed.run_records import plot_history
+
+    history = [{"step": s, "loss_dm": 1.0 / s, "loss_fake": 0.3, "loss_reg": 0.05} for s in range(10, 210, 10)]
+    for row in history[4::5]:
+        row.update(eval_fid=20.0 / row["step"], eval_prompt_accuracy=row["step"] / 400)
+    for rows in (history, [{k: v for k, v in r.items() if not k.startswith("eval_")} for r in history]):
+        png = plot_history(rows)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

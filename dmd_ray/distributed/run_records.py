@@ -145,6 +145,19 @@ class RunRecords:
         if self.rank == 0 and self.history:
             storage.write_bytes(storage.join(self.cfg.output, "metrics.png"), plot_history(self.history))
 
+    # ---------------------------------------------------------------------------------------- samples
+    def sample_grid(self, tag: str, generator, teacher, latent_shape, device) -> None:
+        """The generator on fixed noise and the config's sample prompts. Every rank runs it (ZeRO-3 gathers weights
+        collectively); rank 0 writes samples/<tag>.png and samples/latest.png."""
+        prompts = list(self.cfg.sample_prompts)
+        seeds = [pair_seed(self.cfg.seed + SAMPLE_SEED_OFFSET, i) for i in range(len(prompts))]
+        images = generated_images(generator, teacher, prompts, seeds, latent_shape, device)
+        if self.rank != 0:
+            return
+        data = png_bytes(grid(images, columns=len(prompts)), min_size=256)
+        for name in (f"{tag}.png", "latest.png"):
+            storage.write_bytes(storage.join(self.cfg.output, "samples", name), data)
+
 
 def plot_history(history: list[dict]) -> bytes:
     """PNG of a run's history: the losses, and the in-training evaluation (FID, prompt accuracy) when there is one."""
@@ -174,16 +187,3 @@ def plot_history(history: list[dict]) -> bytes:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
-
-    # ---------------------------------------------------------------------------------------- samples
-    def sample_grid(self, tag: str, generator, teacher, latent_shape, device) -> None:
-        """The generator on fixed noise and the config's sample prompts. Every rank runs it (ZeRO-3 gathers weights
-        collectively); rank 0 writes samples/<tag>.png and samples/latest.png."""
-        prompts = list(self.cfg.sample_prompts)
-        seeds = [pair_seed(self.cfg.seed + SAMPLE_SEED_OFFSET, i) for i in range(len(prompts))]
-        images = generated_images(generator, teacher, prompts, seeds, latent_shape, device)
-        if self.rank != 0:
-            return
-        data = png_bytes(grid(images, columns=len(prompts)), min_size=256)
-        for name in (f"{tag}.png", "latest.png"):
-            storage.write_bytes(storage.join(self.cfg.output, "samples", name), data)
