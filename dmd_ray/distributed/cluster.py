@@ -42,16 +42,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         # that hold one CPU each, or a 2-core machine deadlocks (the threads each actor uses are set separately).
         if num_cpus is None:
             num_cpus = (os.cpu_count() or 1) + 4
-        ray.init(address="local", include_dashboard=False, num_cpus=num_cpus,
-                 runtime_env={"worker_process_setup_hook": "dmd_ray.distributed.cluster.quiet_without_dashboard"})
-
-
-def quiet_without_dashboard() -> None:
-    """Runs in every worker process of the embedded cluster. Without the dashboard there is no State API, and Ray
-    Train's placement-group cleaner would warn that it cannot query it every few seconds of every run."""
-    import logging
-
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+        ray.init(address="local", include_dashboard=False, num_cpus=num_cpus)
 
 
 def cluster_gpus() -> float:
