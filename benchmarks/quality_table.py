@@ -37,10 +37,11 @@ def log(msg: str) -> None:
     print(f"[quality {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run(cmd: list[str], env: dict, timeout: float, log_file: str | None = None) -> int:
-    with open(log_file, "w") if log_file else open(os.devnull, "w") as out:
+def run(cmd: list[str], env: dict, timeout: float, log_file: str) -> int:
+    """`cmd` from the repository root, its output into `log_file`; 124 when it outlasts `timeout`."""
+    with open(log_file, "w") as out:
         try:
-            return subprocess.run(cmd, env=env, cwd=ROOT, timeout=timeout, stdout=out if log_file else None, stderr=subprocess.STDOUT if log_file else None).returncode
+            return subprocess.run(cmd, env=env, cwd=ROOT, timeout=timeout, stdout=out, stderr=subprocess.STDOUT).returncode
         except subprocess.TimeoutExpired:
             return 124
 
