@@ -9,8 +9,13 @@ export beside the teacher, with bootstrap intervals: DMD's Tab. 2 and the DMD2 r
 Recipes are `name=flags` separated by ";" (`--recipes`), on top of `--common` and `--more` (later flags win).
 The script starts its own Ray head (`ray start --head`, stopped at the end) so that the runs share one cluster.
 Each run trains for `--minutes` (its --time-limit-minutes) and is stopped if it has not exited `--startup-minutes`
-later (Ray Train start, compilation, export), so the evaluation always runs. Writes <out>/table.md and
-<out>/eval/metrics.json + grid.png; each run logs to <out>/<recipe>.log and writes under <out>/<recipe>/.
+later (Ray Train start, compilation, export), so the evaluation always runs. With `--stagger` the first recipe
+starts alone and the others when it has compiled: runs of the same shapes then find torch.compile's kernels in the
+machine's caches instead of compiling them all at once on the same cores, and they stop at the first one's wall
+time (a shorter --time-limit-minutes). `--num-samples 0` skips the evaluation (run jobs/evaluate.py on the
+exports elsewhere: it needs no GPU). `--startup-minutes` must cover every run's set-up and export: many runs starting
+at once take longer (eight needed more than one minute on 16 cores). Writes <out>/table.md (the evaluation, then each run's in-training probe)
+and <out>/eval/metrics.json + grid.png; each run logs to <out>/<recipe>.log and writes under <out>/<recipe>/.
 """
 from __future__ import annotations
 
@@ -46,6 +51,20 @@ def run(cmd: list[str], env: dict, timeout: float, log_file: str) -> int:
             return 124
 
 
+def wait_for_line(path: str, texts: tuple[str, ...], proc: subprocess.Popen, timeout: float) -> bool:
+    """Whether one of `texts` appeared in the log at `path` before `proc` exited or `timeout` seconds passed."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        if os.path.exists(path) and any(text in open(path, errors="replace").read() for text in texts):
+            return True
+        time.sleep(2)
+    return False
+
+
+def read_history(path: str) -> list[dict]:
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipes", default=RECIPES)
@@ -56,9 +75,11 @@ def main() -> int:
     p.add_argument("--num-pairs", type=int, default=8192)
     p.add_argument("--pair-steps", type=int, default=50)
     p.add_argument("--pair-batch-size", type=int, default=1024)
-    p.add_argument("--num-samples", type=int, default=1440)
+    p.add_argument("--num-samples", type=int, default=1440, help="per model in the evaluation; 0: no evaluation (the probe only)")
     p.add_argument("--out", default="runs/quality")
     p.add_argument("--port", type=int, default=6390)
+    p.add_argument("--stagger", action="store_true", help="start the other recipes once the first has compiled")
+    p.add_argument("--eval-timeout", type=float, default=900.0, help="seconds")
     args = p.parse_args()
 
     recipes = dict(item.split("=", 1) for item in args.recipes.split(";") if item.strip())
@@ -85,13 +106,28 @@ def main() -> int:
         log(f"{args.num_pairs} pairs in {time.perf_counter() - started:.0f} s")
 
         share = f"{1 / len(recipes):.3f}"
-        runs = {}
-        for name, flags in recipes.items():
+        runs: dict[str, subprocess.Popen] = {}
+        first_started = time.monotonic()
+
+        def start(name: str, minutes: float) -> None:
             cmd = [python, "jobs/distill.py", *shlex.split(args.common), *shlex.split(args.more), "--prompts", prompts, "--pairs", pairs, "--pair-sampler", "pndm",
-                   "--pair-steps", str(args.pair_steps), "--gpus-per-worker", share, "--time-limit-minutes", str(args.minutes),
-                   "--output", os.path.join(out, name), *shlex.split(flags)]
+                   "--pair-steps", str(args.pair_steps), "--gpus-per-worker", share, "--time-limit-minutes", f"{minutes:.2f}",
+                   "--output", os.path.join(out, name), *shlex.split(recipes[name])]
             runs[name] = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=open(os.path.join(out, f"{name}.log"), "w"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60 * (args.minutes + args.startup_minutes)
+            log(f"{name}: started, {minutes:.2f} min")
+
+        names = list(recipes)
+        for name in names[:1] if args.stagger else names:
+            start(name, args.minutes)
+        if args.stagger and len(names) > 1:
+            # compiled (the worker's line), or training uncompiled (its first logged step)
+            ready = wait_for_line(os.path.join(out, f"{names[0]}.log"), ("[distill] compilation:", "[distill] step "), runs[names[0]],
+                                  60 * (args.minutes + args.startup_minutes))
+            log(f"{names[0]}: {'training' if ready else 'no training line'} after {time.monotonic() - first_started:.0f} s")
+            remaining = args.minutes - (time.monotonic() - first_started) / 60  # so that all runs stop at about the same time
+            for name in names[1:]:
+                start(name, max(0.5, remaining))
+        deadline = first_started + 60 * (args.minutes + args.startup_minutes)
         for name, proc in runs.items():
             try:
                 proc.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -102,26 +138,29 @@ def main() -> int:
         if not exports:
             sys.exit("no run exported a generator: see the runs' logs")
         models = ["teacher:demo", "demo", *exports.values()]
-        code = run([python, "jobs/evaluate.py", "--model", ",".join(models), "--num-samples", str(args.num_samples), "--batch-size", "720",
-                    "--output", os.path.join(out, "eval")], env, 900, os.path.join(out, "eval.log"))
+        code = 0 if args.num_samples == 0 else run([python, "jobs/evaluate.py", "--model", ",".join(models), "--num-samples", str(args.num_samples), "--batch-size", "720",
+                    "--output", os.path.join(out, "eval")], env, args.eval_timeout, os.path.join(out, "eval.log"))
         if code:
             sys.exit(f"evaluation failed ({code}): see {out}/eval.log")
     finally:
         subprocess.run([python, "-m", "ray.scripts.scripts", "stop"], env=env, capture_output=True)
 
-    results = json.load(open(os.path.join(out, "eval", "metrics.json")))["models"]
+    results = json.load(open(os.path.join(out, "eval", "metrics.json")))["models"] if args.num_samples else {}
     names = {"teacher:demo": "teacher (PNDM 50, guidance 3)", "demo": "shipped `demo`", **{v: k for k, v in exports.items()}}
-    lines = [f"| model | iterations | FID [95%] | prompt accuracy [95%] | LPIPS diversity |", "|---|---|---|---|---|"]
+    histories = {name: read_history(os.path.join(out, name, "metrics.jsonl")) for name in recipes}
+    evaluation = ["| model | iterations | FID [95%] | prompt accuracy [95%] | LPIPS diversity |", "|---|---|---|---|---|"]
     for spec, row in results.items():  # keyed by the specs passed (exports are absolute paths already)
         name = names.get(spec, spec)
-        steps = "-"
-        if name in exports:
-            history = [json.loads(line) for line in open(os.path.join(out, name, "metrics.jsonl"))]
-            steps = str(history[-1]["step"]) if history else "-"
-        lines.append(f"| {name} | {steps} | {row['fid']:.3f} [{row['fid_ci95'][0]:.3f}, {row['fid_ci95'][1]:.3f}] | "
-                     f"{row['prompt_accuracy']:.3f} [{row['prompt_accuracy_ci95'][0]:.3f}, {row['prompt_accuracy_ci95'][1]:.3f}] | "
-                     f"{row.get('lpips_diversity', float('nan')):.3f} |")
-    table = "\n".join(lines)
+        steps = str(histories[name][-1]["step"]) if histories.get(name) else "-"
+        evaluation.append(f"| {name} | {steps} | {row['fid']:.3f} [{row['fid_ci95'][0]:.3f}, {row['fid_ci95'][1]:.3f}] | "
+                          f"{row['prompt_accuracy']:.3f} [{row['prompt_accuracy_ci95'][0]:.3f}, {row['prompt_accuracy_ci95'][1]:.3f}] | "
+                          f"{row.get('lpips_diversity', float('nan')):.3f} |")
+    probe = ["In-training probe (FID / prompt accuracy on the probe's samples; ms per iteration over the log window):", "",
+             "| recipe | flags | step: FID / accuracy / ms |", "|---|---|---|"]
+    for name, history in histories.items():
+        points = [f"{r['step']}: {r['eval_fid']:.2f} / {r['eval_prompt_accuracy']:.3f} / {1000 * r['step_time_s']:.0f}" for r in history if "eval_fid" in r]
+        probe.append(f"| {name} | `{recipes[name].strip() or '(common)'}` | {'; '.join(points) or '-'} |")
+    table = "\n\n".join("\n".join(part) for part in ([evaluation] if results else []) + [probe])
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table + "\n")
     print(table)

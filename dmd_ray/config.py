@@ -198,6 +198,16 @@ class DistillConfig:
     def local_reg_batch(self) -> int:
         return self.reg_batch_size // self.num_workers
 
+    def recipe(self) -> dict:
+        """What decides a student's quality, recorded with its export (dmd_ray.json): the losses and their weights,
+        the update ratio, the rates and the global batches."""
+        keys = ("dm_weight", "lambda_reg", "regression_space", "gan_weight", "fake_updates", "generator_steps", "lr", "fake_lr",
+                "dm_batch_size", "reg_batch_size", "t_min", "t_max")
+        recipe = {k: getattr(self, k) for k in keys}
+        if self.regression_space == "pixel" and self.lambda_reg:
+            recipe.update(lpips_backbone=self.lpips_backbone, lpips_pretrained_backbone=self.lpips_pretrained_backbone)
+        return recipe
+
     def check(self) -> None:
         """The checks that need no I/O: values, ranges and batch arithmetic."""
         problems = []

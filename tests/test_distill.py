@@ -2,6 +2,7 @@
 export to a diffusers folder, and the configuration errors that must stop a job before any worker starts."""
 import dataclasses
 import functools
+import json
 import os
 
 import pytest
@@ -71,6 +72,8 @@ def test_distil_export_and_load_with_diffusers(ray_cluster, tmp_path, monkeypatc
     export = os.path.join(out, "export")
     weights = [f for _, _, files in os.walk(export) for f in files if f.endswith((".bin", ".pt", ".ckpt", ".pth"))]
     assert weights == []
+    info = json.load(open(os.path.join(export, "dmd_ray.json")))  # what the student was trained with travels with it
+    assert info["steps"] == 4 and info["recipe"] == cfg.recipe() and info["recipe"]["lpips_backbone"] == "alex"
     pipe = DiffusionPipeline.from_pretrained(export)
     image = pipe("a small red circle on a blue background", num_inference_steps=1, guidance_scale=1.0, output_type="np").images
     assert image.shape == (1, 32, 32, 3) and float(image.std()) > 0

@@ -111,3 +111,17 @@ def test_a_run_history_plots_its_losses_and_evaluation():
     for rows in (history, [{k: v for k, v in r.items() if not k.startswith("eval_")} for r in history]):
         png = plot_history(rows)
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_attribute_accuracy_counts_only_prompts_that_name_the_attribute():
+    """Per-attribute accuracy (metrics.json's shape/colour/size/background_accuracy): what a generator gets wrong."""
+    from dmd_ray.demos import shapes
+    from dmd_ray.demos.shapes_eval import attribute_accuracy
+
+    said = [shapes.parse_prompt(p) for p in ("a small red circle on a blue background", "a red square", "a large green triangle")]
+    seen = [shapes.Scene("circle", "red", "large", "blue"), shapes.Scene("circle", "red", "small", "white"), shapes.Scene("triangle", "blue", "large", "black")]
+    assert attribute_accuracy(said, seen, "shape") == pytest.approx(2 / 3)
+    assert attribute_accuracy(said, seen, "colour") == pytest.approx(2 / 3)
+    assert attribute_accuracy(said, seen, "size") == pytest.approx(1 / 2)  # the second prompt names no size
+    assert attribute_accuracy(said, seen, "background") == 1.0  # only the first names one
+    assert np.isnan(attribute_accuracy(said[1:2], seen[1:2], "background"))

@@ -86,12 +86,15 @@ def metrics(images: np.ndarray, prompts: list[str], judge, real: torch.Tensor, i
         metric.update(fake, real=False)
     kid_mean, kid_std = kid.compute()
     as_float = fake.float() / 127.5 - 1
-    correct = torch.tensor([shapes.matches(shapes.parse_prompt(p), seen) for p, seen in zip(prompts, judge.read(as_float))])
+    scenes, seen = [shapes.parse_prompt(p) for p in prompts], judge.read(as_float)
+    correct = torch.tensor([shapes.matches(scene, s) for scene, s in zip(scenes, seen)])
     result = {
         "fid": float(fid.compute()),
         "kid": float(kid_mean),
         "kid_std": float(kid_std),
         "prompt_accuracy": float(correct.double().mean()),
+        # which attributes a generator gets wrong (of the prompts that name each)
+        **{f"{a}_accuracy": attribute_accuracy(scenes, seen, a) for a in ("shape", "colour", "size", "background")},
         "num_samples": len(prompts),
     }
     if intervals:
@@ -104,6 +107,11 @@ def metrics(images: np.ndarray, prompts: list[str], judge, real: torch.Tensor, i
         with torch.no_grad():
             result["lpips_diversity"] = float(torch.cat([lpips(a[i : i + 256], b[i : i + 256]) for i in range(0, len(a), 256)]).mean())
     return result
+
+
+def attribute_accuracy(scenes: list, seen: list, attribute: str) -> float:
+    named = [(getattr(a, attribute), getattr(b, attribute)) for a, b in zip(scenes, seen) if getattr(a, attribute) is not None]
+    return sum(x == y for x, y in named) / len(named) if named else float("nan")
 
 
 def frechet_distance(mean_a: torch.Tensor, cov_a: torch.Tensor, mean_b: torch.Tensor, cov_b: torch.Tensor) -> float:

@@ -245,7 +245,7 @@ def train_loop_per_worker(config: dict) -> None:
             unet = type(teacher.unet).from_config(teacher.unet.config)  # not a deepcopy: the teacher's may be compiled
             unet.load_state_dict({k.removeprefix("unet."): v.float().cpu() for k, v in state.items()})
             uri = export_generator(teacher.to("cpu", torch.float32), unet, storage.join(cfg.output, "export"), generator.timestep,
-                                   {"teacher": cfg.teacher, "steps": step, "guidance_scale": cfg.guidance_scale}, dtype=getattr(torch, cfg.export_dtype),
+                                   {"teacher": cfg.teacher, "steps": step, "guidance_scale": cfg.guidance_scale, "recipe": cfg.recipe()}, dtype=getattr(torch, cfg.export_dtype),
                                    timesteps=getattr(generator, "timesteps", None))
             print(f"[distill] export written to {uri}", flush=True)
     if world > 1:
