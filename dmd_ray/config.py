@@ -130,6 +130,9 @@ class DistillConfig:
     t_min: float = 0.02  # DM-loss timesteps, as fractions of T
     t_max: float = 0.98
     generator_timestep: int = -1  # -1: T - 1 (999 for SD)
+    # an exported student (built-in name, folder or s3://) whose network starts the generator instead of the teacher's:
+    # DMD2's recipe for one-step SDXL, regression pre-training then DMD. The fake score still starts from the teacher
+    init_generator: str = ""
     # DMD2 (Yin et al. 2024b): `fake_updates` is its two time-scale rule; these add its GAN and multi-step generator
     generator_steps: int = 1  # > 1: DMD2's multi-step generator at t_k = (n - k) * (T // n) - 1 (999, 749, 499, 249 for
     #                           4), trained with backward simulation; needs lambda_reg 0; exported for diffusers' LCMScheduler
@@ -201,7 +204,7 @@ class DistillConfig:
     def recipe(self) -> dict:
         """What decides a student's quality, recorded with its export (dmd_ray.json): the losses and their weights,
         the update ratio, the rates and the global batches."""
-        keys = ("dm_weight", "lambda_reg", "regression_space", "gan_weight", "fake_updates", "generator_steps", "lr", "fake_lr",
+        keys = ("init_generator", "dm_weight", "lambda_reg", "regression_space", "gan_weight", "fake_updates", "generator_steps", "lr", "fake_lr",
                 "dm_batch_size", "reg_batch_size", "t_min", "t_max")
         recipe = {k: getattr(self, k) for k in keys}
         if self.regression_space == "pixel" and self.lambda_reg:

@@ -229,3 +229,26 @@ def test_a_resume_under_another_zero_stage_or_worker_count_is_refused(tmp_path):
         check_resume_world_size(DistillConfig(**base, zero_stage=2, num_workers=1))
     (checkpoint / "trainer_state.json").write_text(json.dumps({"world_size": 2, "config": {"zero_stage": 0}}))
     check_resume_world_size(DistillConfig(**base, zero_stage=0, num_workers=1))  # ZeRO-0: any worker count
+
+
+def test_a_generator_can_start_from_an_exported_student_of_the_teachers_architecture(tmp_path):
+    """init_generator (regression pre-training, then DMD): the student's weights start the generator; a folder that is
+    no exported student, or one of another architecture, is refused by the driver before any worker starts."""
+    import torch
+
+    from dmd_ray.distributed.distill_driver import prepare
+    from dmd_ray.distributed.distill_worker import initial_generator
+    from dmd_ray.sd.resolve import load_teacher, resolve_generator
+
+    cfg = DistillConfig(teacher="demo", init_generator="demo", regression_space="latent", output=str(tmp_path / "run"))
+    prepare(cfg)
+    teacher, student = load_teacher("demo"), load_teacher(resolve_generator("demo"))
+    start = initial_generator(cfg, teacher)
+    for (name, a), b in zip(start.state_dict().items(), student.unet.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert initial_generator(dataclasses.replace(cfg, init_generator=""), teacher) is teacher.unet
+    assert cfg.recipe()["init_generator"] == "demo"
+    with pytest.raises(ConfigError, match="another UNet than the teacher 'tiny'.*block_out_channels"):
+        prepare(dataclasses.replace(cfg, teacher="tiny"))
+    with pytest.raises(ConfigError, match="not an exported one-step generator"):
+        prepare(dataclasses.replace(cfg, init_generator=str(tmp_path)))

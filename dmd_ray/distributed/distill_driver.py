@@ -54,6 +54,8 @@ def prepare(cfg: DistillConfig) -> DistillPlan:
         from dmd_ray.sd.weights import check_lpips_backbone
 
         check_lpips_backbone(cfg.lpips_backbone)
+    if cfg.init_generator:
+        check_initial_generator(cfg)
     storage.check_access(cfg.output, write=True)
     check_resume_world_size(cfg)
     if cfg.pairs:
@@ -85,6 +87,24 @@ def check_given_pairs(cfg: DistillConfig, latent_shape, prompts: list[str]) -> N
     pairs.shard_uris(cfg.pairs)  # raises if incomplete
     if manifest["num_shards"] < cfg.num_workers:
         raise ConfigError(f"pairs {cfg.pairs!r} have {manifest['num_shards']} shards for {cfg.num_workers} workers: each worker needs at least one")
+
+
+def check_initial_generator(cfg: DistillConfig) -> None:
+    """`init_generator` must be an exported student of the teacher's architecture (its weights replace the teacher's
+    in the generator)."""
+    from dmd_ray.sd.resolve import read_generator_info, resolve_generator, unet_config
+
+    folder = resolve_generator(cfg.init_generator, cfg.cache_dir or None)
+    read_generator_info(folder)
+    ours, theirs = unet_config(cfg.teacher, cfg.cache_dir or None), unet_config(folder)
+    different = {k: (theirs.get(k), ours[k]) for k in ARCHITECTURE_KEYS if k in ours and theirs.get(k) != ours[k]}
+    if different:
+        raise ConfigError(f"init_generator {cfg.init_generator!r} has another UNet than the teacher {cfg.teacher!r} "
+                          f"({', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in different.items())})")
+
+
+ARCHITECTURE_KEYS = ("in_channels", "out_channels", "block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
+                     "cross_attention_dim", "attention_head_dim", "transformer_layers_per_block")
 
 
 def same_teacher(a: str, b: str) -> bool:

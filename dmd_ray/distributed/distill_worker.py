@@ -30,7 +30,7 @@ from dmd_ray.method.optim import warmup_schedule
 from dmd_ray.method.transfer import to_device
 from dmd_ray.sd.conditioning import PromptConditions
 from dmd_ray.sd.dmd import build_step, gan_classifier
-from dmd_ray.sd.resolve import load_teacher
+from dmd_ray.sd.resolve import load_teacher, resolve_generator
 from dmd_ray.sd.teacher import UNetDenoiser
 
 
@@ -75,6 +75,14 @@ def engine(cfg: DistillConfig, unet, lr: float, micro_batch: int, device: torch.
         ds_engine.enable_backward_allreduce = False  # one rank: DeepSpeed would still flatten, "reduce" and copy back every gradient
     compile_network(unet, cfg.compile_mode(device.type))
     return ds_engine
+
+
+def initial_generator(cfg: DistillConfig, teacher) -> torch.nn.Module:
+    """The network the generator starts from: the teacher's, or the exported student of `init_generator` (its
+    architecture checked against the teacher's by the driver)."""
+    if not cfg.init_generator:
+        return teacher.unet
+    return load_teacher(resolve_generator(cfg.init_generator, cfg.cache_dir or None)).unet
 
 
 class Autocast(torch.nn.Module):
@@ -161,7 +169,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     # ---- set-up: the frozen teacher, two engines, the step, the state of a resumed run
     teacher = load_teacher(cfg.teacher, cache_dir=cfg.cache_dir or None)
-    gen_engine = engine(cfg, teacher.unet, cfg.lr, cfg.local_dm_batch + cfg.local_reg_batch, device, world)
+    gen_engine = engine(cfg, initial_generator(cfg, teacher), cfg.lr, cfg.local_dm_batch + cfg.local_reg_batch, device, world)
     fake_engine = engine(cfg, teacher.unet, cfg.fake_lr or cfg.lr, cfg.local_dm_batch, device, world, gan_classifier(cfg, teacher.unet))
     teacher.to(device=device, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
     conditions = PromptConditions(teacher, list(plan.prompts), plan.latent_shape, device)

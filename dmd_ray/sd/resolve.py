@@ -297,6 +297,16 @@ def describe_teacher(spec: str, cache_dir: str | None = None) -> TeacherInfo:
     return TeacherInfo(spec, int(unet["in_channels"]), 2 ** (len(vae["block_out_channels"]) - 1), int(sample_size), prediction_type)
 
 
+def unet_config(spec: str, cache_dir: str | None = None) -> dict:
+    """The UNet config of a teacher or an exported generator's folder (a built-in architecture is built for it)."""
+    import diffusers
+
+    spec = str(spec)
+    if spec in BUILT_IN:
+        return dict(BUILT_IN[spec]().unet.config)
+    return dict(diffusers.UNet2DConditionModel.load_config(locate(spec, "teacher", cache_dir), subfolder="unet"))
+
+
 def resolve_generator(spec: str, cache_dir: str | None = None) -> str:
     """The local folder of the exported one-step generator named by `spec`: a built-in name, an s3:// prefix
     (downloaded once into `cache_dir`, safetensors and configs only) or a local folder."""
