@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--fake-lr", type=float, default=0.0, help="0: --lr")
     p.add_argument("--fake-updates", type=int, default=1)
     p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--t-min", type=float, default=0.02, help="DM timesteps, fractions of T")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--fake-warmup", type=int, default=50)
@@ -55,7 +56,7 @@ def main() -> None:
 
     teacher = load_teacher(args.teacher)
     cfg = DistillConfig(teacher=args.teacher, init_generator=args.student, lambda_reg=0.0, dm_batch_size=args.batch, lr=args.lr,
-                        fake_lr=args.fake_lr, guidance_scale=args.guidance_scale, fake_updates=args.fake_updates, precision="fp32")
+                        fake_lr=args.fake_lr, guidance_scale=args.guidance_scale, fake_updates=args.fake_updates, precision="fp32", t_min=args.t_min)
     student = load_teacher(resolve_generator(args.student)).unet
     nets = [UNetDenoiser(copy.deepcopy(unet).float().train().requires_grad_(True)).to(device) for unet in (student, teacher.unet)]
     updates = [optimizer_update(torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=cfg.weight_decay), net.parameters(), cfg.grad_clip)
