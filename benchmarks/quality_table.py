@@ -13,9 +13,10 @@ later (Ray Train start, compilation, export), so the evaluation always runs. Wit
 starts alone and the others when it has compiled: runs of the same shapes then find torch.compile's kernels in the
 machine's caches instead of compiling them all at once on the same cores, and they stop at the first one's wall
 time (a shorter --time-limit-minutes). `--num-samples 0` skips the evaluation (run jobs/evaluate.py on the
-exports elsewhere: it needs no GPU). `--startup-minutes` must cover every run's set-up and export: many runs starting
-at once take longer (eight needed more than one minute on 16 cores). Writes <out>/table.md (the evaluation, then each run's in-training probe)
-and <out>/eval/metrics.json + grid.png; each run logs to <out>/<recipe>.log and writes under <out>/<recipe>/.
+exports elsewhere: it needs no GPU). `--startup-minutes` must cover every run's set-up and export: many runs
+starting at once take longer (eight needed more than one minute on 16 cores). Writes <out>/table.md (the
+evaluation, then each run's in-training probe) and <out>/eval/metrics.json + grid.png; each run logs to
+<out>/<recipe>.log and writes under <out>/<recipe>/.
 """
 from __future__ import annotations
 
@@ -138,8 +139,9 @@ def main() -> int:
         if not exports:
             sys.exit("no run exported a generator: see the runs' logs")
         models = ["teacher:demo", "demo", *exports.values()]
-        code = 0 if args.num_samples == 0 else run([python, "jobs/evaluate.py", "--model", ",".join(models), "--num-samples", str(args.num_samples), "--batch-size", "720",
-                    "--output", os.path.join(out, "eval")], env, args.eval_timeout, os.path.join(out, "eval.log"))
+        code = 0 if args.num_samples == 0 else run(
+            [python, "jobs/evaluate.py", "--model", ",".join(models), "--num-samples", str(args.num_samples), "--batch-size", "720",
+             "--output", os.path.join(out, "eval")], env, args.eval_timeout, os.path.join(out, "eval.log"))
         if code:
             sys.exit(f"evaluation failed ({code}): see {out}/eval.log")
     finally:
