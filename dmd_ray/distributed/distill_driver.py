@@ -89,6 +89,10 @@ def check_given_pairs(cfg: DistillConfig, latent_shape, prompts: list[str]) -> N
         raise ConfigError(f"pairs {cfg.pairs!r} have {manifest['num_shards']} shards for {cfg.num_workers} workers: each worker needs at least one")
 
 
+ARCHITECTURE_KEYS = ("in_channels", "out_channels", "block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
+                     "cross_attention_dim", "attention_head_dim", "transformer_layers_per_block")
+
+
 def check_initial_generator(cfg: DistillConfig) -> None:
     """`init_generator` must be an exported student of the teacher's architecture (its weights replace the teacher's
     in the generator)."""
@@ -101,10 +105,6 @@ def check_initial_generator(cfg: DistillConfig) -> None:
     if different:
         raise ConfigError(f"init_generator {cfg.init_generator!r} has another UNet than the teacher {cfg.teacher!r} "
                           f"({', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in different.items())})")
-
-
-ARCHITECTURE_KEYS = ("in_channels", "out_channels", "block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
-                     "cross_attention_dim", "attention_head_dim", "transformer_layers_per_block")
 
 
 def same_teacher(a: str, b: str) -> bool:
