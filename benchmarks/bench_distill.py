@@ -2,14 +2,20 @@
 
     python benchmarks/bench_distill.py                                  # CPU: tiny teacher, overhead of the stack
     python benchmarks/bench_distill.py --steps 3 --dm-batch 2 --reg-batch 1 --zero-stages 0   # CPU smoke run
-    python benchmarks/bench_distill.py --teacher sd15-architecture --dm-batch 8 --reg-batch 2 \
-        --zero-stages 0 2 --gradient-checkpointing --steps 12          # one GPU: samples/s, utilisation, peak memory
+    python benchmarks/bench_distill.py --teacher sd15-architecture --dm-batch 16 --reg-batch 4 \
+        --zero-stages 2 --gradient-checkpointing --steps 12 --log-every 4 --baselines   # one GPU: samples/s, MFU, memory
+    python benchmarks/bench_distill.py --teacher demo --dm-batch 64 --reg-batch 16 --lpips-backbone alex \
+        --lpips-min-size 64 --zero-stages 0 --steps 300 --log-every 50 --baselines          # issue 14's demo rows
+
+Rows: with --baselines, the path before issue 14 first (eager networks, per-tensor AdamW, the losses read every
+step), then the fast settings the job uses by default (--compile auto: CUDA graphs under ZeRO-0, torch.compile's
+default mode under ZeRO 1-2; fused AdamW on GPU; the losses read every --log-every steps).
 
 Both paths call the DMDStep that `dmd_ray.sd.dmd.build_step` builds, once per batch, exactly as the Ray Train worker
 (dmd_ray/distributed/distill_worker.py) does: next batch of pairs, encode its prompts, step, read the logs. They
 differ only in the networks and update functions handed to `build_step`: the plain loop passes plain modules with
 torch AdamW (`dmd_ray.method.optim.adamw` + `optimizer_update`, the worker's warm-up schedule) in this process and
-reads pairs with pyarrow; the job is `dmd_ray.distributed.distill_driver.distill` with one Ray Train worker and two
+reads pairs with pyarrow, and compiles its networks as the worker does; the job is `dmd_ray.distributed.distill_driver.distill` with one Ray Train worker and two
 DeepSpeed engines.
 
 Model FLOPs per iteration are counted by torch's FlopCounterMode over one whole plain-loop iteration (every forward
@@ -43,8 +49,10 @@ PLAIN = "plain loop (torch AdamW)"
 PAIR_SAMPLER, PAIR_STEPS = "ddim", 2
 
 
-def plain_loop(cfg: DistillConfig, pairs_uri: str, steps: int) -> dict:
-    """The worker's loop body on plain modules with torch AdamW, in this process."""
+def plain_loop(cfg: DistillConfig, pairs_uri: str, steps: int, profile_steps: int = 0) -> dict:
+    """The worker's loop body on plain modules with torch AdamW, in this process, with the job's fast settings
+    (cfg.compile, cfg.fused_adamw, losses read every cfg.log_every steps); networks compile as under ZeRO-0."""
+    from dmd_ray.distributed.distill_worker import compile_frozen, compile_network
     from dmd_ray.distributed.pair_job import PairStream, read_with_pyarrow
     from dmd_ray.method.objective import read_logs
     from dmd_ray.method.optim import adamw, optimizer_update
@@ -55,12 +63,13 @@ def plain_loop(cfg: DistillConfig, pairs_uri: str, steps: int) -> dict:
 
     device = default_device()
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    mode = dataclasses.replace(cfg, zero_stage=0).compile_mode(device.type)
     teacher = load_teacher(cfg.teacher, cache_dir=cfg.cache_dir or None)
     unets, nets, updates = [], [], []
     for lr in (cfg.lr, cfg.fake_lr or cfg.lr):  # generator, fake score: each a copy of the teacher's UNet
         unet = copy.deepcopy(teacher.unet).train().requires_grad_(True).to(device, dtype)
         params = list(unet.parameters())
-        optimizer, scheduler = adamw(params, lr, max(1, cfg.warmup_steps), weight_decay=cfg.weight_decay)
+        optimizer, scheduler = adamw(params, lr, max(1, cfg.warmup_steps), weight_decay=cfg.weight_decay, fused=cfg.fused_adamw_on(device.type))
         unets.append(unet)
         nets.append(UNetDenoiser(unet))
         updates.append(optimizer_update(optimizer, params, cfg.grad_clip, scheduler))
@@ -76,51 +85,87 @@ def plain_loop(cfg: DistillConfig, pairs_uri: str, steps: int) -> dict:
     def iteration() -> dict:  # the worker's loop body
         batch = next(stream)
         pair_cond = conditions.encode(batch["prompt"]) if step_fn.objective.uses_regression else None
-        return read_logs(step_fn(batch["noise"].to(device, torch.float32), pair_cond, batch["target"].to(device, torch.float32)))
+        if mode is not None:
+            torch.compiler.cudagraph_mark_step_begin()
+        return step_fn(batch["noise"].to(device, torch.float32), pair_cond, batch["target"].to(device, torch.float32))
 
-    # model FLOPs: one iteration without gradient checkpointing (its recomputation is not model work)
+    # model FLOPs: one eager iteration without gradient checkpointing (its recomputation is not model work)
     flops_include_recompute = False
     try:
-        _, flops = count_flops(iteration)
+        _, flops = count_flops(lambda: read_logs(iteration()))
     except torch.cuda.OutOfMemoryError:
         if not cfg.gradient_checkpointing:
             raise
         torch.cuda.empty_cache()
         for unet in unets:
             unet.enable_gradient_checkpointing()
-        _, flops = count_flops(iteration)
+        _, flops = count_flops(lambda: read_logs(iteration()))
         flops_include_recompute = True
     if cfg.gradient_checkpointing:
         for unet in unets:
             unet.enable_gradient_checkpointing()
+    for unet in unets:
+        compile_network(unet, mode)
+    compile_frozen(teacher, step_fn.objective, mode)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
+
+    def window(n: int) -> float:
+        """n iterations, the losses read after the last (as the worker reads them every log_every steps): seconds."""
         synchronize(device)
         started = time.perf_counter()
-        iteration()
+        for _ in range(n):
+            logs = iteration()
+        read_logs(logs)
         synchronize(device)
-        times.append(time.perf_counter() - started)
+        return time.perf_counter() - started
+
+    first = window(3)  # compilation and CUDA graph recording happen here
+    every = max(1, cfg.log_every)
+    times = [window(every) / every for _ in range(max(1, steps // every))]
+    step_time = statistics.median(times[1:] if len(times) > 2 else times)
+    out = {}
+    if profile_steps and device.type == "cuda":
+        try:
+            out.update(profile_window(window, profile_steps))
+        except Exception as e:  # noqa: BLE001 - the timing above stands without the profile
+            out["profile_error"] = f"{type(e).__name__}: {e}"[:200]
     stream.close()
-    out = {"step_time_s": statistics.median(times[2:] if len(times) > 4 else times), "flops_per_iteration": flops,
+    out |= {"step_time_s": step_time, "compile_s": max(0.0, first - 3 * step_time), "flops_per_iteration": flops,
            "flops_include_recompute": flops_include_recompute}
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    del teacher, nets, unets, updates, step_fn, conditions
+    del teacher, nets, unets, updates
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def profile_window(window, steps: int) -> dict:
+    """GPU work and kernel launches per iteration over `steps` iterations under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        window(steps)
+    events = prof.key_averages()
+    gpu_s = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch"))
+    return {"gpu_s_per_iteration": gpu_s / steps, "launches_per_iteration": launches / steps,
+            "top_gpu_ms": [(e.key[:60], round(e.self_device_time_total / 1e3 / steps, 2)) for e in sorted(events, key=lambda e: -e.self_device_time_total)[:8]]}
 
 
 def ray_job(cfg: DistillConfig) -> dict:
     from dmd_ray.distributed.distill_driver import distill
     from dmd_ray.distributed.run_records import read_history
 
+    started = time.perf_counter()
     distill(cfg)
+    wall = time.perf_counter() - started
     history = read_history(cfg.output)
     times = [r["step_time_s"] for r in history[1:]] or [r["step_time_s"] for r in history]
-    out = {"step_time_s": statistics.median(times)}
+    out = {"step_time_s": statistics.median(times), "job_wall_s": wall}
+    first = history[0]  # its window holds the compilation
+    out["compile_s"] = max(0.0, first["step"] * (first["step_time_s"] - out["step_time_s"]))
     if "peak_memory_gib" in history[-1]:
         out["peak_memory_gib"] = max(r["peak_memory_gib"] for r in history)
     return out
@@ -136,7 +181,16 @@ def main() -> int:
     p.add_argument("--regression-space", default="pixel", choices=("pixel", "latent"))
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", default="auto", help="the job's compile setting (auto: on GPU; the plain loop compiles as ZeRO-0 does)")
+    p.add_argument("--fused-adamw", default="auto")
+    p.add_argument("--log-every", type=int, default=10, help="losses read (and the Ray job's report) every this many steps")
+    p.add_argument("--lpips-backbone", default="vgg")
+    p.add_argument("--lpips-min-size", type=int, default=224)
     p.add_argument("--skip-plain", action="store_true")
+    p.add_argument("--baseline-steps", type=int, default=0, help="steps of the --baselines rows (default: --steps)")
+    p.add_argument("--profile-steps", type=int, default=3, help="plain-loop steps under torch.profiler (GPU busy, kernel launches); 0: none")
+    p.add_argument("--baselines", action="store_true", help="first, the path before issue 14 (eager, per-tensor AdamW, losses read every step): "
+                   "a plain-loop row and a Ray row of the first stage, reporting to Ray Train every step as the job did")
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args()
     device = default_device()
@@ -150,49 +204,79 @@ def main() -> int:
 
     init_ray()
     pairs_uri = os.path.join(work, "pairs")
-    n_pairs = max(16, args.reg_batch * (args.steps + 4))
+    n_pairs = max(16, args.reg_batch * (args.steps + 2 * args.log_every + 4))
     generate_pairs(PairsConfig(teacher=args.teacher, prompts=BUILTIN_PROMPTS, num_pairs=n_pairs, shard_size=n_pairs, steps=PAIR_STEPS,
                                sampler=PAIR_SAMPLER, out=pairs_uri, batch_size=8))
     base = DistillConfig(
         teacher=args.teacher, pairs=pairs_uri, pair_sampler=PAIR_SAMPLER, pair_steps=PAIR_STEPS, dm_batch_size=args.dm_batch,
         reg_batch_size=args.reg_batch, max_steps=args.steps, num_workers=1, lr=1e-5, warmup_steps=10, regression_space=args.regression_space,
-        lpips_backbone="vgg", lpips_pretrained_backbone=False, precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
-        checkpoint_every=0, sample_every=0, export=False, log_every=10, cpus_per_worker=float(os.cpu_count() or 1) if not gpu else 4.0,
+        lpips_backbone=args.lpips_backbone, lpips_pretrained_backbone=False, lpips_min_size=args.lpips_min_size, precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, fused_adamw=args.fused_adamw, checkpoint_every=0, sample_every=0,
+        export=False, log_every=args.log_every, cpus_per_worker=float(os.cpu_count() or 1) if not gpu else 4.0,
     )
+    if args.zero_stages:  # the plain loop compiles in the mode of the first Ray row's stage
+        base = dataclasses.replace(base, zero_stage=args.zero_stages[0])
+    # the path before issue 14 as its baseline: eager networks, per-tensor AdamW, the losses read and reported to Ray Train every step
+    before = dataclasses.replace(base, compile="false", fused_adamw="false", log_every=1, report_every=1, max_steps=args.baseline_steps or args.steps)
+    runs = []  # (row name, settings, config, whether it is the plain loop)
+    if args.baselines:
+        runs += [(f"{PLAIN}, eager (before)", "before", before, True)] if not args.skip_plain else []
+        runs += [(f"ray train + deepspeed ZeRO-{stage}, eager (before)", "before", before, False) for stage in args.zero_stages[:1]]
+    runs += [(PLAIN, "fast", base, True)] if not args.skip_plain else []
+    runs += [(f"ray train + deepspeed ZeRO-{stage}", "fast", base, False) for stage in args.zero_stages]
     rows: dict[str, dict] = {}
-    if not args.skip_plain:
-        rows[PLAIN] = plain_loop(base, pairs_uri, args.steps)
-    for stage in args.zero_stages:
-        cfg = dataclasses.replace(base, zero_stage=stage, output=os.path.join(work, f"zero{stage}"))
+    for name, settings, cfg, plain in runs:
         try:
-            rows[f"ray train + deepspeed ZeRO-{stage}"] = ray_job(cfg)
+            if plain:
+                row = plain_loop(cfg, pairs_uri, cfg.max_steps, args.profile_steps)
+            else:
+                stage = int(name.split("ZeRO-")[1][0])
+                row = ray_job(dataclasses.replace(cfg, zero_stage=stage, output=os.path.join(work, f"zero{stage}-{settings}")))
         except Exception as e:  # noqa: BLE001 - an OOM at this batch is a result too
-            rows[f"ray train + deepspeed ZeRO-{stage}"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+            row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+        rows[name] = {"settings": settings, **row}
+        print(f"[bench_distill] {name}: {json.dumps(rows[name])}", flush=True)
+        if args.json:  # after every row: a later row that runs out of time keeps the earlier ones
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "device": device_name(device), "peak_tflops": peak.tflops, "peak": peak.label, "rows": rows}, f, indent=1)
 
-    counted = rows.get(PLAIN, {})
+    counted = next((r for r in rows.values() if r.get("flops_per_iteration")), {})
     flops = counted.get("flops_per_iteration")
     samples = args.dm_batch + args.reg_batch
-    print(f"\nDMD iteration: teacher {args.teacher}, DM batch {args.dm_batch} + regression batch {args.reg_batch} ({args.regression_space}), "
-          f"{args.precision}, gradient checkpointing {args.gradient_checkpointing}, {device_name(device)}")
+    print(f"\nDMD iteration: teacher {args.teacher}, DM batch {args.dm_batch} + regression batch {args.reg_batch} ({args.regression_space}, "
+          f"LPIPS-{args.lpips_backbone} at {args.lpips_min_size}), {args.precision}, gradient checkpointing {args.gradient_checkpointing}, "
+          f"{device_name(device)}, {time.strftime('%Y-%m-%d')}")
+    print(f"fast rows: compile {args.compile} (plain loop: {base.compile_mode(device.type) or 'eager'}), fused AdamW {args.fused_adamw}, "
+          f"losses read every {args.log_every} steps; 'before' rows: eager, per-tensor AdamW, losses read every step")
     print(f"peak: {peak.label}")
     if flops:
         note = " (includes gradient-checkpointing recomputation: the iteration without it ran out of memory)" if counted["flops_include_recompute"] else ""
-        print(f"model FLOPs per iteration (FlopCounterMode, one plain-loop iteration): {flops / 1e12:.4g} TFLOP, "
+        print(f"model FLOPs per iteration (FlopCounterMode, one eager plain-loop iteration): {flops / 1e12:.4g} TFLOP, "
               f"{flops / samples / 1e12:.4g} TFLOP per sample (DM and regression together){note}")
     else:
         print("model FLOPs: not counted (--skip-plain)")
-    plain_time = rows[PLAIN]["step_time_s"] if PLAIN in rows and "error" not in rows[PLAIN] else None
+    plain = {r["settings"]: r for r in rows.values() if "error" not in r and "flops_per_iteration" in r}
     table = []
     for name, r in rows.items():
         if "error" in r:
-            table.append([name, f"failed: {r['error']}", "", "", "", "", ""])
+            table.append([name, f"failed: {r['error']}"] + [""] * 8)
             continue
         tflops = flops / r["step_time_s"] / 1e12 if flops else None
+        same = plain.get(r["settings"], {})
+        # the GPU work of an iteration is the plain loop's (profiled there); a Ray row's busy share is that over its time
+        gpu_s = r.get("gpu_s_per_iteration", same.get("gpu_s_per_iteration"))
+        busy = f"{'' if 'gpu_s_per_iteration' in r else '~'}{100 * gpu_s / r['step_time_s']:.0f}%" if gpu_s else "-"
         table.append([
             name, f"{r['step_time_s']:.3f}", f"{samples / r['step_time_s']:.2f}", f"{tflops:.3g}" if tflops else "-", peak.utilisation(tflops),
-            f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "-", f"{r['step_time_s'] / plain_time:.2f}x" if plain_time else "-",
+            busy, f"{r['launches_per_iteration']:.0f}" if "launches_per_iteration" in r else "-",
+            f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "-",
+            f"{same['step_time_s'] / r['step_time_s']:.2f}x" if same else "-", f"{r['compile_s']:.0f}",
         ])
-    print_table(["row", "s/iteration", "samples/s", "model TFLOP/s", "utilisation", "peak GiB", "time vs plain loop"], table)
+    print_table(["row", "s/iteration", "samples/s", "model TFLOP/s", "MFU", "GPU busy", "launches/it", "peak GiB",
+                 "iterations/s vs the plain loop (same settings)", "first steps beyond steady s (compile)"], table)
+    for name, r in rows.items():
+        if r.get("top_gpu_ms"):
+            print(f"GPU time per iteration, {name}: " + ", ".join(f"{k} {v} ms" for k, v in r["top_gpu_ms"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "device": device_name(device), "peak_tflops": peak.tflops, "peak": peak.label,

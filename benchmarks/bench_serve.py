@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import dataclasses
 import datetime
 import itertools
 import json
@@ -98,6 +99,7 @@ def outside_serve_replica(max_ongoing_requests: int) -> None:
 
 
 async def run_bare(folder: str, device: str, args, config, concurrencies: list[int], formats: list[str]) -> dict[str, list[dict]]:
+    from dmd_ray import compile_cache
     from dmd_ray.sd.one_step import SEED_MODULUS, GenerationJob, ImageSize, OneStepImageGenerator
     from serve.app import BatchedGenerator, ImageEncoder
 
@@ -107,10 +109,13 @@ async def run_bare(folder: str, device: str, args, config, concurrencies: list[i
     batcher = BatchedGenerator(generator, config.max_batch_size, config.batch_wait_timeout_s, on_device=device == "cuda")
     started = time.perf_counter()
     batcher.thread.submit(generator.warmup, config.max_batch_size, [size]).result()
-    print(f"bare: warm-up {time.perf_counter() - started:.1f} s (compile: {generator.compile_mode or 'off'})", flush=True)
+    warmup_s = time.perf_counter() - started
+    saved = compile_cache.save(config.compile_cache) if generator.compile_mode else 0
+    print(f"bare: warm-up {warmup_s:.1f} s (compile: {generator.compile_mode or 'off'}"
+          f"{f'; compile cache {saved / 2**20:.1f} MiB written for the replica' if saved else ''})", flush=True)
     encoder = ImageEncoder(config.encode_threads or max(2, int(config.num_cpus)))
 
-    rows: dict[str, list[dict]] = {}
+    rows: dict[str, list[dict]] = {"warmup_s": warmup_s}
     for output_format in formats:
 
         async def send(seed: int) -> None:
@@ -182,7 +187,9 @@ def start_service(folder: str, service_args: dict) -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    started = time.perf_counter()
     serve.run(build_app({**service_args, "model": folder}), name="bench", route_prefix="/")
+    print(f"http: replica started in {time.perf_counter() - started:.1f} s (load, compile cache, warm-up)", flush=True)
     return f"http://127.0.0.1:{port}"
 
 
@@ -228,6 +235,11 @@ def main() -> int:
     outside_serve_replica(config.max_ongoing_requests)
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        # what the bare path compiles reaches the replica only through the service's compile cache: the replica runs
+        # with an empty Inductor cache of its own, as a new replica on a fresh node would
+        service_args["compile_cache"] = os.path.join(tmp, "compile_cache.bin")
+        config = dataclasses.replace(config, compile_cache=service_args["compile_cache"])
+        replica_env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "replica-inductor-cache"), "TRITON_CACHE_DIR": os.path.join(tmp, "replica-triton-cache")}
         folder = args.model
         if args.model in ("tiny", "sd15-architecture"):
             started = time.perf_counter()
@@ -241,7 +253,8 @@ def main() -> int:
               f"max batch {config.max_batch_size}, wait {args.batch_wait_ms:g} ms", flush=True)
 
         bare = asyncio.run(run_bare(folder, device, args, config, concurrencies, formats))
-        ray.init(address="local", include_dashboard=False, num_cpus=max(4, int(args.num_cpus) + 2), log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, num_cpus=max(4, int(args.num_cpus) + 2), log_to_driver=False,
+                 runtime_env={"env_vars": replica_env})
         try:
             url = start_service(folder, service_args)
             http, floor = asyncio.run(run_http(url, args, concurrencies, formats))
@@ -256,6 +269,9 @@ def main() -> int:
     print("| format | clients | bare req/s | bare p50 ms | bare p99 ms | HTTP req/s | HTTP p50 ms | HTTP p99 ms | HTTP/bare req/s "
           "| added p50 ms | mean batch bare / HTTP |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    if config.compile_mode(device):
+        print(f"(bare warm-up {bare['warmup_s']:.1f} s, this node's compile caches as found; the replica starts with empty Inductor and "
+              "Triton caches and the compile cache file the bare path wrote)")
     for output_format, b, h in ((f, b, h) for f in formats for b, h in zip(bare[f], http[f])):
         print(f"| {output_format} | {b['concurrency']} | {b['req_per_s']:.1f} | {b['p50_ms']:.1f} | {b['p99_ms']:.1f} | {h['req_per_s']:.1f} | "
               f"{h['p50_ms']:.1f} | {h['p99_ms']:.1f} | {h['req_per_s'] / b['req_per_s']:.2f}x | {h['p50_ms'] - b['p50_ms']:+.1f} | "

@@ -61,8 +61,7 @@ def build(variant: str, cfg: DistillConfig, teacher, device):
         nets = [UNetDenoiser(copy.deepcopy(teacher.unet).to(device).train().requires_grad_(True)) for _ in range(2)]
         for net in nets:
             distill_worker.compile_network(net.unet, mode)
-        fused = cfg.fused_adamw == "true" or (cfg.fused_adamw == "auto" and device.type == "cuda")
-        opts = [torch.optim.AdamW(n.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None) for n in nets]
+        opts = [torch.optim.AdamW(n.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cfg.fused_adamw_on(device.type) or None) for n in nets]
         updates = [optimizer_update(o, n.parameters(), cfg.grad_clip) for o, n in zip(opts, nets)]
     else:
         init_single_process_distributed(device)

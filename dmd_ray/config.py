@@ -178,7 +178,13 @@ class DistillConfig:
     checkpoint_every: int = 100  # steps; 0: no checkpoints (nothing to resume from)
     keep_checkpoints: int = 2
     max_failures: int = 2
-    log_every: int = 1
+    # the losses are read from the device (a host sync), written to metrics.jsonl/TensorBoard and printed every
+    # `log_every` steps; between them the host queues work without waiting for the device
+    log_every: int = 10
+    # steps between ray.train.report calls besides checkpoints and the last step (0: only those). A report waits
+    # until Ray Train's controller has taken the previous one, and the controller polls every 2 s (Ray 2.60), so
+    # reporting every step capped a run at one step per ~2 s; metrics.jsonl and TensorBoard get every log step anyway
+    report_every: int = 0
     sample_every: int = 100  # steps; 0: no sample grids
     # quality during training: every `eval_every` steps (0: never) the generator makes `eval_samples` images that a
     # judge of the teacher's domain scores (FID in its features, prompt accuracy) into metrics.jsonl and TensorBoard.
@@ -249,7 +255,7 @@ class DistillConfig:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_samples < 2:
             problems.append(f"eval_samples must be >= 2 (FID needs two), got {self.eval_samples}")
-        for name in ("checkpoint_every", "sample_every", "eval_every"):
+        for name in ("checkpoint_every", "sample_every", "eval_every", "report_every"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
         if self.lr <= 0 or self.fake_lr < 0:
@@ -261,6 +267,9 @@ class DistillConfig:
         if self.fused_adamw not in USE_GPU:
             problems.append(f"fused_adamw must be auto, true or false, got {self.fused_adamw!r}")
         raise_problems("DistillConfig", problems)
+
+    def fused_adamw_on(self, device_type: str) -> bool:
+        return self.fused_adamw == "true" or (self.fused_adamw == "auto" and device_type == "cuda")
 
     def compile_mode(self, device_type: str) -> str | None:
         """The torch.compile mode for the networks on this device, or None for eager. "auto" leaves ZeRO-3 eager:

@@ -23,7 +23,7 @@ def small(output, pairs_uri="", **overrides) -> DistillConfig:
     values = dict(
         teacher="tiny", output=output, pairs=pairs_uri, num_pairs=32, pair_sampler="ddim", pair_steps=4, pair_shard_size=8,
         num_workers=2, zero_stage=2, max_steps=4, dm_batch_size=4, reg_batch_size=2, lr=1e-4, warmup_steps=2,
-        regression_space="latent", checkpoint_every=2, sample_every=100, max_failures=1,
+        regression_space="latent", checkpoint_every=2, sample_every=100, max_failures=1, log_every=1,
     )
     values.update(overrides)
     return DistillConfig(**values)

@@ -67,8 +67,8 @@ def engine(cfg: DistillConfig, unet, lr: float, micro_batch: int, device: torch.
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     model = UNetDenoiser(unet, classifier).to(device)
-    fused = cfg.fused_adamw == "true" or (cfg.fused_adamw == "auto" and device.type == "cuda")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay, fused=fused or None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
+                                  fused=cfg.fused_adamw_on(device.type) or None)
     schedule = lambda optimizer: warmup_schedule(optimizer, max(1, cfg.warmup_steps))  # noqa: E731
     ds_engine = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, micro_batch), lr_scheduler=schedule)[0]
     if cfg.zero_stage == 0 and world_size == 1:
@@ -217,7 +217,8 @@ def train_loop_per_worker(config: dict) -> None:
             records.sample_grid(f"step_{step:07d}", generator, teacher, plan.latent_shape, device)
         checkpoint = bool(cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or last))
         evaluate = bool(cfg.eval_every and (step % cfg.eval_every == 0 or last))
-        if not (checkpoint or last or evaluate or step % cfg.log_every == 0):
+        report = bool(cfg.report_every and step % cfg.report_every == 0)
+        if not (checkpoint or last or evaluate or report or step % cfg.log_every == 0):
             continue
         if world > 1:  # every rank stops together, whichever rank diverged
             flag = finite.int()
@@ -226,7 +227,9 @@ def train_loop_per_worker(config: dict) -> None:
         if not bool(finite):
             raise TrainingDiverged(f"a loss or gradient norm became NaN or infinite in the {window_steps} steps up to step {step}: "
                                    "lower --lr or --fake-lr, or resume from an earlier checkpoint with another config")
-        seconds = (time.perf_counter() - window_start) / window_steps  # per step, over the steps since the last log
+        # wall time per step since the previous log, including that log's own cost (report, checkpoint, probe)
+        now = time.perf_counter()
+        seconds, window_start = (now - window_start) / window_steps, now
         metrics = {"step": step, **read_logs(logs), **lrs, "step_time_s": seconds, "samples_per_s": (cfg.dm_batch_size + cfg.reg_batch_size) / seconds}
         if device.type == "cuda":
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -238,9 +241,9 @@ def train_loop_per_worker(config: dict) -> None:
         records.record(metrics, echo=True)
         if checkpoint:
             records.save_checkpoint(step, metrics, gen_engine, fake_engine, rng, stream)
-        else:
+        elif report or last:  # a blocking handshake with Ray Train's controller (DistillConfig.report_every)
             ray.train.report(metrics)
-        window_start, window_steps = time.perf_counter(), 0
+        window_steps = 0
     stream.close()
     records.close()
 

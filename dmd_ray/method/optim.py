@@ -32,9 +32,10 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int = 
 
 
 def adamw(params, lr: float, warmup: int, total: int = 0, schedule: str = "constant", weight_decay: float = 0.01,
-          betas: tuple[float, float] = (0.9, 0.999)):
-    """DMD's optimiser (AdamW, wd 0.01, betas 0.9/0.999) with its warm-up schedule: (optimizer, scheduler)."""
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+          betas: tuple[float, float] = (0.9, 0.999), fused: bool = False):
+    """DMD's optimiser (AdamW, wd 0.01, betas 0.9/0.999) with its warm-up schedule: (optimizer, scheduler).
+    `fused`: torch's one-kernel AdamW (GPU) instead of its per-tensor loop."""
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)
     return optimizer, warmup_schedule(optimizer, warmup, total, schedule)
 
 
