@@ -14,7 +14,8 @@ default mode under ZeRO 1-2; fused AdamW on GPU; the losses read every --log-eve
 Both paths call the DMDStep that `dmd_ray.sd.dmd.build_step` builds, once per batch, exactly as the Ray Train worker
 (dmd_ray/distributed/distill_worker.py) does: next batch of pairs, encode its prompts, step, read the logs. They
 differ only in the networks and update functions handed to `build_step`: the plain loop passes plain modules with
-torch AdamW (`dmd_ray.method.optim.adamw` + `optimizer_update`, the worker's warm-up schedule) in this process and
+torch AdamW (`dmd_ray.method.optim.adamw` + `optimizer_update`, the worker's warm-up schedule) in this process, in
+the engines' numerics (ZeRO-0: fp32 weights under bf16 autocast; ZeRO 1-3: bf16 weights), and
 reads pairs with pyarrow, and compiles its networks as the worker does; the job is `dmd_ray.distributed.distill_driver.distill` with one Ray Train worker and two
 DeepSpeed engines.
 
@@ -63,11 +64,15 @@ def plain_loop(cfg: DistillConfig, pairs_uri: str, steps: int, profile_steps: in
 
     device = default_device()
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    mode = dataclasses.replace(cfg, zero_stage=0).compile_mode(device.type)
+    mode = cfg.compile_mode(device.type)
+    # the numerics of the engines it is compared with: ZeRO-0 trains fp32 weights under bf16 autocast, ZeRO 1-3 bf16
+    # weights (DeepSpeed's bf16 mode); the same graphs also let the Ray worker reuse this process's compiled kernels
+    autocast = cfg.precision == "bf16" and cfg.zero_stage == 0
+    weights_dtype = torch.float32 if autocast else dtype
     teacher = load_teacher(cfg.teacher, cache_dir=cfg.cache_dir or None)
     unets, nets, updates = [], [], []
     for lr in (cfg.lr, cfg.fake_lr or cfg.lr):  # generator, fake score: each a copy of the teacher's UNet
-        unet = copy.deepcopy(teacher.unet).train().requires_grad_(True).to(device, dtype)
+        unet = copy.deepcopy(teacher.unet).train().requires_grad_(True).to(device, weights_dtype)
         params = list(unet.parameters())
         optimizer, scheduler = adamw(params, lr, max(1, cfg.warmup_steps), weight_decay=cfg.weight_decay, fused=cfg.fused_adamw_on(device.type))
         unets.append(unet)
@@ -87,7 +92,8 @@ def plain_loop(cfg: DistillConfig, pairs_uri: str, steps: int, profile_steps: in
         pair_cond = conditions.encode(batch["prompt"]) if step_fn.objective.uses_regression else None
         if mode is not None:
             torch.compiler.cudagraph_mark_step_begin()
-        return step_fn(batch["noise"].to(device, torch.float32), pair_cond, batch["target"].to(device, torch.float32))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            return step_fn(batch["noise"].to(device, torch.float32), pair_cond, batch["target"].to(device, torch.float32))
 
     # model FLOPs: one eager iteration without gradient checkpointing (its recomputation is not model work)
     flops_include_recompute = False
@@ -246,7 +252,7 @@ def main() -> int:
     print(f"\nDMD iteration: teacher {args.teacher}, DM batch {args.dm_batch} + regression batch {args.reg_batch} ({args.regression_space}, "
           f"LPIPS-{args.lpips_backbone} at {args.lpips_min_size}), {args.precision}, gradient checkpointing {args.gradient_checkpointing}, "
           f"{device_name(device)}, {time.strftime('%Y-%m-%d')}")
-    print(f"fast rows: compile {args.compile} (plain loop: {base.compile_mode(device.type) or 'eager'}), fused AdamW {args.fused_adamw}, "
+    print(f"fast rows: compile {args.compile} ({base.compile_mode(device.type) or 'eager'}), fused AdamW {args.fused_adamw}, "
           f"losses read every {args.log_every} steps; 'before' rows: eager, per-tensor AdamW, losses read every step")
     print(f"peak: {peak.label}")
     if flops:
