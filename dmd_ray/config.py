@@ -182,8 +182,8 @@ class DistillConfig:
     # `log_every` steps; between them the host queues work without waiting for the device
     log_every: int = 10
     # steps between ray.train.report calls besides checkpoints and the last step (0: only those). A report waits
-    # until Ray Train's controller has taken the previous one, and the controller polls every 2 s (Ray 2.60), so
-    # reporting every step capped a run at one step per ~2 s; metrics.jsonl and TensorBoard get every log step anyway
+    # until Ray Train's controller has taken the previous one, and the controller polls every 2 s (Ray 2.60):
+    # reporting every step held the job to ~2 s per step (BENCHMARKS.md). metrics.jsonl and TensorBoard get every log
     report_every: int = 0
     sample_every: int = 100  # steps; 0: no sample grids
     # quality during training: every `eval_every` steps (0: never) the generator makes `eval_samples` images that a

@@ -252,3 +252,23 @@ def test_a_generator_can_start_from_an_exported_student_of_the_teachers_architec
         prepare(dataclasses.replace(cfg, teacher="tiny"))
     with pytest.raises(ConfigError, match="not an exported one-step generator"):
         prepare(dataclasses.replace(cfg, init_generator=str(tmp_path)))
+
+
+def test_the_loop_reports_to_ray_train_only_with_checkpoints_the_last_step_and_report_every():
+    """ray.train.report waits for Ray Train's controller (a 2 s poll): log steps read the losses and write
+    metrics.jsonl, but report only when a checkpoint, the last step or report_every asks for it."""
+    from dmd_ray.distributed.distill_worker import step_actions
+
+    cfg = DistillConfig(max_steps=100, log_every=10, checkpoint_every=50, sample_every=0, eval_every=25, report_every=0)
+    todo = {step: step_actions(cfg, step, last=step == cfg.max_steps) for step in range(1, cfg.max_steps + 1)}
+    assert [s for s, t in todo.items() if t.log] == [10, 20, 25, 30, 40, 50, 60, 70, 75, 80, 90, 100]
+    assert [s for s, t in todo.items() if t.checkpoint] == [50, 100]
+    assert [s for s, t in todo.items() if t.report] == []  # the checkpoints carry the reports, the last step's too
+    assert [s for s, t in todo.items() if t.evaluate] == [25, 50, 75, 100]
+    assert not any(t.sample for t in todo.values())
+    no_checkpoints = dataclasses.replace(cfg, checkpoint_every=0, report_every=30)
+    assert [s for s in range(1, 101) if step_actions(no_checkpoints, s, last=s == 100).report] == [30, 60, 90, 100]
+    stopped_early = step_actions(dataclasses.replace(cfg, checkpoint_every=0), 37, last=True)  # the time limit
+    assert stopped_early.report and stopped_early.log and stopped_early.evaluate
+    with pytest.raises(ConfigError, match="report_every must be >= 0"):
+        DistillConfig(report_every=-1).check()

@@ -15,6 +15,7 @@ import copy
 import math
 import os
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -150,6 +151,28 @@ def gathered_state_dict(engine, zero_stage: int) -> dict:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
+class StepActions(NamedTuple):
+    sample: bool  # a sample grid
+    checkpoint: bool  # a checkpoint (reported to Ray Train with the metrics)
+    evaluate: bool  # the quality probe
+    report: bool  # ray.train.report without a checkpoint
+    log: bool  # the losses read from the device, metrics.jsonl, a log line; true whenever any of the above is
+
+
+def step_actions(cfg: DistillConfig, step: int, last: bool) -> StepActions:
+    """What the loop does after `step` (counted from 1), the same on every rank (checkpoints and reports are
+    collectives). ray.train.report is a blocking handshake: it waits until Ray Train's controller has taken the
+    previous report, and the controller polls every 2 s (Ray 2.60), so the loop reports only with checkpoints, at the
+    last step and every `report_every` steps, never on every log step."""
+    def every(n: int) -> bool:
+        return bool(n and (step % n == 0 or last))
+
+    checkpoint, evaluate = every(cfg.checkpoint_every), every(cfg.eval_every)
+    report = not checkpoint and (last or bool(cfg.report_every and step % cfg.report_every == 0))
+    return StepActions(sample=every(cfg.sample_every), checkpoint=checkpoint, evaluate=evaluate, report=report,
+                       log=checkpoint or evaluate or report or step % cfg.log_every == 0)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker (DeepSpeed and Ray Train are imported here, not on the driver)."""
     import ray.train
@@ -213,12 +236,10 @@ def train_loop_per_worker(config: dict) -> None:
         last = step >= cfg.max_steps or bool(cfg.time_limit_minutes and step % 10 == 0 and past_deadline(deadline, device))
         if last and step < cfg.max_steps and rank == 0:
             print(f"[distill] time limit of {cfg.time_limit_minutes} minutes reached at step {step} of {cfg.max_steps}: stopping here", flush=True)
-        if cfg.sample_every and (step % cfg.sample_every == 0 or last):
+        todo = step_actions(cfg, step, last)
+        if todo.sample:
             records.sample_grid(f"step_{step:07d}", generator, teacher, plan.latent_shape, device)
-        checkpoint = bool(cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or last))
-        evaluate = bool(cfg.eval_every and (step % cfg.eval_every == 0 or last))
-        report = bool(cfg.report_every and step % cfg.report_every == 0)
-        if not (checkpoint or last or evaluate or report or step % cfg.log_every == 0):
+        if not todo.log:
             continue
         if world > 1:  # every rank stops together, whichever rank diverged
             flag = finite.int()
@@ -233,15 +254,15 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {"step": step, **read_logs(logs), **lrs, "step_time_s": seconds, "samples_per_s": (cfg.dm_batch_size + cfg.reg_batch_size) / seconds}
         if device.type == "cuda":
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        if evaluate:
+        if todo.evaluate:
             prompts, seeds = probe.rows()
             images = generated_images(generator, teacher, prompts, seeds, plan.latent_shape, device)
             if rank == 0:
                 metrics.update({f"eval_{k}": float(v) for k, v in probe(images, prompts).items()})
         records.record(metrics, echo=True)
-        if checkpoint:
+        if todo.checkpoint:
             records.save_checkpoint(step, metrics, gen_engine, fake_engine, rng, stream)
-        elif report or last:  # a blocking handshake with Ray Train's controller (DistillConfig.report_every)
+        elif todo.report:
             ray.train.report(metrics)
         window_steps = 0
     stream.close()
