@@ -5,7 +5,7 @@
     python benchmarks/bench_distill.py --teacher sd15-architecture --dm-batch 16 --reg-batch 4 \
         --zero-stages 2 --gradient-checkpointing --steps 12 --log-every 4 --baselines   # one GPU: samples/s, MFU, memory
     python benchmarks/bench_distill.py --teacher demo --dm-batch 64 --reg-batch 16 --lpips-backbone alex \
-        --lpips-min-size 64 --zero-stages 0 --steps 300 --log-every 50 --baselines          # issue 14's demo rows
+        --lpips-min-size 64 --zero-stages 0 --steps 100 --log-every 25 --baselines --baseline-steps 20   # issue 14
 
 Rows: with --baselines, the path before issue 14 first (eager networks, per-tensor AdamW, the losses read every
 step), then the fast settings the job uses by default (--compile auto: CUDA graphs under ZeRO-0, torch.compile's

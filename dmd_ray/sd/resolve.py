@@ -298,12 +298,14 @@ def describe_teacher(spec: str, cache_dir: str | None = None) -> TeacherInfo:
 
 
 def unet_config(spec: str, cache_dir: str | None = None) -> dict:
-    """The UNet config of a teacher or an exported generator's folder (a built-in architecture is built for it)."""
+    """The UNet config of a teacher or an exported generator's folder (a built-in architecture is built for it on
+    the meta device: the config without a billion random weights)."""
     import diffusers
 
     spec = str(spec)
     if spec in BUILT_IN:
-        return dict(BUILT_IN[spec]().unet.config)
+        with torch.device("meta"):
+            return dict(BUILT_IN[spec]().unet.config)
     return dict(diffusers.UNet2DConditionModel.load_config(locate(spec, "teacher", cache_dir), subfolder="unet"))
 
 
