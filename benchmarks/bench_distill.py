@@ -7,17 +7,17 @@
     python benchmarks/bench_distill.py --teacher demo --dm-batch 64 --reg-batch 16 --lpips-backbone alex \
         --lpips-min-size 64 --zero-stages 0 --steps 100 --log-every 25 --baselines --baseline-steps 20   # issue 14
 
-Rows: with --baselines, the path before issue 14 first (eager networks, per-tensor AdamW, the losses read every
-step), then the fast settings the job uses by default (--compile auto: CUDA graphs under ZeRO-0, torch.compile's
+Rows: with --baselines, the path before issue 14 first (eager networks, per-tensor AdamW, the losses read and
+reported to Ray Train every step), then the fast settings the job uses by default (--compile auto: CUDA graphs under ZeRO-0, torch.compile's
 default mode under ZeRO 1-2; fused AdamW on GPU; the losses read every --log-every steps).
 
 Both paths call the DMDStep that `dmd_ray.sd.dmd.build_step` builds, once per batch, exactly as the Ray Train worker
 (dmd_ray/distributed/distill_worker.py) does: next batch of pairs, encode its prompts, step, read the logs. They
 differ only in the networks and update functions handed to `build_step`: the plain loop passes plain modules with
 torch AdamW (`dmd_ray.method.optim.adamw` + `optimizer_update`, the worker's warm-up schedule) in this process, in
-the engines' numerics (ZeRO-0: fp32 weights under bf16 autocast; ZeRO 1-3: bf16 weights), and
-reads pairs with pyarrow, and compiles its networks as the worker does; the job is `dmd_ray.distributed.distill_driver.distill` with one Ray Train worker and two
-DeepSpeed engines.
+the engines' numerics (ZeRO-0: fp32 weights under bf16 autocast; ZeRO 1-3: bf16 weights), compiles its networks as
+the worker does and reads pairs with pyarrow; the job is `dmd_ray.distributed.distill_driver.distill` with one Ray
+Train worker and two DeepSpeed engines.
 
 Model FLOPs per iteration are counted by torch's FlopCounterMode over one whole plain-loop iteration (every forward
 and backward: generator, real and fake scores, VAE decode and LPIPS), with gradient checkpointing off for that one
@@ -52,7 +52,7 @@ PAIR_SAMPLER, PAIR_STEPS = "ddim", 2
 
 def plain_loop(cfg: DistillConfig, pairs_uri: str, steps: int, profile_steps: int = 0) -> dict:
     """The worker's loop body on plain modules with torch AdamW, in this process, with the job's fast settings
-    (cfg.compile, cfg.fused_adamw, losses read every cfg.log_every steps); networks compile as under ZeRO-0."""
+    (cfg.compile in the mode of cfg.zero_stage, cfg.fused_adamw, losses read every cfg.log_every steps)."""
     from dmd_ray.distributed.distill_worker import compile_frozen, compile_network
     from dmd_ray.distributed.pair_job import PairStream, read_with_pyarrow
     from dmd_ray.method.objective import read_logs
@@ -187,9 +187,9 @@ def main() -> int:
     p.add_argument("--regression-space", default="pixel", choices=("pixel", "latent"))
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--compile", default="auto", help="the job's compile setting (auto: on GPU; the plain loop compiles as ZeRO-0 does)")
+    p.add_argument("--compile", default="auto", help="the job's compile setting (auto: on GPU); the plain loop compiles in the first stage's mode")
     p.add_argument("--fused-adamw", default="auto")
-    p.add_argument("--log-every", type=int, default=10, help="losses read (and the Ray job's report) every this many steps")
+    p.add_argument("--log-every", type=int, default=10, help="the losses read from the device every this many steps")
     p.add_argument("--lpips-backbone", default="vgg")
     p.add_argument("--lpips-min-size", type=int, default=224)
     p.add_argument("--skip-plain", action="store_true")
@@ -253,7 +253,7 @@ def main() -> int:
           f"LPIPS-{args.lpips_backbone} at {args.lpips_min_size}), {args.precision}, gradient checkpointing {args.gradient_checkpointing}, "
           f"{device_name(device)}, {time.strftime('%Y-%m-%d')}")
     print(f"fast rows: compile {args.compile} ({base.compile_mode(device.type) or 'eager'}), fused AdamW {args.fused_adamw}, "
-          f"losses read every {args.log_every} steps; 'before' rows: eager, per-tensor AdamW, losses read every step")
+          f"losses read every {args.log_every} steps; 'before' rows: eager, per-tensor AdamW, losses read and reported every step")
     print(f"peak: {peak.label}")
     if flops:
         note = " (includes gradient-checkpointing recomputation: the iteration without it ran out of memory)" if counted["flops_include_recompute"] else ""

@@ -98,7 +98,8 @@ def outside_serve_replica(max_ongoing_requests: int) -> None:
     serve.get_replica_context = lambda: types.SimpleNamespace(_deployment_config=config)
 
 
-async def run_bare(folder: str, device: str, args, config, concurrencies: list[int], formats: list[str]) -> dict[str, list[dict]]:
+async def run_bare(folder: str, device: str, args, config, concurrencies: list[int], formats: list[str]) -> dict:
+    """The bare rows per output format, and "warmup_s": the generator's warm-up (compilation) time."""
     from dmd_ray import compile_cache
     from dmd_ray.sd.one_step import SEED_MODULUS, GenerationJob, ImageSize, OneStepImageGenerator
     from serve.app import BatchedGenerator, ImageEncoder
@@ -115,7 +116,7 @@ async def run_bare(folder: str, device: str, args, config, concurrencies: list[i
           f"{f'; compile cache {saved / 2**20:.1f} MiB written for the replica' if saved else ''})", flush=True)
     encoder = ImageEncoder(config.encode_threads or max(2, int(config.num_cpus)))
 
-    rows: dict[str, list[dict]] = {"warmup_s": warmup_s}
+    rows: dict = {"warmup_s": warmup_s}
     for output_format in formats:
 
         async def send(seed: int) -> None:

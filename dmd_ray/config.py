@@ -183,7 +183,8 @@ class DistillConfig:
     log_every: int = 10
     # steps between ray.train.report calls besides checkpoints and the last step (0: only those). A report waits
     # until Ray Train's controller has taken the previous one, and the controller polls every 2 s (Ray 2.60):
-    # reporting every step held the job to ~2 s per step (BENCHMARKS.md). metrics.jsonl and TensorBoard get every log
+    # reporting every step held the job to ~2 s per step (BENCHMARKS.md). metrics.jsonl and TensorBoard get every
+    # log step regardless
     report_every: int = 0
     sample_every: int = 100  # steps; 0: no sample grids
     # quality during training: every `eval_every` steps (0: never) the generator makes `eval_samples` images that a
