@@ -25,7 +25,7 @@ from dmd_ray.data import storage
 from dmd_ray.distributed.cluster import TrainingDiverged, past_deadline
 from dmd_ray.distributed.distill_driver import DistillPlan
 from dmd_ray.distributed.pair_job import PairStream
-from dmd_ray.distributed.run_records import RunRecords, generated_images
+from dmd_ray.distributed.run_records import RunRecords, generated_images, worker_print
 from dmd_ray.method.objective import read_logs
 from dmd_ray.method.optim import warmup_schedule
 from dmd_ray.method.transfer import to_device
@@ -231,11 +231,11 @@ def train_loop_per_worker(config: dict) -> None:
                 torch.cuda.synchronize()
             saved = compile_cache.save(cache_uri) if rank == 0 and not cache_loaded else 0
             if rank == 0:
-                print(f"[distill] compilation: {time.perf_counter() - loop_start:.1f} s for the first 3 steps "
-                      f"(compile cache {'loaded' if cache_loaded else 'not found'}{f'; {saved / 2**20:.1f} MiB saved to {cache_uri}' if saved else ''})", flush=True)
+                worker_print(f"[distill] compilation: {time.perf_counter() - loop_start:.1f} s for the first 3 steps (compile cache "
+                             f"{'loaded' if cache_loaded else 'not found'}{f'; {saved / 2**20:.1f} MiB saved to {cache_uri}' if saved else ''})")
         last = step >= cfg.max_steps or bool(cfg.time_limit_minutes and step % 10 == 0 and past_deadline(deadline, device))
         if last and step < cfg.max_steps and rank == 0:
-            print(f"[distill] time limit of {cfg.time_limit_minutes} minutes reached at step {step} of {cfg.max_steps}: stopping here", flush=True)
+            worker_print(f"[distill] time limit of {cfg.time_limit_minutes} minutes reached at step {step} of {cfg.max_steps}: stopping here")
         todo = step_actions(cfg, step, last)
         if todo.sample:
             records.sample_grid(f"step_{step:07d}", generator, teacher, plan.latent_shape, device)
@@ -279,7 +279,7 @@ def train_loop_per_worker(config: dict) -> None:
             uri = export_generator(teacher.to("cpu", torch.float32), unet, storage.join(cfg.output, "export"), generator.timestep,
                                    {"teacher": cfg.teacher, "steps": step, "guidance_scale": cfg.guidance_scale, "recipe": cfg.recipe()}, dtype=getattr(torch, cfg.export_dtype),
                                    timesteps=getattr(generator, "timesteps", None))
-            print(f"[distill] export written to {uri}", flush=True)
+            worker_print(f"[distill] export written to {uri}")
     if world > 1:
         torch.distributed.barrier()
 
@@ -299,5 +299,5 @@ def maybe_kill_for_test(cfg: DistillConfig, step: int, rank: int) -> None:
     marker = storage.join(cfg.output, ".debug_kill_done")
     if not storage.exists(marker):
         storage.write_bytes(marker, b"killed once")
-        print(f"[distill] debug: killing rank {rank} at step {step}", flush=True)
+        worker_print(f"[distill] debug: killing rank {rank} at step {step}")
         os.kill(os.getpid(), 9)

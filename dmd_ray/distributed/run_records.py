@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 import time
 
@@ -23,6 +24,13 @@ from dmd_ray.method.sampling import seeded_noise
 
 SAMPLE_SEED_OFFSET = 12345  # sample-grid noise never coincides with a pair's
 FLUSH_EVERY_S = 60.0  # the history is also written at checkpoints and at the end
+
+
+def worker_print(message: str) -> None:
+    """One line from a Ray Train worker to the job's output, once: Ray Train 2.60 replaces print() on its workers
+    with one that logs through its logger and also copies the line to the redirected stdout, so every line reached
+    the driver twice. The process's own stdout is forwarded once."""
+    print(message, file=sys.__stdout__, flush=True)
 
 
 def history_uri(output: str) -> str:
@@ -93,7 +101,7 @@ class RunRecords:
             else:  # resumed on another number of workers: exact replay is impossible, start a fresh epoch order
                 rng.manual_seed(self.cfg.seed * 1000 + self.rank + 7919 * state["step"])
         if self.rank == 0:
-            print(f"[distill] resumed from step {state['step']}", flush=True)
+            worker_print(f"[distill] resumed from step {state['step']}")
         return state["step"], stream_state
 
     def save_checkpoint(self, step: int, metrics: dict, gen_engine, fake_engine, rng: torch.Generator, stream) -> None:
@@ -123,7 +131,7 @@ class RunRecords:
             if k != "step":
                 self.writer.add_scalar(k, v, metrics["step"])
         if echo:
-            print("[distill] " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()), flush=True)
+            worker_print("[distill] " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
         if time.monotonic() - self.flushed_at > FLUSH_EVERY_S:  # a run killed between checkpoints keeps its history
             self.flush()
 
