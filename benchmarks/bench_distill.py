@@ -41,7 +41,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from benchmarks.common import Peak, count_flops, default_device, device_name, peak_matmul, print_table, synchronize  # noqa: E402
+from benchmarks.common import Peak, count_flops, default_device, device_name, peak_matmul, print_table, profile_iterations, synchronize  # noqa: E402
 from dmd_ray.config import DistillConfig, PairsConfig  # noqa: E402
 from dmd_ray.data.prompts import BUILTIN_PROMPTS, read_prompts  # noqa: E402
 
@@ -133,7 +133,7 @@ def plain_loop(cfg: DistillConfig, pairs_uri: str, steps: int, profile_steps: in
     out = {}
     if profile_steps and device.type == "cuda":
         try:
-            out.update(profile_window(window, profile_steps))
+            out.update(profile_iterations(window, profile_steps))
         except Exception as e:  # noqa: BLE001 - the timing above stands without the profile
             out["profile_error"] = f"{type(e).__name__}: {e}"[:200]
     stream.close()
@@ -145,19 +145,6 @@ def plain_loop(cfg: DistillConfig, pairs_uri: str, steps: int, profile_steps: in
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
-
-
-def profile_window(window, steps: int) -> dict:
-    """GPU work and kernel launches per iteration over `steps` iterations under torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        window(steps)
-    events = prof.key_averages()
-    gpu_s = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch"))
-    return {"gpu_s_per_iteration": gpu_s / steps, "launches_per_iteration": launches / steps,
-            "top_gpu_ms": [(e.key[:60], round(e.self_device_time_total / 1e3 / steps, 2)) for e in sorted(events, key=lambda e: -e.self_device_time_total)[:8]]}
 
 
 def ray_job(cfg: DistillConfig) -> dict:

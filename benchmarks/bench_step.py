@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from benchmarks.common import profile_iterations  # noqa: E402
 from dmd_ray.config import DistillConfig  # noqa: E402
 from dmd_ray.data.prompts import BUILTIN_PROMPTS, read_prompts  # noqa: E402
 from dmd_ray.method.objective import read_logs  # noqa: E402
@@ -111,17 +112,9 @@ def measure(variant: str, cfg: DistillConfig, teacher, device, steps: int, warmu
     row = {"variant": variant, "ms_per_iteration": 1000 * per_step, "first_step_s": first, "setup_s": setup_s,
            "compile_s": max(0.0, first + (warmup - 1) * warm - warmup * per_step), "losses": read_logs(logs)}
     if device.type == "cuda" and profile_steps:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            _, seconds = run(profile_steps)
-        wall = seconds * profile_steps
-        events = prof.key_averages()
-        gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch"))
-        row.update(gpu_busy=gpu_us / 1e6 / wall, launches_per_iteration=launches / profile_steps,
-                   top=[(e.key[:60], round(e.self_device_time_total / 1e3 / profile_steps, 2)) for e in sorted(events, key=lambda e: -e.self_device_time_total)[:8]],
-                   top_cpu=[(e.key[:60], round(e.self_cpu_time_total / 1e3 / profile_steps, 2)) for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]])
+        seconds = []
+        row.update(profile_iterations(lambda n: seconds.append(run(n)[1]), profile_steps))
+        row["gpu_busy"] = row["gpu_s_per_iteration"] / seconds[0]
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return row
 
