@@ -35,8 +35,8 @@ class ServiceConfig:
     cache_dir: str = ""  # where s3:// generators are downloaded; "" means ~/.cache/dmd_ray/generators
     accelerator: str = "auto"  # auto: a GPU per replica when the cluster has GPUs, else CPU
     dtype: str = "auto"  # auto: float16 on GPU, float32 on CPU
-    # torch.compile of the UNet and the decoder: auto (GPU: reduce-overhead, i.e. CUDA graphs per power-of-two batch and
-    # image size, recorded at warm-up; CPU: eager), false, or a torch.compile mode
+    # torch.compile of the text encoder, the UNet and the decoder: auto (GPU: reduce-overhead, i.e. CUDA graphs per
+    # power-of-two batch and image size, recorded at warm-up; CPU: eager), false, or a torch.compile mode
     compile: str = "auto"
     # torch.compile's artifacts (dmd_ray/compile_cache.py) in one file, local or s3://: loaded at replica start when it
     # exists, written after the first replica's warm-up otherwise, so that new replicas of the same model, sizes and

@@ -288,7 +288,10 @@ def test_the_demo_generator_decodes_with_the_tiny_decoder_close_to_its_vae():
 def test_the_compiled_generator_gives_the_eager_images():
     """compile_mode (the service's `compile`, reduce-overhead on GPUs) only changes speed: compiled in the default
     mode on CPU, the same jobs give the eager images within a pixel level, with the full VAE and the tiny decoder;
-    a batch of 3 runs padded to the 4-image graph and comes back as 3 images."""
+    a batch of 3 runs padded to the 4-image graph and comes back as 3 images; the warm-up compiled every graph the
+    jobs need (the text encoder's for 2 distinct prompts too), so a request compiles nothing."""
+    from torch._dynamo.utils import counters
+
     from dmd_ray.sd.one_step import batch_bucket
 
     assert [batch_bucket(n) for n in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
@@ -298,7 +301,9 @@ def test_the_compiled_generator_gives_the_eager_images():
         eager = OneStepImageGenerator(resolve.BUILT_IN_GENERATORS["demo"], decoder=decoder)
         compiled = OneStepImageGenerator(resolve.BUILT_IN_GENERATORS["demo"], decoder=decoder, compile_mode="default")
         compiled.warmup(3, [size])
+        graphs = counters["stats"]["unique_graphs"]
         a, b = (np.concatenate(g.generate(jobs)).astype(int) for g in (eager, compiled))
+        assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs, decoder
         assert a.shape == b.shape == (3, 32, 32, 3)
         assert np.abs(a - b).max() <= 1, decoder
         assert compiled.latents(jobs).shape[0] == 3

@@ -77,10 +77,10 @@ class OneStepImageGenerator:
                  compile_mode: str = ""):
         """`decoder`: "" decodes with the generator's own VAE; else a tiny latent decoder (resolve.load_tiny_decoder:
         demo-tiny, a folder, s3:// or a hub id such as madebyollin/taesd), several times cheaper at some quality cost.
-        `compile_mode`: "" runs eager; else the UNet and the decoder are torch.compile'd in that mode, with static
-        shapes: "reduce-overhead" replays CUDA graphs, one per (batch size, image size), recorded by `warmup` (call
-        generate from one thread: CUDA graph trees are per thread). The text encoder stays eager: its batch is the
-        number of distinct prompts, which varies."""
+        `compile_mode`: "" runs eager; else the text encoder, the UNet and the decoder are torch.compile'd in that
+        mode, with static shapes: "reduce-overhead" replays CUDA graphs, one per power-of-two batch (of distinct
+        prompts for the text encoder, of images for the others) and image size, recorded by `warmup` (call generate
+        from one thread: CUDA graph trees are per thread)."""
         info = read_generator_info(folder)
         if len(info.get("generator_timesteps", [0])) > 1:
             raise ConfigError(f"{folder} holds a {len(info['generator_timesteps'])}-step generator; this service runs one-step generators "
@@ -101,7 +101,7 @@ class OneStepImageGenerator:
             decoder_network = tiny.decoder
         self.compile_mode = compile_mode
         if compile_mode:
-            for network in (c.unet, decoder_network):
+            for network in (c.text_encoder, c.unet, decoder_network):
                 network.compile(mode=compile_mode, dynamic=False)
         self.native_size = ImageSize(c.default_resolution, c.default_resolution)
         # A latent side must survive the UNet's downsamplings (2 per down block but the last) exactly.
@@ -139,16 +139,20 @@ class OneStepImageGenerator:
         latent_shape = (int(c.unet.config.in_channels), size.height // c.vae_scale_factor, size.width // c.vae_scale_factor)
         prompts = [job.prompt for job in jobs for _ in job.seeds]
         unique = list(dict.fromkeys(prompts))
-        embeddings = c.encode_prompts(unique)
+        if self.compile_mode:
+            # static shapes: one graph per power-of-two batch (not per batch size), the batch padded with copies of
+            # its last row, which is dropped after the network (the callers drop padded images after decoding)
+            torch.compiler.cudagraph_mark_step_begin()  # the previous batch's graph outputs are no longer read
+            padded = unique + unique[-1:] * (batch_bucket(len(unique)) - len(unique))
+            embeddings = c.encode_prompts(padded)[: len(unique)].clone()  # out of the graph's output buffer
+        else:
+            embeddings = c.encode_prompts(unique)
         embeddings = embeddings[torch.tensor([unique.index(p) for p in prompts], device=embeddings.device)]
         noise = torch.stack([seeded_noise(seed, latent_shape) for job in jobs for seed in job.seeds])
         noise = noise.to(self.device, self.dtype)
         if self.compile_mode:
-            # static shapes: one graph per power-of-two batch (not per batch size), the batch padded with copies of
-            # its last row, which the callers drop after decoding
             rows = batch_bucket(len(noise))
             noise, embeddings = pad_rows(noise, rows), pad_rows(embeddings, rows)
-            torch.compiler.cudagraph_mark_step_begin()  # the previous batch's graph outputs are no longer read
         return self.generator(noise, embeddings)
 
     def _generate_same_size(self, jobs: Sequence[GenerationJob], size: ImageSize) -> torch.Tensor:
@@ -165,7 +169,7 @@ class OneStepImageGenerator:
         else:
             batch_sizes = range(1, max_batch_size + 1) if self.device.type == "cuda" else [max_batch_size]
         for size in sizes or [self.native_size]:
-            for batch_size in batch_sizes:
-                self.generate([GenerationJob("warm-up", tuple(range(batch_size)), size)])
+            for batch_size in batch_sizes:  # as many distinct prompts as images: the text encoder's graphs too
+                self.generate([GenerationJob(f"warm-up {i}", (i,), size) for i in range(batch_size)])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
