@@ -248,7 +248,8 @@ def train_loop_per_worker(config: dict) -> None:
         if not bool(finite):
             raise TrainingDiverged(f"a loss or gradient norm became NaN or infinite in the {window_steps} steps up to step {step}: "
                                    "lower --lr or --fake-lr, or resume from an earlier checkpoint with another config")
-        # wall time per step since the previous log, including that log's own cost (report, checkpoint, probe)
+        # wall time per step since the previous log step was timed: these steps and that log step's own work (its
+        # probe, checkpoint or report), so that the figure is what the run really takes
         now = time.perf_counter()
         seconds, window_start = (now - window_start) / window_steps, now
         metrics = {"step": step, **read_logs(logs), **lrs, "step_time_s": seconds, "samples_per_s": (cfg.dm_batch_size + cfg.reg_batch_size) / seconds}
