@@ -16,7 +16,7 @@ from dmd_ray.method.schedule import NoiseSchedule
 from dmd_ray.sd.architectures import build_tiny_teacher
 from dmd_ray.sd.conditioning import PromptConditions
 from dmd_ray.sd.dmd import build_step, gan_classifier, generator_timesteps
-from dmd_ray.sd.teacher import UNetDenoiser
+from dmd_ray.sd.teacher import UNetDenoiser, unet_bottleneck
 from dmd_ray.typed_config import ConfigError
 
 SCHEDULE = NoiseSchedule.from_betas("scaled_linear", 0.00085, 0.012, 1000)
@@ -104,6 +104,24 @@ def test_gan_generator_side_reaches_only_the_generator_and_classifier_side_only_
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in fake_net.unet.parameters())
     assert all(p.grad is None for p in gen_net.parameters())
     assert 0 < float(loss_d.detach()) < 10
+
+
+def test_the_classifier_reads_the_bottleneck_a_full_forward_computes():
+    """The classify path runs the UNet only up to its mid block: the features are those of the full forward (its mid
+    block's output, captured by a hook), so skipping the up blocks changes the cost, not the logits."""
+    teacher = build_tiny_teacher()
+    _, fake_net = tiny_nets(teacher)
+    x_t, t = torch.randn(3, 4, 8, 8), torch.tensor([5, 500, 999])
+    cond = teacher.encode_prompts(["a red circle", "a blue square", ""])
+    seen = []
+    hook = fake_net.unet.mid_block.register_forward_hook(lambda module, args, output: seen.append(output))
+    fake_net.unet(x_t, t, encoder_hidden_states=cond)
+    hook.remove()
+    features = unet_bottleneck(fake_net.unet, x_t, t, cond)
+    torch.testing.assert_close(features, seen[0], rtol=0, atol=0)
+    torch.testing.assert_close(fake_net(x_t, t, cond, classify=True), fake_net.classifier(seen[0]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="classifier head"):
+        tiny_nets(teacher)[0](x_t, t, cond, classify=True)  # the generator has no head
 
 
 @pytest.mark.parametrize("generator_steps", [1, 2])

@@ -75,6 +75,7 @@ def engine(cfg: DistillConfig, unet, lr: float, micro_batch: int, device: torch.
     if cfg.zero_stage == 0 and world_size == 1:
         ds_engine.enable_backward_allreduce = False  # one rank: DeepSpeed would still flatten, "reduce" and copy back every gradient
     compile_network(unet, cfg.compile_mode(device.type))
+    model.compile_classifier(cfg.compile_mode(device.type))  # DMD2's GAN head reads the bottleneck through its own graph
     return ds_engine
 
 

@@ -48,6 +48,32 @@ def freeze(*modules: nn.Module) -> None:
         m.requires_grad_(False)
 
 
+def unet_bottleneck(unet: nn.Module, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor) -> Tensor:
+    """The mid block's output of a diffusers UNet2DConditionModel: its forward up to the bottleneck, without the up
+    blocks, which DMD2's classifier never reads (about half of the network's work). The same modules in the same
+    order as the UNet's own forward, so the features are the ones a full forward computes."""
+    config = unet.config
+    if getattr(unet, "mid_block", None) is None:
+        raise ValueError("the GAN's classifier reads the UNet's mid block, and this UNet has none")
+    if config.class_embed_type is not None or config.addition_embed_type is not None:
+        raise ValueError("the GAN's classifier supports UNets conditioned on text embeddings only (no class or added embeddings)")
+    if config.center_input_sample:
+        sample = 2 * sample - 1.0
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    encoder_hidden_states = unet.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=None)
+    hidden = unet.conv_in(sample)
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            hidden, _ = block(hidden_states=hidden, temb=emb, encoder_hidden_states=encoder_hidden_states)
+        else:
+            hidden, _ = block(hidden_states=hidden, temb=emb)
+    if getattr(unet.mid_block, "has_cross_attention", False):
+        return unet.mid_block(hidden, emb, encoder_hidden_states=encoder_hidden_states)
+    return unet.mid_block(hidden, emb)
+
+
 class UNetDenoiser(nn.Module):
     """(x_t, t, cond) -> unet(x_t, t, encoder_hidden_states=cond).sample: a diffusers UNet as a denoiser.
 
@@ -59,28 +85,31 @@ class UNetDenoiser(nn.Module):
         super().__init__()
         self.unet = unet
         self.classifier = classifier  # DMD2's GAN head on the bottleneck (the fake score's; method/gan.py)
+        self._compiled_logits = None  # compile_classifier's
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor, classify: bool = False) -> Tensor:
-        """The UNet's prediction; with `classify`, the classifier's [B] logits on the UNet's bottleneck (the
-        mid-block's output) instead. One call (not a separate method) so that a DeepSpeed engine wrapping this
-        module runs both under its autocast and parameter hooks."""
+        """The UNet's prediction; with `classify`, the classifier's [B] logits on the UNet's bottleneck instead. One
+        call (not a separate method) so that a DeepSpeed engine wrapping this module runs both under its autocast
+        and parameter hooks."""
         if not isinstance(cond, Tensor):
             raise TypeError(f"a text-to-image UNet is conditioned on [B, L, D] text embeddings, not {type(cond).__name__}")
         dtype = _module_dtype(self.unet)
-        t = torch.as_tensor(t, device=x_t.device)
-        if not classify:
-            return self.unet(x_t.to(dtype), t, encoder_hidden_states=cond.to(dtype), return_dict=False)[0]
-        if self.classifier is None or getattr(self.unet, "mid_block", None) is None:
-            raise ValueError("classify=True needs a classifier head and a UNet with a mid block")
-        features = []
-        hook = self.unet.mid_block.register_forward_hook(lambda module, args, output: features.append(output))
-        try:
-            # .forward, not the call: a compiled UNet's graph was traced without this hook and would not run it
-            # (the GAN's calls run eager; the prediction path above stays compiled)
-            self.unet.forward(x_t.to(dtype), t, encoder_hidden_states=cond.to(dtype), return_dict=False)
-        finally:
-            hook.remove()
-        return self.classifier(features[0])
+        x_t, t, cond = x_t.to(dtype), torch.as_tensor(t, device=x_t.device), cond.to(dtype)
+        if classify:
+            return (self._compiled_logits or self.logits)(x_t, t, cond)
+        return self.unet(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+
+    def logits(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        if self.classifier is None:
+            raise ValueError("classify=True needs a classifier head (gan_weight > 0)")
+        return self.classifier(unet_bottleneck(self.unet, x_t, t, cond))
+
+    def compile_classifier(self, mode: str | None) -> None:
+        """torch.compile the classify path (bottleneck and head) as its own graph: the UNet's compiled graph covers
+        the full forward only. Up to three calls of it per update keep their outputs alive until one backward, so it
+        compiles without CUDA graphs: fused kernels, the host still launching them."""
+        if mode is not None and self.classifier is not None:
+            self._compiled_logits = torch.compile(self.logits, mode="default" if mode == "reduce-overhead" else mode, dynamic=False)
 
 
 @dataclass(eq=False)
