@@ -25,3 +25,13 @@ def save(uri: str) -> int:
         return 0
     storage.write_bytes(uri, artifacts[0])
     return len(artifacts[0])
+
+
+def summary() -> str:
+    """What this process compiled so far, and how much of it came from a cache (this machine's, or a loaded file):
+    Dynamo graphs traced, and the Inductor and AOTAutograd graphs found against compiled."""
+    from torch._dynamo.utils import counters  # torch's own counters; absent keys read 0
+
+    inductor, aot = counters["inductor"], counters["aot_autograd"]
+    return (f"{counters['stats']['unique_graphs']} graphs traced; Inductor {inductor['fxgraph_cache_hit']} cached, "
+            f"{inductor['fxgraph_cache_miss']} compiled; AOTAutograd {aot['autograd_cache_hit']} cached, {aot['autograd_cache_miss']} compiled")

@@ -232,8 +232,8 @@ def train_loop_per_worker(config: dict) -> None:
                 torch.cuda.synchronize()
             saved = compile_cache.save(cache_uri) if rank == 0 and not cache_loaded else 0
             if rank == 0:
-                worker_print(f"[distill] compilation: {time.perf_counter() - loop_start:.1f} s for the first 3 steps (compile cache "
-                             f"{'loaded' if cache_loaded else 'not found'}{f'; {saved / 2**20:.1f} MiB saved to {cache_uri}' if saved else ''})")
+                worker_print(f"[distill] compilation: {time.perf_counter() - loop_start:.1f} s for the first 3 steps ({compile_cache.summary()}; "
+                             f"compile cache {'loaded' if cache_loaded else 'not found'}{f'; {saved / 2**20:.1f} MiB saved to {cache_uri}' if saved else ''})")
         last = step >= cfg.max_steps or bool(cfg.time_limit_minutes and step % 10 == 0 and past_deadline(deadline, device))
         if last and step < cfg.max_steps and rank == 0:
             worker_print(f"[distill] time limit of {cfg.time_limit_minutes} minutes reached at step {step} of {cfg.max_steps}: stopping here")

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU figures of BENCHMARKS.md, each benchmark time-boxed, logs and JSON results in one folder:
+#
+#     bash benchmarks/gpu_suite.sh OUT                 # all of them (about 25 minutes on one H200)
+#     bash benchmarks/gpu_suite.sh OUT demo,serve      # some; each stage's time box: DEMO_S, SD15_S, SERVE_S seconds
+#
+# demo:  a DMD iteration on the demo teacher (issue 14's first size): the plain loop and Ray Train + DeepSpeed
+#        ZeRO-0 with the fast settings, then the eager path before issue 14
+# sd15:  the same at the SD 1.5 architecture, 512x512, ZeRO-2, gradient checkpointing: MFU against the matmul peak
+# serve: the one-step service at the SD 1.5 architecture: bare generator and HTTP, 1/8/32 clients, three formats
+# A stage cut by its time box keeps the rows it finished (each benchmark writes its JSON after every row).
+set -uo pipefail
+OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUT [demo,sd15,serve]}
+STAGES=${2:-demo,sd15,serve}
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+
+stage() {
+    local name=$1 limit=$2
+    shift 2
+    case ",$STAGES," in *",$name,"*) ;; *) return 0 ;; esac
+    echo "== $name, time box ${limit} s: $*"
+    local start=$(date +%s)
+    timeout --signal=INT --kill-after=30 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    echo "== $name: exit $? after $(( $(date +%s) - start )) s (log: $OUT/$name.log)"
+    grep -v "Warning\|warn(" "$OUT/$name.log" | tail -n 30
+}
+
+stage demo "${DEMO_S:-540}" python benchmarks/bench_distill.py --teacher demo --dm-batch 64 --reg-batch 16 \
+    --lpips-backbone alex --lpips-min-size 64 --zero-stages 0 --steps 100 --log-every 25 --baselines --baseline-steps 10 \
+    --profile-steps 5 --json "$OUT/demo.json"
+stage sd15 "${SD15_S:-540}" python benchmarks/bench_distill.py --teacher sd15-architecture --dm-batch 16 --reg-batch 4 \
+    --zero-stages 2 --gradient-checkpointing --steps 8 --log-every 4 --profile-steps 2 --json "$OUT/sd15.json"
+stage serve "${SERVE_S:-420}" python benchmarks/bench_serve.py --model sd15-architecture --concurrency 1,8,32 \
+    --output-format jpeg,png,webp --max-batch-size 8 --seconds 4 --json "$OUT/serve.json"
