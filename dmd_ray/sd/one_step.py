@@ -23,6 +23,7 @@ import torch
 from dmd_ray.images import to_uint8_tensor
 from dmd_ray.method.generator import OneStepGenerator
 from dmd_ray.method.sampling import seeded_noise
+from dmd_ray.method.transfer import to_device
 from dmd_ray.typed_config import ConfigError
 from dmd_ray.sd.resolve import check_tiny_decoder, load_teacher, load_tiny_decoder, read_generator_info
 from dmd_ray.sd.teacher import pad_rows, resolve_dtype
@@ -139,6 +140,10 @@ class OneStepImageGenerator:
         latent_shape = (int(c.unet.config.in_channels), size.height // c.vae_scale_factor, size.width // c.vae_scale_factor)
         prompts = [job.prompt for job in jobs for _ in job.seeds]
         unique = list(dict.fromkeys(prompts))
+        # the host's inputs first, through pinned memory: a pageable copy would wait for the networks queued before it
+        rows = torch.tensor([unique.index(p) for p in prompts])
+        noise = torch.stack([seeded_noise(seed, latent_shape) for job in jobs for seed in job.seeds])
+        rows, noise = to_device(rows, self.device), to_device(noise, self.device, self.dtype)
         if self.compile_mode:
             # static shapes: one graph per power-of-two batch (not per batch size), the batch padded with copies of
             # its last row, which is dropped after the network (the callers drop padded images after decoding)
@@ -147,12 +152,9 @@ class OneStepImageGenerator:
             embeddings = c.encode_prompts(padded)[: len(unique)].clone()  # out of the graph's output buffer
         else:
             embeddings = c.encode_prompts(unique)
-        embeddings = embeddings[torch.tensor([unique.index(p) for p in prompts], device=embeddings.device)]
-        noise = torch.stack([seeded_noise(seed, latent_shape) for job in jobs for seed in job.seeds])
-        noise = noise.to(self.device, self.dtype)
+        embeddings = embeddings[rows]
         if self.compile_mode:
-            rows = batch_bucket(len(noise))
-            noise, embeddings = pad_rows(noise, rows), pad_rows(embeddings, rows)
+            noise, embeddings = pad_rows(noise, batch_bucket(len(noise))), pad_rows(embeddings, batch_bucket(len(noise)))
         return self.generator(noise, embeddings)
 
     def _generate_same_size(self, jobs: Sequence[GenerationJob], size: ImageSize) -> torch.Tensor:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from dmd_ray.data import storage
 from dmd_ray.method.schedule import NoiseSchedule, check_prediction_type
+from dmd_ray.method.transfer import to_device
 from dmd_ray.typed_config import ConfigError
 
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
@@ -161,8 +162,8 @@ class Teacher:
         device = _module_device(self.text_encoder)
         attention_mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
-            attention_mask = tokens.attention_mask.to(device)
-        return self.text_encoder(tokens.input_ids.to(device), attention_mask=attention_mask).last_hidden_state
+            attention_mask = to_device(tokens.attention_mask, device)
+        return self.text_encoder(to_device(tokens.input_ids, device), attention_mask=attention_mask).last_hidden_state
 
     def uncond_embedding(self) -> Tensor:
         """The empty prompt's embedding, [1, L, D]: the null condition of classifier-free guidance. Cached per
