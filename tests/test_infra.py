@@ -430,7 +430,10 @@ def submit(head: LocalHead, name: str, entrypoint: list[str], env_vars: dict, ti
         output = result.stdout + result.stderr
     except subprocess.TimeoutExpired as e:
         output = f"`ray job submit` timed out after {timeout} s\n{e.stdout or ''}{e.stderr or ''}"
-    info = head.job_info(submission_id)
+    try:
+        info = head.job_info(submission_id)
+    except OSError as e:  # 404: `ray job submit` never created the job (its upload failed or timed out)
+        raise AssertionError(f"{submission_id}: no job record ({e})\n{output[-6000:]}\nhead:\n{head.head_log()}") from e
     assert info["status"] == "SUCCEEDED", f"{submission_id}: {info['status']} {info.get('message')}\n{output[-6000:]}\nhead:\n{head.head_log()}"
     return output
 
