@@ -169,7 +169,7 @@ def ray_job(cfg: DistillConfig) -> dict:
     return out
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", default="tiny")
     p.add_argument("--dm-batch", type=int, default=8)
@@ -187,9 +187,14 @@ def main() -> int:
     p.add_argument("--skip-plain", action="store_true")
     p.add_argument("--baseline-steps", type=int, default=0, help="steps of the --baselines rows (default: --steps)")
     p.add_argument("--profile-steps", type=int, default=3, help="plain-loop steps under torch.profiler (GPU busy, kernel launches); 0: none")
-    p.add_argument("--baselines", action="store_true", help="first, the path before issue 14 (eager, per-tensor AdamW, losses read every step): "
+    p.add_argument("--baselines", action="store_true", help="after the fast rows, the path before issue 14 (eager, per-tensor AdamW, losses read every step): "
                    "a plain-loop row and a Ray row of the first stage, reporting to Ray Train every step as the job did")
     p.add_argument("--json", help="write the results here too")
+    return p
+
+
+def main() -> int:
+    p = parser()
     args = p.parse_args()
     device = default_device()
     gpu = device.type == "cuda"

@@ -11,6 +11,7 @@
 - `ray start --head` on 127.0.0.1 as a child process of this test (never `ray stop`: it would kill every Ray on
   the machine), token authentication on, then `ray job submit --working-dir .` of jobs/generate_pairs.py and
   jobs/distill.py with the smoke presets, pairs and run on the local S3 server; both must end SUCCEEDED.
+- benchmarks/gpu_suite.sh: its benchmark commands parsed by the benchmarks' own parsers.
 """
 import dataclasses
 import json
@@ -458,3 +459,22 @@ def test_ray_job_submit_runs_both_jobs_on_a_local_head(local_head, s3_server, s3
     assert storage.exists(f"{run_uri}/export/model_index.json")
     assert storage.exists(f"{run_uri}/export/unet/diffusion_pytorch_model.safetensors")
     assert storage.exists(f"{run_uri}/samples/latest.png")
+
+
+def test_the_gpu_suite_runs_the_benchmarks_with_arguments_they_take():
+    """benchmarks/gpu_suite.sh (the GPU figures of BENCHMARKS.md) against the benchmarks' own parsers: a renamed
+    flag fails here, not ten minutes into a GPU session."""
+    import importlib
+
+    text = open(os.path.join(REPO, "benchmarks", "gpu_suite.sh")).read().replace("\\\n", " ")
+    stages = [shlex.split(line.replace("$OUT", "/tmp/out")) for line in text.splitlines() if line.startswith("stage ")]
+    assert [s[1] for s in stages] == ["demo", "sd15", "serve"]
+    sys.path.insert(0, REPO)
+    try:
+        for stage in stages:
+            assert stage[3] == "python" and stage[4].startswith("benchmarks/"), stage
+            module = importlib.import_module(stage[4].removesuffix(".py").replace("/", "."))
+            args = module.parser().parse_args(stage[5:])
+            assert args.json == f"/tmp/out/{stage[1]}.json"
+    finally:
+        sys.path.remove(REPO)
