@@ -141,9 +141,9 @@ class OneStepImageGenerator:
         prompts = [job.prompt for job in jobs for _ in job.seeds]
         unique = list(dict.fromkeys(prompts))
         # the host's inputs first, through pinned memory: a pageable copy would wait for the networks queued before it
-        rows = torch.tensor([unique.index(p) for p in prompts])
+        prompt_rows = torch.tensor([unique.index(p) for p in prompts])
         noise = torch.stack([seeded_noise(seed, latent_shape) for job in jobs for seed in job.seeds])
-        rows, noise = to_device(rows, self.device), to_device(noise, self.device, self.dtype)
+        prompt_rows, noise = to_device(prompt_rows, self.device), to_device(noise, self.device, self.dtype)
         if self.compile_mode:
             # static shapes: one graph per power-of-two batch (not per batch size), the batch padded with copies of
             # its last row, which is dropped after the network (the callers drop padded images after decoding)
@@ -152,9 +152,10 @@ class OneStepImageGenerator:
             embeddings = c.encode_prompts(padded)[: len(unique)].clone()  # out of the graph's output buffer
         else:
             embeddings = c.encode_prompts(unique)
-        embeddings = embeddings[rows]
+        embeddings = embeddings[prompt_rows]
         if self.compile_mode:
-            noise, embeddings = pad_rows(noise, batch_bucket(len(noise))), pad_rows(embeddings, batch_bucket(len(noise)))
+            bucket = batch_bucket(len(noise))
+            noise, embeddings = pad_rows(noise, bucket), pad_rows(embeddings, bucket)
         return self.generator(noise, embeddings)
 
     def _generate_same_size(self, jobs: Sequence[GenerationJob], size: ImageSize) -> torch.Tensor:

@@ -107,8 +107,9 @@ class UNetDenoiser(nn.Module):
 
     def compile_classifier(self, mode: str | None) -> None:
         """torch.compile the classify path (bottleneck and head) as its own graph: the UNet's compiled graph covers
-        the full forward only. Up to three calls of it per update keep their outputs alive until one backward, so it
-        compiles without CUDA graphs: fused kernels, the host still launching them."""
+        the full forward only. The discriminator's loss calls it twice (generated and real samples) before one
+        backward, so it compiles without CUDA graphs, whose replays reuse their output buffers: fused kernels, the
+        host still launching them."""
         if mode is not None and self.classifier is not None:
             self._compiled_logits = torch.compile(self.logits, mode="default" if mode == "reduce-overhead" else mode, dynamic=False)
 
