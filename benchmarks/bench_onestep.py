@@ -4,6 +4,7 @@ decoder, in one run; plus JPEG encoding of the batch on the device (nvJPEG) and 
 
     python benchmarks/bench_onestep.py --model tiny --modes eager,default          # CPU check, 32x32
     python benchmarks/bench_onestep.py --model sd15-architecture --batch 16        # GPU: SD1.5, 512x512, fp16
+    python benchmarks/bench_onestep.py --model sd15-architecture --dtype float16,bfloat16   # GPU: fp16 against bf16
 
 `--model`: a generator spec, or "tiny" / "sd15-architecture" (that architecture with random weights, exported
 first: speed does not depend on the weights). `--tiny-decoder`: a decoder spec (demo-tiny, a folder, s3://, hub
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import statistics
@@ -64,7 +66,7 @@ def measure(folder: str, device, dtype: str, decoder: str, mode: str, batch: int
     latency = timed(lambda: generator.generate(one, on_device=True), iters, device)
     batch_s = timed(lambda: generator.generate(many, on_device=True), iters, device)
     images = generator.generate(many, on_device=True)[0]
-    row = {"decoder": decoder or "vae", "mode": mode, "size": str(size), "batch": batch, "warmup_s": warmup_s,
+    row = {"decoder": decoder or "vae", "mode": mode, "dtype": str(generator.dtype).removeprefix("torch."), "size": str(size), "batch": batch, "warmup_s": warmup_s,
            "latency_ms": latency * 1e3, "images_per_s": batch / batch_s}
     if images.device.type == "cuda":
         from torchvision.io import encode_jpeg
@@ -78,16 +80,20 @@ def measure(folder: str, device, dtype: str, decoder: str, mode: str, batch: int
     return row
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny")
     p.add_argument("--tiny-decoder", default="random", help='a tiny decoder spec, "random" (TAESD layout), or "" to skip')
     p.add_argument("--modes", default="eager,reduce-overhead", help="eager, and torch.compile modes")
     p.add_argument("--batch", type=int, default=16, help="the throughput batch")
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU), float16, bfloat16, float32")
+    p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU), float16, bfloat16, float32; comma-separated: rows for each")
     p.add_argument("--json", help="rows are written here as they end")
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    args = parser().parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-onestep-") as tmp:
@@ -100,21 +106,20 @@ def main() -> int:
         decoders = [""]
         if args.tiny_decoder:
             decoders.append(random_tiny_decoder(os.path.join(tmp, "taesd")) if args.tiny_decoder == "random" else args.tiny_decoder)
-        for decoder in decoders:
-            for mode in args.modes.split(","):
-                row = measure(folder, device, args.dtype, decoder, mode, args.batch, args.iters)
-                row["decoder"] = "tiny (TAESD layout)" if decoder and args.tiny_decoder == "random" else row["decoder"]
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                if args.json:
-                    with open(args.json, "w") as f:
-                        json.dump({"device": device_name(device), "torch": torch.__version__, "model": args.model, "dtype": args.dtype,
-                                   "date": str(datetime.date.today()), "rows": rows}, f, indent=1)
+        for dtype, decoder, mode in itertools.product(args.dtype.split(","), decoders, args.modes.split(",")):
+            row = measure(folder, device, dtype, decoder, mode, args.batch, args.iters)
+            row["decoder"] = "tiny (TAESD layout)" if decoder and args.tiny_decoder == "random" else row["decoder"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"device": device_name(device), "torch": torch.__version__, "model": args.model, "dtype": args.dtype,
+                               "date": str(datetime.date.today()), "rows": rows}, f, indent=1)
     print(f"\n{device_name(device)}, {args.model}, dtype {args.dtype}, {datetime.date.today()}")
-    print(f"| decoder | mode | batch-1 latency ms | images/s at batch {args.batch} | warm-up (compile) s | nvJPEG ms/image | PNG CPU ms | JPEG CPU ms |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| dtype | decoder | mode | batch-1 latency ms | images/s at batch {args.batch} | warm-up (compile) s | nvJPEG ms/image | PNG CPU ms | JPEG CPU ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['decoder']} | {r['mode']} | {r['latency_ms']:.2f} | {r['images_per_s']:.1f} | {r['warmup_s']:.1f} | "
+        print(f"| {r['dtype']} | {r['decoder']} | {r['mode']} | {r['latency_ms']:.2f} | {r['images_per_s']:.1f} | {r['warmup_s']:.1f} | "
               f"{r.get('nvjpeg_ms_per_image', float('nan')):.2f} | {r['png_cpu_ms']:.1f} | {r['jpeg_cpu_ms']:.1f} |")
     return 0
 

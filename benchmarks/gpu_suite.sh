@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md, each benchmark time-boxed, logs and JSON results in one folder:
 #
-#     bash benchmarks/gpu_suite.sh OUT                 # all of them (about 25 minutes on one H200)
-#     bash benchmarks/gpu_suite.sh OUT demo,serve      # some; each stage's time box: DEMO_S, SD15_S, SERVE_S seconds
+#     bash benchmarks/gpu_suite.sh OUT                 # all of them (about 33 minutes on one H200)
+#     bash benchmarks/gpu_suite.sh OUT demo,serve      # some; each stage's time box: DEMO_S, SD15_S, SERVE_S, ONESTEP_S
 #
 # demo:  a DMD iteration on the demo teacher (issue 14's first size): the plain loop and Ray Train + DeepSpeed
 #        ZeRO-0 with the fast settings, then the eager path before issue 14
 # sd15:  the same at the SD 1.5 architecture, 512x512, ZeRO-2, gradient checkpointing: MFU against the matmul peak
 # serve: the one-step service at the SD 1.5 architecture: bare generator and HTTP, 1/8/32 clients, three formats
+# onestep: the service's generator without HTTP, SD 1.5 architecture: eager against CUDA graphs, the VAE against a
+#        tiny decoder, fp16 against bf16
 # A stage cut by its time box keeps the rows it finished (each benchmark writes its JSON after every row).
 set -uo pipefail
-OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUT [demo,sd15,serve]}
-STAGES=${2:-demo,sd15,serve}
+OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUT [demo,sd15,serve,onestep]}
+STAGES=${2:-demo,sd15,serve,onestep}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 
@@ -33,3 +35,5 @@ stage sd15 "${SD15_S:-540}" python benchmarks/bench_distill.py --teacher sd15-ar
     --zero-stages 2 --gradient-checkpointing --steps 8 --log-every 4 --profile-steps 2 --json "$OUT/sd15.json"
 stage serve "${SERVE_S:-420}" python benchmarks/bench_serve.py --model sd15-architecture --concurrency 1,8,32 \
     --output-format jpeg,png,webp --max-batch-size 8 --seconds 4 --json "$OUT/serve.json"
+stage onestep "${ONESTEP_S:-540}" python benchmarks/bench_onestep.py --model sd15-architecture --batch 16 --iters 20 \
+    --dtype float16,bfloat16 --json "$OUT/onestep.json"
