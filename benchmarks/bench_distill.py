@@ -185,6 +185,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips-backbone", default="vgg")
     p.add_argument("--lpips-min-size", type=int, default=224)
     p.add_argument("--skip-plain", action="store_true")
+    p.add_argument("--skip-ray", action="store_true", help="the plain loop only, in the numerics and compile mode of the first --zero-stages")
     p.add_argument("--baseline-steps", type=int, default=0, help="steps of the --baselines rows (default: --steps)")
     p.add_argument("--profile-steps", type=int, default=3, help="plain-loop steps under torch.profiler (GPU busy, kernel launches); 0: none")
     p.add_argument("--baselines", action="store_true", help="after the fast rows, the path before issue 14 (eager, per-tensor AdamW, losses read every step): "
@@ -225,10 +226,11 @@ def main() -> int:
     # the Ray worker then finds its kernels in this machine's compile caches (the same graphs); a time-boxed run
     # that is cut short loses the baselines, which earlier runs have measured, not the new rows
     runs = [(PLAIN, "fast", base, True)] if not args.skip_plain else []
-    runs += [(f"ray train + deepspeed ZeRO-{stage}", "fast", base, False) for stage in args.zero_stages]
+    ray_stages = [] if args.skip_ray else args.zero_stages
+    runs += [(f"ray train + deepspeed ZeRO-{stage}", "fast", base, False) for stage in ray_stages]
     if args.baselines:
         runs += [(f"{PLAIN}, eager (before)", "before", before, True)] if not args.skip_plain else []
-        runs += [(f"ray train + deepspeed ZeRO-{stage}, eager (before)", "before", before, False) for stage in args.zero_stages[:1]]
+        runs += [(f"ray train + deepspeed ZeRO-{stage}, eager (before)", "before", before, False) for stage in ray_stages[:1]]
     rows: dict[str, dict] = {}
     for name, settings, cfg, plain in runs:
         try:

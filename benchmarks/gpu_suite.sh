@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md, each benchmark time-boxed, logs and JSON results in one folder:
 #
-#     bash benchmarks/gpu_suite.sh OUT                 # all of them (about 33 minutes on one H200)
-#     bash benchmarks/gpu_suite.sh OUT demo,serve      # some; each stage's time box: DEMO_S, SD15_S, SERVE_S, ONESTEP_S
+#     bash benchmarks/gpu_suite.sh OUT                 # every stage (about 40 minutes on one H200)
+#     bash benchmarks/gpu_suite.sh OUT demo,serve      # some stages
 #
-# demo:  a DMD iteration on the demo teacher (issue 14's first size): the plain loop and Ray Train + DeepSpeed
-#        ZeRO-0 with the fast settings, then the eager path before issue 14
-# sd15:  the same at the SD 1.5 architecture, 512x512, ZeRO-2, gradient checkpointing: MFU against the matmul peak
-# serve: the one-step service at the SD 1.5 architecture: bare generator and HTTP, 1/8/32 clients, three formats
+# Each stage's time box in seconds: DEMO_S, SD15_S, SD15_COMPILED_S, SERVE_S, ONESTEP_S.
+# demo:    a DMD iteration on the demo teacher (issue 14's first size): the plain loop and Ray Train + DeepSpeed
+#          ZeRO-0 with the fast settings, then the eager path before issue 14
+# sd15:    the same at the SD 1.5 architecture, 512x512, ZeRO-2, gradient checkpointing, both rows eager: MFU
+#          against the matmul peak, Ray against plain (the SD 1.5 step's cold compilation takes minutes, hence:)
+# sd15-compiled: the plain loop alone, compiled in ZeRO-2's numerics and mode: compile time, compiled MFU
+# serve:   the one-step service at the SD 1.5 architecture: bare generator and HTTP, 1/8/32 clients, three formats
 # onestep: the service's generator without HTTP, SD 1.5 architecture: eager against CUDA graphs, the VAE against a
-#        tiny decoder, fp16 against bf16
+#          tiny decoder, fp16 against bf16
 # A stage cut by its time box keeps the rows it finished (each benchmark writes its JSON after every row).
 set -uo pipefail
-OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUT [demo,sd15,serve,onestep]}
-STAGES=${2:-demo,sd15,serve,onestep}
+OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUT [demo,sd15,sd15-compiled,serve,onestep]}
+STAGES=${2:-demo,sd15,sd15-compiled,serve,onestep}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 
@@ -32,8 +35,11 @@ stage demo "${DEMO_S:-540}" python benchmarks/bench_distill.py --teacher demo --
     --lpips-backbone alex --lpips-min-size 64 --zero-stages 0 --steps 100 --log-every 25 --baselines --baseline-steps 10 \
     --profile-steps 5 --json "$OUT/demo.json"
 stage sd15 "${SD15_S:-540}" python benchmarks/bench_distill.py --teacher sd15-architecture --dm-batch 16 --reg-batch 4 \
-    --zero-stages 2 --gradient-checkpointing --steps 8 --log-every 4 --profile-steps 2 --json "$OUT/sd15.json"
-stage serve "${SERVE_S:-420}" python benchmarks/bench_serve.py --model sd15-architecture --concurrency 1,8,32 \
+    --zero-stages 2 --gradient-checkpointing --steps 8 --log-every 4 --profile-steps 2 --compile false --json "$OUT/sd15.json"
+stage sd15-compiled "${SD15_COMPILED_S:-540}" python benchmarks/bench_distill.py --teacher sd15-architecture --dm-batch 16 \
+    --reg-batch 4 --zero-stages 2 --skip-ray --gradient-checkpointing --steps 8 --log-every 4 --profile-steps 2 \
+    --json "$OUT/sd15-compiled.json"
+stage serve "${SERVE_S:-540}" python benchmarks/bench_serve.py --model sd15-architecture --concurrency 1,8,32 \
     --output-format jpeg,png,webp --max-batch-size 8 --seconds 4 --json "$OUT/serve.json"
 stage onestep "${ONESTEP_S:-540}" python benchmarks/bench_onestep.py --model sd15-architecture --batch 16 --iters 20 \
     --dtype float16,bfloat16 --json "$OUT/onestep.json"

@@ -468,7 +468,7 @@ def test_the_gpu_suite_runs_the_benchmarks_with_arguments_they_take():
 
     text = open(os.path.join(REPO, "benchmarks", "gpu_suite.sh")).read().replace("\\\n", " ")
     stages = [shlex.split(line.replace("$OUT", "/tmp/out")) for line in text.splitlines() if line.startswith("stage ")]
-    assert [s[1] for s in stages] == ["demo", "sd15", "serve", "onestep"]
+    assert [s[1] for s in stages] == ["demo", "sd15", "sd15-compiled", "serve", "onestep"]
     sys.path.insert(0, REPO)
     try:
         for stage in stages:
