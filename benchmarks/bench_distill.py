@@ -169,7 +169,7 @@ def ray_job(cfg: DistillConfig) -> dict:
     return out
 
 
-def parser() -> argparse.ArgumentParser:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", default="tiny")
     p.add_argument("--dm-batch", type=int, default=8)
@@ -191,11 +191,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", action="store_true", help="after the fast rows, the path before issue 14 (eager, per-tensor AdamW, losses read every step): "
                    "a plain-loop row and a Ray row of the first stage, reporting to Ray Train every step as the job did")
     p.add_argument("--json", help="write the results here too")
-    return p
-
-
-def main() -> int:
-    p = parser()
     args = p.parse_args()
     device = default_device()
     gpu = device.type == "cuda"

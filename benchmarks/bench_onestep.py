@@ -80,7 +80,7 @@ def measure(folder: str, device, dtype: str, decoder: str, mode: str, batch: int
     return row
 
 
-def parser() -> argparse.ArgumentParser:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny")
     p.add_argument("--tiny-decoder", default="random", help='a tiny decoder spec, "random" (TAESD layout), or "" to skip')
@@ -89,11 +89,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU), float16, bfloat16, float32; comma-separated: rows for each")
     p.add_argument("--json", help="rows are written here as they end")
-    return p
-
-
-def main() -> int:
-    args = parser().parse_args()
+    args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-onestep-") as tmp:

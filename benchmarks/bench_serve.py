@@ -194,7 +194,7 @@ def start_service(folder: str, service_args: dict) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def parser() -> argparse.ArgumentParser:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help='generator spec, or "tiny" / "sd15-architecture" (exported first)')
     p.add_argument("--size", default="", help="WxH; default: the model's own resolution")
@@ -211,11 +211,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=float, default=float(os.cpu_count() or 1),
                    help="the replica's CPUs, and torch threads for both paths on CPU")
     p.add_argument("--json", help="write the results here too")
-    return p
-
-
-def main() -> int:
-    p = parser()
     args = p.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     formats = args.output_format.split(",")
