@@ -41,7 +41,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from benchmarks.common import Peak, count_flops, default_device, device_name, peak_matmul, print_table, profile_iterations, synchronize  # noqa: E402
+from benchmarks.common import Peak, count_flops, default_device, device_name, peak_matmul, print_table, synchronize  # noqa: E402
 from dmd_ray.config import DistillConfig, PairsConfig  # noqa: E402
 from dmd_ray.data.prompts import BUILTIN_PROMPTS, read_prompts  # noqa: E402
 
@@ -53,8 +53,9 @@ PAIR_SAMPLER, PAIR_STEPS = "ddim", 2
 def plain_loop(cfg: DistillConfig, pairs_uri: str, steps: int, profile_steps: int = 0) -> dict:
     """The worker's loop body on plain modules with torch AdamW, in this process, with the job's fast settings
     (cfg.compile in the mode of cfg.zero_stage, cfg.fused_adamw, losses read every cfg.log_every steps)."""
-    from dmd_ray.distributed.distill_worker import Autocast, compile_frozen, compile_network
+    from dmd_ray.distributed.distill_worker import COMPILE_STEPS, Autocast, compile_frozen, compile_network, step_guards
     from dmd_ray.distributed.pair_job import PairStream, read_with_pyarrow
+    from dmd_ray.distributed.profiling import profile_iterations
     from dmd_ray.method.objective import read_logs
     from dmd_ray.method.optim import adamw, optimizer_update
     from dmd_ray.method.transfer import to_device
@@ -89,12 +90,15 @@ def plain_loop(cfg: DistillConfig, pairs_uri: str, steps: int, profile_steps: in
     step_fn = build_step(cfg, teacher, conditions, nets[0], nets[1], updates[0], updates[1], rng, cfg.local_dm_batch, device)
     stream = PairStream(pairs_uri, cfg.local_reg_batch, 0, 1, cfg.seed, read=read_with_pyarrow)
 
+    warm = False  # once the compiled graphs exist, steps check only the guards that tell them apart (as the worker)
+
     def iteration() -> dict:  # the worker's loop body
         batch = next(stream)
         pair_cond = conditions.encode(batch["prompt"]) if step_fn.objective.uses_regression else None
         if mode is not None:
             torch.compiler.cudagraph_mark_step_begin()
-        return step_fn(to_device(batch["noise"], device, torch.float32), pair_cond, to_device(batch["target"], device, torch.float32))
+        with step_guards(warm and cfg.zero_stage < 3):
+            return step_fn(to_device(batch["noise"], device, torch.float32), pair_cond, to_device(batch["target"], device, torch.float32))
 
     # model FLOPs: one eager iteration without gradient checkpointing (its recomputation is not model work)
     flops_include_recompute = False
@@ -127,7 +131,8 @@ def plain_loop(cfg: DistillConfig, pairs_uri: str, steps: int, profile_steps: in
         synchronize(device)
         return time.perf_counter() - started
 
-    first = window(3)  # compilation and CUDA graph recording happen here
+    first = window(COMPILE_STEPS)  # compilation and CUDA graph recording happen here
+    warm = mode is not None
     if mode is not None:
         from dmd_ray import compile_cache
 
@@ -138,11 +143,11 @@ def plain_loop(cfg: DistillConfig, pairs_uri: str, steps: int, profile_steps: in
     out = {}
     if profile_steps and device.type == "cuda":
         try:
-            out.update(profile_iterations(window, profile_steps))
+            out.update(profile_iterations(window, profile_steps, device))
         except Exception as e:  # noqa: BLE001 - the timing above stands without the profile
             out["profile_error"] = f"{type(e).__name__}: {e}"[:200]
     stream.close()
-    out |= {"step_time_s": step_time, "compile_s": max(0.0, first - 3 * step_time), "flops_per_iteration": flops,
+    out |= {"step_time_s": step_time, "compile_s": max(0.0, first - COMPILE_STEPS * step_time), "flops_per_iteration": flops,
            "flops_include_recompute": flops_include_recompute}
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -160,8 +165,12 @@ def ray_job(cfg: DistillConfig) -> dict:
     distill(cfg)
     wall = time.perf_counter() - started
     history = read_history(cfg.output)
+    profile = {}
+    if os.path.exists(os.path.join(cfg.output, "profile.json")):  # the worker's own (profile_steps)
+        with open(os.path.join(cfg.output, "profile.json")) as f:
+            profile = {k: v for k, v in json.load(f).items() if k != "steps"}
     times = [r["step_time_s"] for r in history[1:]] or [r["step_time_s"] for r in history]
-    out = {"step_time_s": statistics.median(times), "job_wall_s": wall}
+    out = {"step_time_s": statistics.median(times), "job_wall_s": wall, **profile}
     first = history[0]  # its window holds the compilation
     out["compile_s"] = max(0.0, first["step"] * (first["step_time_s"] - out["step_time_s"]))
     if "peak_memory_gib" in history[-1]:
@@ -187,7 +196,8 @@ def main() -> int:
     p.add_argument("--skip-plain", action="store_true")
     p.add_argument("--skip-ray", action="store_true", help="the plain loop only, in the numerics and compile mode of the first --zero-stages")
     p.add_argument("--baseline-steps", type=int, default=0, help="steps of the --baselines rows (default: --steps)")
-    p.add_argument("--profile-steps", type=int, default=3, help="plain-loop steps under torch.profiler (GPU busy, kernel launches); 0: none")
+    p.add_argument("--profile-steps", type=int, default=3, help="steps of each row under torch.profiler (GPU busy, kernel launches; the Ray rows "
+                   "through the worker's profile_steps, after its warm-up); 0: none")
     p.add_argument("--baselines", action="store_true", help="after the fast rows, the path before issue 14 (eager, per-tensor AdamW, losses read every step): "
                    "a plain-loop row and a Ray row of the first stage, reporting to Ray Train every step as the job did")
     p.add_argument("--json", help="write the results here too")
@@ -211,7 +221,7 @@ def main() -> int:
         reg_batch_size=args.reg_batch, max_steps=args.steps, num_workers=1, lr=1e-5, warmup_steps=10, regression_space=args.regression_space,
         lpips_backbone=args.lpips_backbone, lpips_pretrained_backbone=False, lpips_min_size=args.lpips_min_size, precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, fused_adamw=args.fused_adamw, checkpoint_every=0, sample_every=0,
-        export=False, log_every=args.log_every, cpus_per_worker=float(os.cpu_count() or 1) if not gpu else 4.0,
+        export=False, log_every=args.log_every, cpus_per_worker=float(os.cpu_count() or 1) if not gpu else 4.0, profile_steps=args.profile_steps,
     )
     if args.zero_stages:  # the plain loop compiles in the mode of the first Ray row's stage
         base = dataclasses.replace(base, zero_stage=args.zero_stages[0])
@@ -265,7 +275,8 @@ def main() -> int:
             continue
         tflops = flops / r["step_time_s"] / 1e12 if flops else None
         same = plain.get(r["settings"], {})
-        # the GPU work of an iteration is the plain loop's (profiled there); a Ray row's busy share is that over its time
+        # GPU busy: the row's profiled GPU time over its unprofiled step time; a Ray row without its own profile (too
+        # few steps to reach it) borrows the plain loop's GPU time, marked ~
         gpu_s = r.get("gpu_s_per_iteration", same.get("gpu_s_per_iteration"))
         busy = f"{'' if 'gpu_s_per_iteration' in r else '~'}{100 * gpu_s / r['step_time_s']:.0f}%" if gpu_s else "-"
         table.append([

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.common import profile_iterations  # noqa: E402
+from dmd_ray.distributed.profiling import profile_iterations  # noqa: E402
 from dmd_ray.config import DistillConfig  # noqa: E402
 from dmd_ray.data.prompts import BUILTIN_PROMPTS, read_prompts  # noqa: E402
 from dmd_ray.method.objective import read_logs  # noqa: E402
@@ -113,7 +113,7 @@ def measure(variant: str, cfg: DistillConfig, teacher, device, steps: int, warmu
            "compile_s": max(0.0, first + (warmup - 1) * warm - warmup * per_step), "losses": read_logs(logs)}
     if device.type == "cuda" and profile_steps:
         seconds = []
-        row.update(profile_iterations(lambda n: seconds.append(run(n)[1]), profile_steps))
+        row.update(profile_iterations(lambda n: seconds.append(run(n)[1]), profile_steps, device))
         row["gpu_busy"] = row["gpu_s_per_iteration"] / seconds[0]
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return row

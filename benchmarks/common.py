@@ -112,24 +112,6 @@ def count_flops(fn: Callable[..., Any], *args, **kwargs) -> tuple[Any, int]:
     return result, int(counter.get_total_flops())
 
 
-def profile_iterations(run: Callable[[int], Any], steps: int) -> dict:
-    """`run(steps)` under torch.profiler: GPU time and kernel launches (graph launches included) per iteration, and
-    the ops that take the most GPU and host time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        run(steps)
-    events = prof.key_averages()
-    gpu_s = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch"))
-
-    def top(key: str, n: int) -> list:
-        return [(e.key[:60], round(getattr(e, key) / 1e3 / steps, 2)) for e in sorted(events, key=lambda e: -getattr(e, key))[:n]]
-
-    return {"gpu_s_per_iteration": gpu_s / steps, "launches_per_iteration": launches / steps,
-            "top_gpu_ms": top("self_device_time_total", 8), "top_cpu_ms": top("self_cpu_time_total", 12)}
-
-
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str = "") -> None:
     """A Markdown table (pastes into BENCHMARKS.md as it is)."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]

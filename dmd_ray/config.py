@@ -187,6 +187,10 @@ class DistillConfig:
     # log step regardless
     report_every: int = 0
     sample_every: int = 100  # steps; 0: no sample grids
+    # where an iteration's time goes: torch.profiler over this many steps on rank 0, from the first step after the
+    # compiled warm-up (the 4th), written to <output>/profile.json and the log (GPU time and kernel launches per
+    # iteration, the ops that take the most device and host time; the profiled steps run slower); 0: off
+    profile_steps: int = 0
     # quality during training: every `eval_every` steps (0: never) the generator makes `eval_samples` images that a
     # judge of the teacher's domain scores (FID in its features, prompt accuracy) into metrics.jsonl and TensorBoard.
     # The package has a judge for the shapes domain (the demo teacher): jobs/distill.py passes it for shapes prompts
@@ -256,7 +260,7 @@ class DistillConfig:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_samples < 2:
             problems.append(f"eval_samples must be >= 2 (FID needs two), got {self.eval_samples}")
-        for name in ("checkpoint_every", "sample_every", "eval_every", "report_every"):
+        for name in ("checkpoint_every", "sample_every", "eval_every", "report_every", "profile_steps"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
         if self.lr <= 0 or self.fake_lr < 0:

@@ -166,6 +166,18 @@ def test_worker_errors_no_retry_can_fix_end_the_run_and_others_are_retried():
     assert policy.make_decision(WorkerGroupError("failed", {1: RuntimeError("worker killed")})) == FailureDecision.RETRY
 
 
+def test_the_embedded_cluster_stops_printing_the_state_api_warning_and_nothing_else():
+    from ray._private import ray_logging
+
+    from dmd_ray.distributed.cluster import STATE_API_WARNING, hide_state_api_warnings
+
+    assert hide_state_api_warnings() and hide_state_api_warnings()  # init_ray calls it; a second call changes nothing
+    lines = [f"{STATE_API_WARNING}. State API may be temporarily unavailable. Continuing to monitor.", "[distill] step 10  loss_dm 0.29"]
+    for pid, (is_err, dedup) in enumerate([(True, ray_logging.stderr_deduplicator), (False, ray_logging.stdout_deduplicator)]):
+        batch = {"ip": "127.0.0.1", "pid": 4005 + pid, "is_err": is_err, "job": "01000000", "actor_name": "", "task_name": "", "lines": lines}
+        assert [line for b in dedup.deduplicate(batch) for line in b["lines"]] == lines[1:]
+
+
 # ------------------------------------------------------------------------------------------------ layers
 def test_the_method_layer_loads_neither_ray_nor_deepspeed_nor_diffusers():
     code = ("import sys, dmd_ray.method.schedule, dmd_ray.method.denoiser, dmd_ray.method.generator, dmd_ray.method.losses, "

@@ -98,7 +98,10 @@ def test_exact_resume(ray_cluster, shared_pairs, tmp_path, zero_stage, num_worke
     pairs_uri, prompts = shared_pairs
     run = functools.partial(small, pairs_uri=pairs_uri, prompts=prompts, zero_stage=zero_stage, num_workers=num_workers)
     straight = str(tmp_path / "straight")
-    distill(run(straight))
+    distill(run(straight, profile_steps=1))  # the profiler only watches: the same losses
+    with open(os.path.join(straight, "profile.json")) as f:
+        profile = json.load(f)
+    assert profile["steps"] == [4, 4] and profile["top_cpu_ms"] and "launches_per_iteration" in profile
     resumed = str(tmp_path / "resumed")
     distill(run(resumed, max_steps=2))
     distill(run(resumed, max_steps=4))

@@ -11,7 +11,9 @@ parameters. Checkpoints, sample grids and the metrics history are run_records.py
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import math
 import os
 import time
@@ -25,6 +27,7 @@ from dmd_ray.data import storage
 from dmd_ray.distributed.cluster import TrainingDiverged, past_deadline
 from dmd_ray.distributed.distill_driver import DistillPlan
 from dmd_ray.distributed.pair_job import PairStream
+from dmd_ray.distributed.profiling import StepProfiler
 from dmd_ray.distributed.run_records import RunRecords, generated_images, worker_print
 from dmd_ray.method.objective import read_logs
 from dmd_ray.method.optim import warmup_schedule
@@ -111,6 +114,20 @@ def compile_network(module: torch.nn.Module, mode: str | None) -> None:
     (RunRecords.sample_grid), so their batch does not compile a second graph."""
     if mode is not None:
         module.compile(mode=mode, dynamic=False)
+
+
+# a compiled run traces its graphs at the first step and records their CUDA graphs by the third
+COMPILE_STEPS = 3
+
+
+def step_guards(warm: bool):
+    """Around one step of a compiled run: once its first steps have compiled every graph the step calls (its shapes,
+    grad modes and networks are the same at every step), torch.compile checks only the guards that tell those cached
+    graphs apart, not all of them: on each call of a compiled network the full guards check every parameter, about 1
+    ms for the demo UNet on a CPU core and 3.8 ms of host time per iteration on an H200 (BENCHMARKS.md). Not under
+    ZeRO-3, whose hooks change the parameters between calls; probes and sample grids run outside it, fully guarded.
+    The CPU test of compiled against eager losses runs steps inside it."""
+    return torch.compiler.set_stance(skip_guard_eval_unsafe=True) if warm else contextlib.nullcontext()
 
 
 def compile_frozen(teacher, objective, mode: str | None) -> None:
@@ -216,18 +233,29 @@ def train_loop_per_worker(config: dict) -> None:
     window_start, window_steps = time.perf_counter(), 0
     finite = torch.ones((), dtype=torch.bool, device=device)
     first_step, loop_start = step, time.perf_counter()
+    profiler = StepProfiler(first_step + COMPILE_STEPS, cfg.profile_steps, device) if cfg.profile_steps and rank == 0 else None
     last = step >= cfg.max_steps  # a finished run that is rerun only exports again
     while not last:
         maybe_kill_for_test(cfg, step, rank)
+        if profiler:
+            profiler.before(step)
         lrs = {"lr_generator": gen_engine.get_lr()[0], "lr_fake": fake_engine.get_lr()[0]}  # the rates this step uses
         batch = next(stream)
         pair_cond = conditions.encode(batch["prompt"]) if step_fn.objective.uses_regression or step_fn.objective.gan is not None else None
         if compiled:
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the previous iteration's outputs may be reused
-        logs = step_fn(to_device(batch["noise"], device, torch.float32), pair_cond, to_device(batch["target"], device, torch.float32))
+        with step_guards(compiled and step >= first_step + COMPILE_STEPS and cfg.zero_stage < 3):
+            logs = step_fn(to_device(batch["noise"], device, torch.float32), pair_cond, to_device(batch["target"], device, torch.float32))
         finite &= all_finite(logs, device)  # on the device: read with the logs
+        if profiler and (profile := profiler.after(step)):
+            steps = [step + 2 - cfg.profile_steps, step + 1]  # as metrics.jsonl numbers them
+            storage.write_bytes(storage.join(cfg.output, "profile.json"), json.dumps({"steps": steps, **profile}).encode())
+            gpu = (f"{profile['gpu_s_per_iteration'] * 1e3:.1f} ms of GPU time and {profile['launches_per_iteration']:.0f} kernel launches per iteration, "
+                   if "gpu_s_per_iteration" in profile else "")
+            worker_print(f"[distill] profile of {cfg.profile_steps} steps: {gpu}{profile['wall_s_per_iteration'] * 1e3:.1f} ms per iteration under the "
+                         f"profiler; most host time (ms): {profile['top_cpu_ms'][:4]} (all in {storage.join(cfg.output, 'profile.json')})")
         step, window_steps = step + 1, window_steps + 1
-        if compiled and step == first_step + 3:  # compiled at the first step, CUDA graphs recorded by the third
+        if compiled and step == first_step + COMPILE_STEPS:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             saved = compile_cache.save(cache_uri) if rank == 0 and not cache_loaded else 0
