@@ -53,7 +53,7 @@ PAIR_SAMPLER, PAIR_STEPS = "ddim", 2
 def plain_loop(cfg: DistillConfig, pairs_uri: str, steps: int, profile_steps: int = 0) -> dict:
     """The worker's loop body on plain modules with torch AdamW, in this process, with the job's fast settings
     (cfg.compile in the mode of cfg.zero_stage, cfg.fused_adamw, losses read every cfg.log_every steps)."""
-    from dmd_ray.distributed.distill_worker import COMPILE_STEPS, Autocast, compile_frozen, compile_network, step_guards
+    from dmd_ray.distributed.distill_worker import COMPILE_STEPS, Autocast, compile_frozen, compile_network, step_guards, worker_threads
     from dmd_ray.distributed.pair_job import PairStream, read_with_pyarrow
     from dmd_ray.distributed.profiling import profile_iterations
     from dmd_ray.method.objective import read_logs
@@ -65,6 +65,7 @@ def plain_loop(cfg: DistillConfig, pairs_uri: str, steps: int, profile_steps: in
     from dmd_ray.sd.teacher import UNetDenoiser
 
     device = default_device()
+    torch.set_num_threads(worker_threads(cfg))  # the worker's: its compiled graphs are then the same in Inductor's cache
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     mode = cfg.compile_mode(device.type)
     # the numerics of the engines it is compared with: ZeRO-0 trains fp32 weights under bf16 autocast (inside the

@@ -116,6 +116,10 @@ def compile_network(module: torch.nn.Module, mode: str | None) -> None:
         module.compile(mode=mode, dynamic=False)
 
 
+def worker_threads(cfg: DistillConfig) -> int:
+    return max(1, int(cfg.cpus_per_worker))
+
+
 # a compiled run traces its graphs at the first step and records their CUDA graphs by the third
 COMPILE_STEPS = 3
 
@@ -205,8 +209,9 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     DataContext.get_current().execution_options.preserve_order = True  # deterministic pair order per worker
     DataContext.get_current().enable_progress_bars = False
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    # the worker's CPUs, on a GPU node too (not Ray's OMP_NUM_THREADS default): Inductor (torch 2.14) keys compiled
+    # graphs that touch CPU tensors by this count, and bench_distill's plain loop sets the same to share them
+    torch.set_num_threads(worker_threads(cfg))
 
     # ---- set-up: the frozen teacher, two engines, the step, the state of a resumed run
     teacher = load_teacher(cfg.teacher, cache_dir=cfg.cache_dir or None)
