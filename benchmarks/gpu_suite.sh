@@ -14,6 +14,8 @@
 # onestep: the service's generator without HTTP, SD 1.5 architecture: eager against CUDA graphs, the VAE against a
 #          tiny decoder, fp16 against bf16
 # A stage cut by its time box keeps the rows it finished (each benchmark writes its JSON after every row).
+# The Ray rows profile their own steps after the compiled warm-up (profile_steps), inside the first log window, which
+# the timing leaves out.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUT [demo,sd15,sd15-compiled,serve,onestep]}
 STAGES=${2:-demo,sd15,sd15-compiled,serve,onestep}
@@ -35,9 +37,9 @@ stage demo "${DEMO_S:-540}" python benchmarks/bench_distill.py --teacher demo --
     --lpips-backbone alex --lpips-min-size 64 --zero-stages 0 --steps 100 --log-every 25 --baselines --baseline-steps 10 \
     --profile-steps 5 --json "$OUT/demo.json"
 stage sd15 "${SD15_S:-540}" python benchmarks/bench_distill.py --teacher sd15-architecture --dm-batch 16 --reg-batch 4 \
-    --zero-stages 2 --gradient-checkpointing --steps 8 --log-every 4 --profile-steps 2 --compile false --json "$OUT/sd15.json"
+    --zero-stages 2 --gradient-checkpointing --steps 12 --log-every 6 --profile-steps 2 --compile false --json "$OUT/sd15.json"
 stage sd15-compiled "${SD15_COMPILED_S:-540}" python benchmarks/bench_distill.py --teacher sd15-architecture --dm-batch 16 \
-    --reg-batch 4 --zero-stages 2 --skip-ray --gradient-checkpointing --steps 8 --log-every 4 --profile-steps 2 \
+    --reg-batch 4 --zero-stages 2 --skip-ray --gradient-checkpointing --steps 12 --log-every 6 --profile-steps 2 \
     --json "$OUT/sd15-compiled.json"
 stage serve "${SERVE_S:-540}" python benchmarks/bench_serve.py --model sd15-architecture --concurrency 1,8,32 \
     --output-format jpeg,png,webp --max-batch-size 8 --seconds 4 --json "$OUT/serve.json"

@@ -130,7 +130,9 @@ def step_guards(warm: bool):
     graphs apart, not all of them: on each call of a compiled network the full guards check every parameter, about 1
     ms for the demo UNet on a CPU core and 3.8 ms of host time per iteration on an H200 (BENCHMARKS.md). Not under
     ZeRO-3, whose hooks change the parameters between calls; probes and sample grids run outside it, fully guarded.
-    The CPU test of compiled against eager losses runs steps inside it."""
+    What this needs from the step: whatever changes between steps reaches the compiled networks as a tensor, never
+    as a Python number (a changed number would not be checked, and the graph traced for the old one would run). The
+    CPU test of compiled against eager losses runs steps inside it."""
     return torch.compiler.set_stance(skip_guard_eval_unsafe=True) if warm else contextlib.nullcontext()
 
 
