@@ -255,12 +255,7 @@ def train_loop_per_worker(config: dict) -> None:
             logs = step_fn(to_device(batch["noise"], device, torch.float32), pair_cond, to_device(batch["target"], device, torch.float32))
         finite &= all_finite(logs, device)  # on the device: read with the logs
         if profiler and (profile := profiler.after(step)):
-            steps = [step + 2 - cfg.profile_steps, step + 1]  # as metrics.jsonl numbers them
-            storage.write_bytes(storage.join(cfg.output, "profile.json"), json.dumps({"steps": steps, **profile}).encode())
-            gpu = (f"{profile['gpu_s_per_iteration'] * 1e3:.1f} ms of GPU time and {profile['launches_per_iteration']:.0f} kernel launches per iteration, "
-                   if "gpu_s_per_iteration" in profile else "")
-            worker_print(f"[distill] profile of {cfg.profile_steps} steps: {gpu}{profile['wall_s_per_iteration'] * 1e3:.1f} ms per iteration under the "
-                         f"profiler; most host time (ms): {profile['top_cpu_ms'][:4]} (all in {storage.join(cfg.output, 'profile.json')})")
+            write_profile(cfg, profile, step + 1)
         step, window_steps = step + 1, window_steps + 1
         if compiled and step == first_step + COMPILE_STEPS:
             if device.type == "cuda":
@@ -319,6 +314,16 @@ def train_loop_per_worker(config: dict) -> None:
             worker_print(f"[distill] export written to {uri}")
     if world > 1:
         torch.distributed.barrier()
+
+
+def write_profile(cfg: DistillConfig, profile: dict, last_step: int) -> None:
+    """<output>/profile.json and a log line: the summary of the profiled steps, numbered as metrics.jsonl numbers them."""
+    uri = storage.join(cfg.output, "profile.json")
+    storage.write_bytes(uri, json.dumps({"steps": [last_step + 1 - cfg.profile_steps, last_step], **profile}).encode())
+    gpu = (f"{profile['gpu_s_per_iteration'] * 1e3:.1f} ms of GPU time and {profile['launches_per_iteration']:.0f} kernel launches per iteration, "
+           if "gpu_s_per_iteration" in profile else "")
+    worker_print(f"[distill] profile of {cfg.profile_steps} steps: {gpu}{profile['wall_s_per_iteration'] * 1e3:.1f} ms per iteration under the "
+                 f"profiler; most host time (ms): {profile['top_cpu_ms'][:4]} (all in {uri})")
 
 
 def all_finite(logs: dict, device: torch.device) -> torch.Tensor:

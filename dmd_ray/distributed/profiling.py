@@ -17,6 +17,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _profiler(device: torch.device):
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
+
+
 def summarize(prof, steps: int, wall_s: float | None = None) -> dict:
     """Per iteration: device time, launches, the top device and host ops (ms), and the wall time under the profiler."""
     events = prof.key_averages()
@@ -35,11 +41,8 @@ def summarize(prof, steps: int, wall_s: float | None = None) -> dict:
 
 def profile_iterations(run: Callable[[int], Any], steps: int, device: torch.device) -> dict:
     """`run(steps)` under torch.profiler (CPU, and CUDA on a GPU), summarised."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)
-    with profile(activities=activities) as prof:
+    with _profiler(device) as prof:
         started = time.perf_counter()
         run(steps)
         synchronize(device)
@@ -58,11 +61,8 @@ class StepProfiler:
     def before(self, step: int) -> None:
         if step != self.start:
             return
-        from torch.profiler import ProfilerActivity, profile
-
         synchronize(self.device)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-        self._prof = profile(activities=activities)
+        self._prof = _profiler(self.device)
         self._prof.__enter__()
         self._started = time.perf_counter()
 
