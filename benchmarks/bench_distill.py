@@ -230,9 +230,10 @@ def main() -> int:
     # (not profiled: with a log window per step, the profiled steps would be among the timed ones)
     before = dataclasses.replace(base, compile="false", fused_adamw="false", log_every=1, report_every=1, max_steps=args.baseline_steps or args.steps,
                                  profile_steps=0)
-    # (row name, settings, config, whether it is the plain loop). The fast rows first: the plain loop compiles, and
-    # the Ray worker then finds its kernels in this machine's compile caches (the same graphs); a time-boxed run
-    # that is cut short loses the baselines, which earlier runs have measured, not the new rows
+    # (row name, settings, config, whether it is the plain loop). The fast rows first: the plain loop compiles the
+    # worker's graphs, which the Ray worker then finds in this machine's compile caches (on CPUs; on an H200 with
+    # torch 2.11 it did not, BENCHMARKS.md "fifth round"); a time-boxed run that is cut short loses the baselines,
+    # which earlier runs have measured, not the new rows
     runs = [(PLAIN, "fast", base, True)] if not args.skip_plain else []
     ray_stages = [] if args.skip_ray else args.zero_stages
     runs += [(f"ray train + deepspeed ZeRO-{stage}", "fast", base, False) for stage in ray_stages]

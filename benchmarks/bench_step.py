@@ -26,9 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from dmd_ray.distributed.profiling import profile_iterations  # noqa: E402
 from dmd_ray.config import DistillConfig  # noqa: E402
 from dmd_ray.data.prompts import BUILTIN_PROMPTS, read_prompts  # noqa: E402
+from dmd_ray.distributed.profiling import profile_iterations  # noqa: E402
 from dmd_ray.method.objective import read_logs  # noqa: E402
 from dmd_ray.method.optim import optimizer_update  # noqa: E402
 from dmd_ray.sd.conditioning import PromptConditions  # noqa: E402
