@@ -4,12 +4,14 @@
 #     bash benchmarks/gpu_suite.sh OUT                 # every stage (about 40 minutes on one H200)
 #     bash benchmarks/gpu_suite.sh OUT demo,serve      # some stages
 #
-# Each stage's time box in seconds: DEMO_S, SD15_S, SD15_COMPILED_S, SERVE_S, ONESTEP_S.
+# Each stage's time box in seconds: DEMO_S, SD15_S, SD15_COMPILED_S, SD15_SWEEP_S, SERVE_S, ONESTEP_S.
 # demo:    a DMD iteration on the demo teacher (issue 14's first size): the plain loop and Ray Train + DeepSpeed
 #          ZeRO-0 with the fast settings, then the eager path before issue 14
 # sd15:    the same at the SD 1.5 architecture, 512x512, ZeRO-2, gradient checkpointing, both rows eager: MFU
 #          against the matmul peak, Ray against plain (the SD 1.5 step's cold compilation takes minutes, hence:)
 # sd15-compiled: the plain loop alone, compiled in ZeRO-2's numerics and mode: compile time, compiled MFU
+# sd15-sweep: the plain loop eager in ZeRO-2's numerics at growing per-GPU batches until one runs out of memory:
+#          the batch with the most samples/s, its memory
 # serve:   the one-step service at the SD 1.5 architecture: bare generator and HTTP, 1/8/32 clients, three formats
 # onestep: the service's generator without HTTP, SD 1.5 architecture: eager against CUDA graphs, the VAE against a
 #          tiny decoder, fp16 against bf16
@@ -17,8 +19,8 @@
 # The Ray rows profile their own steps after the compiled warm-up (profile_steps), inside the first log window, which
 # the timing leaves out.
 set -uo pipefail
-OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUT [demo,sd15,sd15-compiled,serve,onestep]}
-STAGES=${2:-demo,sd15,sd15-compiled,serve,onestep}
+OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUT [demo,sd15,sd15-compiled,sd15-sweep,serve,onestep]}
+STAGES=${2:-demo,sd15,sd15-compiled,sd15-sweep,serve,onestep}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 
@@ -41,6 +43,8 @@ stage sd15 "${SD15_S:-540}" python benchmarks/bench_distill.py --teacher sd15-ar
 stage sd15-compiled "${SD15_COMPILED_S:-540}" python benchmarks/bench_distill.py --teacher sd15-architecture --dm-batch 16 \
     --reg-batch 4 --zero-stages 2 --skip-ray --gradient-checkpointing --steps 12 --log-every 6 --profile-steps 2 \
     --json "$OUT/sd15-compiled.json"
+stage sd15-sweep "${SD15_SWEEP_S:-540}" python benchmarks/batch_sweep.py --teacher sd15-architecture --zero-stage 2 \
+    --gradient-checkpointing --batches 16x4,32x8,48x12,64x16 --steps 6 --log-every 3 --json "$OUT/sd15-sweep.json"
 stage serve "${SERVE_S:-540}" python benchmarks/bench_serve.py --model sd15-architecture --concurrency 1,8,32 \
     --output-format jpeg,png,webp --max-batch-size 8 --seconds 4 --json "$OUT/serve.json"
 stage onestep "${ONESTEP_S:-540}" python benchmarks/bench_onestep.py --model sd15-architecture --batch 16 --iters 20 \

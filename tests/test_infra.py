@@ -461,13 +461,19 @@ def test_ray_job_submit_runs_both_jobs_on_a_local_head(local_head, s3_server, s3
     assert storage.exists(f"{run_uri}/samples/latest.png")
 
 
+def test_the_batch_sweep_refuses_a_malformed_batch_list_before_any_work():
+    for bad in ("16", "0x4", "16x4x2"):
+        result = subprocess.run([sys.executable, "benchmarks/batch_sweep.py", "--batches", bad], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and "DMxREG pairs of positive integers" in result.stderr, result.stderr[-500:]
+
+
 def test_the_gpu_suite_runs_the_benchmarks_with_arguments_they_take():
     """benchmarks/gpu_suite.sh (the GPU figures of BENCHMARKS.md) against the benchmarks' own command lines: every
     flag it passes is one the script's --help lists, so a renamed flag fails here, not ten minutes into a GPU
     session."""
     text = open(os.path.join(REPO, "benchmarks", "gpu_suite.sh")).read().replace("\\\n", " ")
     stages = [shlex.split(line.replace("$OUT", "/tmp/out")) for line in text.splitlines() if line.startswith("stage ")]
-    assert [s[1] for s in stages] == ["demo", "sd15", "sd15-compiled", "serve", "onestep"]
+    assert [s[1] for s in stages] == ["demo", "sd15", "sd15-compiled", "sd15-sweep", "serve", "onestep"]
     helps = {}
     for stage in stages:
         assert stage[3] == "python" and stage[4].startswith("benchmarks/"), stage
