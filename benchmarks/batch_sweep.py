@@ -23,10 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.bench_distill import PAIR_SAMPLER, PAIR_STEPS, plain_loop  # noqa: E402
+from benchmarks.bench_distill import bench_config, make_pairs, plain_loop  # noqa: E402
 from benchmarks.common import default_device, device_name, peak_matmul, print_table  # noqa: E402
-from dmd_ray.config import DistillConfig, PairsConfig  # noqa: E402
-from dmd_ray.data.prompts import BUILTIN_PROMPTS  # noqa: E402
 
 
 def batches(text: str) -> list[tuple[int, int]]:
@@ -58,22 +56,11 @@ def main() -> int:
     peak = peak_matmul(device)
     print(peak.label, flush=True)
 
-    from dmd_ray.distributed.cluster import init_ray
-    from dmd_ray.distributed.pair_job import generate_pairs
-
-    init_ray()
     largest_reg = max(reg for _, reg in args.batches)
-    pairs_uri = os.path.join(tempfile.mkdtemp(prefix="batch-sweep-"), "pairs")
-    n_pairs = max(16, largest_reg * (args.steps + 2 * args.log_every + 4))
-    generate_pairs(PairsConfig(teacher=args.teacher, prompts=BUILTIN_PROMPTS, num_pairs=n_pairs, shard_size=n_pairs, steps=PAIR_STEPS,
-                               sampler=PAIR_SAMPLER, out=pairs_uri, batch_size=8))
+    pairs_uri = make_pairs(args.teacher, largest_reg, args.steps + 2 * args.log_every + 4, tempfile.mkdtemp(prefix="batch-sweep-"))
     rows = []
     for dm, reg in args.batches:
-        cfg = DistillConfig(
-            teacher=args.teacher, pairs=pairs_uri, pair_sampler=PAIR_SAMPLER, pair_steps=PAIR_STEPS, dm_batch_size=dm, reg_batch_size=reg,
-            max_steps=args.steps, num_workers=1, lr=1e-5, warmup_steps=10, regression_space=args.regression_space, lpips_backbone=args.lpips_backbone,
-            lpips_pretrained_backbone=False, lpips_min_size=args.lpips_min_size, gradient_checkpointing=args.gradient_checkpointing,
-            compile=args.compile, log_every=args.log_every, zero_stage=args.zero_stage, cpus_per_worker=4.0 if device.type == "cuda" else float(os.cpu_count() or 1))
+        cfg = bench_config(args, pairs_uri, device.type == "cuda", dm_batch_size=dm, reg_batch_size=reg, zero_stage=args.zero_stage)
         try:
             row = {"dm_batch": dm, "reg_batch": reg, **plain_loop(cfg, pairs_uri, args.steps)}
         except torch.cuda.OutOfMemoryError as e:
@@ -82,7 +69,7 @@ def main() -> int:
         print(f"[batch_sweep] {json.dumps(row)}", flush=True)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"args": {k: v for k, v in vars(args).items()}, "device": device_name(device), "peak": peak.label, "rows": rows}, f, indent=1)
+                json.dump({"args": vars(args), "device": device_name(device), "peak": peak.label, "rows": rows}, f, indent=1)
         if "error" in row:
             break  # larger batches need more memory still
         if device.type == "cuda":

@@ -98,7 +98,7 @@ def plain_loop(cfg: DistillConfig, pairs_uri: str, steps: int, profile_steps: in
         pair_cond = conditions.encode(batch["prompt"]) if step_fn.objective.uses_regression else None
         if mode is not None:
             torch.compiler.cudagraph_mark_step_begin()
-        with step_guards(warm and cfg.zero_stage < 3):
+        with step_guards(cfg, warm):
             return step_fn(to_device(batch["noise"], device, torch.float32), pair_cond, to_device(batch["target"], device, torch.float32))
 
     # model FLOPs: one eager iteration without gradient checkpointing (its recomputation is not model work)
@@ -158,6 +158,28 @@ def plain_loop(cfg: DistillConfig, pairs_uri: str, steps: int, profile_steps: in
     return out
 
 
+def make_pairs(teacher: str, reg_batch: int, steps: int, work: str) -> str:
+    """Enough (noise, output) pairs for `steps` regression batches, made on the embedded Ray: their URI."""
+    from dmd_ray.distributed.cluster import init_ray
+    from dmd_ray.distributed.pair_job import generate_pairs
+
+    init_ray()
+    uri, n_pairs = os.path.join(work, "pairs"), max(16, reg_batch * steps)
+    generate_pairs(PairsConfig(teacher=teacher, prompts=BUILTIN_PROMPTS, num_pairs=n_pairs, shard_size=n_pairs, steps=PAIR_STEPS,
+                               sampler=PAIR_SAMPLER, out=uri, batch_size=8))
+    return uri
+
+
+def bench_config(args: argparse.Namespace, pairs_uri: str, gpu: bool, **overrides) -> DistillConfig:
+    """The job's config for a benchmark row from the options the benchmarks share (teacher, steps, log_every, the
+    regression loss, gradient checkpointing, compile): one worker, no checkpoints, samples or export."""
+    return DistillConfig(
+        teacher=args.teacher, pairs=pairs_uri, pair_sampler=PAIR_SAMPLER, pair_steps=PAIR_STEPS, max_steps=args.steps, num_workers=1, lr=1e-5,
+        warmup_steps=10, regression_space=args.regression_space, lpips_backbone=args.lpips_backbone, lpips_pretrained_backbone=False,
+        lpips_min_size=args.lpips_min_size, gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, checkpoint_every=0,
+        sample_every=0, export=False, log_every=args.log_every, cpus_per_worker=4.0 if gpu else float(os.cpu_count() or 1), **overrides)
+
+
 def ray_job(cfg: DistillConfig) -> dict:
     from dmd_ray.distributed.distill_driver import distill
     from dmd_ray.distributed.run_records import read_history
@@ -166,11 +188,15 @@ def ray_job(cfg: DistillConfig) -> dict:
     distill(cfg)
     wall = time.perf_counter() - started
     history = read_history(cfg.output)
-    profile = {}
+    profile, profiled = {}, []
     if os.path.exists(os.path.join(cfg.output, "profile.json")):  # the worker's own (profile_steps)
         with open(os.path.join(cfg.output, "profile.json")) as f:
-            profile = {k: v for k, v in json.load(f).items() if k != "steps"}
-    times = [r["step_time_s"] for r in history[1:]] or [r["step_time_s"] for r in history]
+            profile = json.load(f)
+        first_profiled, last_profiled = profile.pop("steps")
+        profiled = range(first_profiled, last_profiled + 1)
+    # steady windows: after the first (compilation), and none holding a profiled step (the profiler slows them)
+    steady = [r["step_time_s"] for r in history[1:] if not any(r["step"] - cfg.log_every < s <= r["step"] for s in profiled)]
+    times = steady or [r["step_time_s"] for r in history]
     out = {"step_time_s": statistics.median(times), "job_wall_s": wall, **profile}
     first = history[0]  # its window holds the compilation
     out["compile_s"] = max(0.0, first["step"] * (first["step_time_s"] - out["step_time_s"]))
@@ -208,22 +234,9 @@ def main() -> int:
     peak: Peak = peak_matmul(device)  # before any model is on the device
     print(peak.label, flush=True)
     work = tempfile.mkdtemp(prefix="bench-distill-")
-
-    from dmd_ray.distributed.cluster import init_ray
-    from dmd_ray.distributed.pair_job import generate_pairs
-
-    init_ray()
-    pairs_uri = os.path.join(work, "pairs")
-    n_pairs = max(16, args.reg_batch * (args.steps + 2 * args.log_every + 4))
-    generate_pairs(PairsConfig(teacher=args.teacher, prompts=BUILTIN_PROMPTS, num_pairs=n_pairs, shard_size=n_pairs, steps=PAIR_STEPS,
-                               sampler=PAIR_SAMPLER, out=pairs_uri, batch_size=8))
-    base = DistillConfig(
-        teacher=args.teacher, pairs=pairs_uri, pair_sampler=PAIR_SAMPLER, pair_steps=PAIR_STEPS, dm_batch_size=args.dm_batch,
-        reg_batch_size=args.reg_batch, max_steps=args.steps, num_workers=1, lr=1e-5, warmup_steps=10, regression_space=args.regression_space,
-        lpips_backbone=args.lpips_backbone, lpips_pretrained_backbone=False, lpips_min_size=args.lpips_min_size, precision=args.precision,
-        gradient_checkpointing=args.gradient_checkpointing, compile=args.compile, fused_adamw=args.fused_adamw, checkpoint_every=0, sample_every=0,
-        export=False, log_every=args.log_every, cpus_per_worker=float(os.cpu_count() or 1) if not gpu else 4.0, profile_steps=args.profile_steps,
-    )
+    pairs_uri = make_pairs(args.teacher, args.reg_batch, args.steps + 2 * args.log_every + 4, work)
+    base = bench_config(args, pairs_uri, gpu, dm_batch_size=args.dm_batch, reg_batch_size=args.reg_batch, precision=args.precision,
+                        fused_adamw=args.fused_adamw, profile_steps=args.profile_steps)
     if args.zero_stages:  # the plain loop compiles in the mode of the first Ray row's stage
         base = dataclasses.replace(base, zero_stage=args.zero_stages[0])
     # the path before issue 14 as its baseline: eager networks, per-tensor AdamW, the losses read and reported to Ray Train every step

@@ -33,10 +33,12 @@ def main() -> int:
     args = p.parse_args()
     from torch.profiler import profile
 
+    from dmd_ray.config import DistillConfig
     from dmd_ray.distributed.distill_worker import step_guards
     from dmd_ray.sd.resolve import load_teacher
 
     device = default_device()
+    cfg = DistillConfig(zero_stage=0)
     teacher = load_teacher(args.teacher)
     unet = copy.deepcopy(teacher.unet).train().to(device)
     unet.compile(backend="eager", dynamic=False)
@@ -53,7 +55,7 @@ def main() -> int:
     results: dict[str, dict[str, list]] = {"all guards (before)": {"ms": [], "lookup": []}, "differentiating guards (step_guards)": {"ms": [], "lookup": []}}
     for _ in range(args.rounds):
         for (name, r), skip in zip(results.items(), (False, True)):
-            with step_guards(skip):
+            with step_guards(cfg, skip):
                 synchronize(device)
                 started = time.perf_counter()
                 for _ in range(args.calls):
@@ -65,7 +67,7 @@ def main() -> int:
                         call()
             lookup = [e for e in prof.key_averages() if "Cache Lookup" in e.key]
             r["lookup"].append(lookup[0].cpu_time_total / 10 / 1e3 if lookup else 0.0)
-        with step_guards(True):
+        with step_guards(cfg, True):
             fast = call()
         assert torch.equal(fast, call()), "the differentiating guards picked another graph"
     print(f"teacher {args.teacher}, UNet forward at batch {args.batch}, training mode, {device_name(device)}, {time.strftime('%Y-%m-%d')}; "

@@ -16,8 +16,8 @@
 # onestep: the service's generator without HTTP, SD 1.5 architecture: eager against CUDA graphs, the VAE against a
 #          tiny decoder, fp16 against bf16
 # A stage cut by its time box keeps the rows it finished (each benchmark writes its JSON after every row).
-# The Ray rows profile their own steps after the compiled warm-up (profile_steps), inside the first log window, which
-# the timing leaves out.
+# The Ray rows profile their own steps after the compiled warm-up (profile_steps); the timing leaves out the log
+# windows that hold them.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUT [demo,sd15,sd15-compiled,sd15-sweep,serve,onestep]}
 STAGES=${2:-demo,sd15,sd15-compiled,sd15-sweep,serve,onestep}

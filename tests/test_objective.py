@@ -157,7 +157,7 @@ def test_compiled_networks_give_the_eager_losses(tmp_path):
         logs = []
         for i in range(COMPILE_STEPS + 2):
             noise, cond, target = torch.randn(2, 4, 8, 8, generator=data), conditions.encode(["a red circle"] * 2), torch.randn(2, 4, 8, 8, generator=data)
-            with step_guards(mode is not None and i >= COMPILE_STEPS):
+            with step_guards(cfg, mode is not None and i >= COMPILE_STEPS):
                 logs.append(read_logs(step(noise, cond, target)))
         return logs
 

@@ -124,7 +124,7 @@ def worker_threads(cfg: DistillConfig) -> int:
 COMPILE_STEPS = 3
 
 
-def step_guards(warm: bool):
+def step_guards(cfg: DistillConfig, warm: bool):
     """Around one step of a compiled run: once its first steps have compiled every graph the step calls (its shapes,
     grad modes and networks are the same at every step), torch.compile checks only the guards that tell those cached
     graphs apart, not all of them: on each call of a compiled network the full guards check every parameter, about 1
@@ -133,7 +133,7 @@ def step_guards(warm: bool):
     What this needs from the step: whatever changes between steps reaches the compiled networks as a tensor, never
     as a Python number (a changed number would not be checked, and the graph traced for the old one would run). The
     CPU test of compiled against eager losses runs steps inside it."""
-    return torch.compiler.set_stance(skip_guard_eval_unsafe=True) if warm else contextlib.nullcontext()
+    return torch.compiler.set_stance(skip_guard_eval_unsafe=True) if warm and cfg.zero_stage < 3 else contextlib.nullcontext()
 
 
 def compile_frozen(teacher, objective, mode: str | None) -> None:
@@ -251,7 +251,7 @@ def train_loop_per_worker(config: dict) -> None:
         pair_cond = conditions.encode(batch["prompt"]) if step_fn.objective.uses_regression or step_fn.objective.gan is not None else None
         if compiled:
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the previous iteration's outputs may be reused
-        with step_guards(compiled and step >= first_step + COMPILE_STEPS and cfg.zero_stage < 3):
+        with step_guards(cfg, compiled and step >= first_step + COMPILE_STEPS):
             logs = step_fn(to_device(batch["noise"], device, torch.float32), pair_cond, to_device(batch["target"], device, torch.float32))
         finite &= all_finite(logs, device)  # on the device: read with the logs
         if profiler and (profile := profiler.after(step)):
