@@ -38,7 +38,7 @@ def main() -> int:
     from dmd_ray.sd.resolve import load_teacher
 
     device = default_device()
-    cfg = DistillConfig(zero_stage=0)
+    cfg = DistillConfig(zero_stage=0, skip_guards=True)
     teacher = load_teacher(args.teacher)
     unet = copy.deepcopy(teacher.unet).train().to(device)
     unet.compile(backend="eager", dynamic=False)

@@ -169,6 +169,11 @@ class DistillConfig:
     # only the runs' owners write, as the checkpoints.
     compile_cache: str = "auto"
     fused_adamw: str = "auto"  # true / auto (on GPU): torch's fused AdamW kernel instead of its per-tensor loop
+    # after the first compiled steps, check only the guards that tell torch.compile's cached graphs apart (not under
+    # ZeRO-3): ~1 ms less host time per compiled network call, but a step that needs a new graph then fails
+    # ("Recompilation triggered with skip_guard_eval_unsafe stance"), as every DM run with TTUR 5 did on an H200
+    # (2026-12-02, not reproduced on CPU). Off until that is understood.
+    skip_guards: bool = False
     # scale
     num_workers: int = 1
     use_gpu: str = "auto"  # auto | true | false

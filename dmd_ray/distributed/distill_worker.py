@@ -125,15 +125,16 @@ COMPILE_STEPS = 3
 
 
 def step_guards(cfg: DistillConfig, warm: bool):
-    """Around one step of a compiled run: once its first steps have compiled every graph the step calls (its shapes,
-    grad modes and networks are the same at every step), torch.compile checks only the guards that tell those cached
-    graphs apart, not all of them: on each call of a compiled network the full guards check every parameter, about 1
-    ms for the demo UNet on a CPU core and 3.8 ms of host time per iteration on an H200 (BENCHMARKS.md). Not under
-    ZeRO-3, whose hooks change the parameters between calls; probes and sample grids run outside it, fully guarded.
-    What this needs from the step: whatever changes between steps reaches the compiled networks as a tensor, never
-    as a Python number (a changed number would not be checked, and the graph traced for the old one would run). The
-    CPU test of compiled against eager losses runs steps inside it."""
-    return torch.compiler.set_stance(skip_guard_eval_unsafe=True) if warm and cfg.zero_stage < 3 else contextlib.nullcontext()
+    """Around one step of a compiled run with `skip_guards`: once its first steps have compiled every graph the step
+    calls, torch.compile checks only the guards that tell those cached graphs apart, not all of them (on each call of
+    a compiled network the full guards check every parameter: about 1 ms for the demo UNet on a CPU core, 3.8 ms of
+    host time per iteration on an H200, BENCHMARKS.md). Not under ZeRO-3, whose hooks change the parameters between
+    calls; probes and sample grids run outside it, fully guarded. What this needs from the step: whatever changes
+    between steps reaches the compiled networks as a tensor, never as a Python number (a changed number would not be
+    checked, and the graph traced for the old one would run), and no graph first needed after the warm-up steps."""
+    if cfg.skip_guards and warm and cfg.zero_stage < 3:
+        return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
+    return contextlib.nullcontext()
 
 
 def compile_frozen(teacher, objective, mode: str | None) -> None:
