@@ -133,6 +133,10 @@ class DistillConfig:
     # an exported student (built-in name, folder or s3://) whose network starts the generator instead of the teacher's:
     # DMD2's recipe for one-step SDXL, regression pre-training then DMD. The fake score still starts from the teacher
     init_generator: str = ""
+    # the fake_score.safetensors an earlier run wrote beside its export (local or s3://): the fake score (and GAN head)
+    # start from it instead of the teacher; with init_generator set to that run's export, DMD continues where it
+    # stopped (optimiser moments and the step count start afresh)
+    init_fake_score: str = ""
     # DMD2 (Yin et al. 2024b): `fake_updates` is its two time-scale rule; these add its GAN and multi-step generator
     generator_steps: int = 1  # > 1: DMD2's multi-step generator at t_k = (n - k) * (T // n) - 1 (999, 749, 499, 249 for
     #                           4), trained with backward simulation; needs lambda_reg 0; exported for diffusers' LCMScheduler
@@ -220,7 +224,7 @@ class DistillConfig:
     def recipe(self) -> dict:
         """What decides a student's quality, recorded with its export (dmd_ray.json): the losses and their weights,
         the update ratio, the rates and the global batches."""
-        keys = ("init_generator", "dm_weight", "lambda_reg", "regression_space", "gan_weight", "fake_updates", "generator_steps", "lr", "fake_lr",
+        keys = ("init_generator", "init_fake_score", "dm_weight", "lambda_reg", "regression_space", "gan_weight", "fake_updates", "generator_steps", "lr", "fake_lr",
                 "dm_batch_size", "reg_batch_size", "t_min", "t_max")
         recipe = {k: getattr(self, k) for k in keys}
         if self.regression_space == "pixel" and self.lambda_reg:
@@ -256,6 +260,8 @@ class DistillConfig:
         elif self.generator_steps > 1 and (self.lambda_reg != 0 or self.generator_timestep != -1):
             problems.append(f"a {self.generator_steps}-step generator trains without the one-step regression loss and at its own timesteps: "
                             f"set --lambda-reg 0 (got {self.lambda_reg}) and leave --generator-timestep at -1 (got {self.generator_timestep})")
+        if self.init_fake_score and self.dm_weight == 0 and self.gan_weight == 0:
+            problems.append("init_fake_score is given to a run without a fake score (dm_weight 0 and gan_weight 0)")
         if self.regression_space not in ("pixel", "latent"):
             problems.append(f"regression_space must be pixel or latent, got {self.regression_space!r}")
         if self.use_gpu not in USE_GPU:

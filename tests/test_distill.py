@@ -151,6 +151,42 @@ def test_dmd2_recipe_through_the_engines(ray_cluster, shared_pairs, tmp_path, ze
     assert [r["step"] for r in history] == [1, 2]
     assert all(r["loss_gan_generator"] == r["loss_gan_generator"] and r["loss_gan_discriminator"] > 0 for r in history)
     assert os.path.isdir(os.path.join(out, "export", "unet"))
+    fake = read_fake_score(os.path.join(out, "fake_score.safetensors"))  # whole under ZeRO-3 too (gathered)
+    assert any(k.startswith("unet.") for k in fake) and any(k.startswith("classifier.") for k in fake)
+
+
+def read_fake_score(path: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def test_a_run_continues_from_an_earlier_runs_generator_and_fake_score(ray_cluster, shared_pairs, tmp_path):
+    """DMD continued in a second job (as runs longer than one GPU job are): the first run's export and
+    fake_score.safetensors start the second's generator and fake score (GAN head included). At a learning rate of
+    1e-12 the second run's weights stay the ones it started from, and those are not the teacher's."""
+    from dmd_ray.sd.architectures import build_tiny_teacher
+
+    pairs_uri, prompts = shared_pairs
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    run = functools.partial(small, pairs_uri=pairs_uri, prompts=prompts, zero_stage=0, num_workers=1, dm_batch_size=2, reg_batch_size=2,
+                            max_steps=2, checkpoint_every=0, gan_weight=1e-2, export_dtype="float32")
+    distill(run(first, lr=1e-2))
+    started = read_fake_score(os.path.join(first, "fake_score.safetensors"))
+    distill(run(second, lr=1e-12, fake_lr=1e-12, init_generator=os.path.join(first, "export"),
+                init_fake_score=os.path.join(first, "fake_score.safetensors")))
+    ended = read_fake_score(os.path.join(second, "fake_score.safetensors"))
+    assert started.keys() == ended.keys()
+    for key in started:
+        torch.testing.assert_close(ended[key], started[key], rtol=1e-5, atol=1e-6)
+    teacher = build_tiny_teacher().unet.state_dict()
+    assert any(not torch.allclose(started[f"unet.{k}"], v) for k, v in teacher.items())  # lr 1e-2 moved the first run's
+    from safetensors.torch import load_file
+
+    generator = load_file(os.path.join(second, "export", "unet", "diffusion_pytorch_model.safetensors"))
+    initial = load_file(os.path.join(first, "export", "unet", "diffusion_pytorch_model.safetensors"))
+    for key in initial:
+        torch.testing.assert_close(generator[key], initial[key], rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ bad configs

@@ -56,6 +56,8 @@ def prepare(cfg: DistillConfig) -> DistillPlan:
         check_lpips_backbone(cfg.lpips_backbone)
     if cfg.init_generator:
         check_initial_generator(cfg)
+    if cfg.init_fake_score:
+        check_initial_fake_score(cfg)
     storage.check_access(cfg.output, write=True)
     check_resume_world_size(cfg)
     if cfg.pairs:
@@ -100,11 +102,25 @@ def check_initial_generator(cfg: DistillConfig) -> None:
 
     folder = resolve_generator(cfg.init_generator, cfg.cache_dir or None)
     read_generator_info(folder)
-    ours, theirs = unet_config(cfg.teacher, cfg.cache_dir or None), unet_config(folder)
+    # compared as JSON: a built-in teacher's config holds tuples where a saved folder's holds lists
+    ours, theirs = (json.loads(json.dumps(c)) for c in (unet_config(cfg.teacher, cfg.cache_dir or None), unet_config(folder)))
     different = {k: (theirs.get(k), ours[k]) for k in ARCHITECTURE_KEYS if k in ours and theirs.get(k) != ours[k]}
     if different:
         raise ConfigError(f"init_generator {cfg.init_generator!r} has another UNet than the teacher {cfg.teacher!r} "
                           f"({', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in different.items())})")
+
+
+def check_initial_fake_score(cfg: DistillConfig) -> None:
+    """`init_fake_score` must hold a UNet of the teacher's architecture, every weight of the right shape."""
+    import diffusers
+    import torch
+
+    from dmd_ray.sd.fake_score import check_fake_score
+    from dmd_ray.sd.resolve import unet_config
+
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel.from_config(unet_config(cfg.teacher, cfg.cache_dir or None))
+    check_fake_score(cfg.init_fake_score, {k: list(v.shape) for k, v in unet.state_dict().items()})
 
 
 def same_teacher(a: str, b: str) -> bool:
@@ -162,7 +178,8 @@ def distill(cfg: DistillConfig, probe=None):
 
     # Ray Train workers and Ray Data actors run in other directories: every local path becomes absolute here
     cfg = dataclasses.replace(cfg, output=storage.absolute(cfg.output), pairs=storage.absolute(cfg.pairs), prompts=storage.absolute(cfg.prompts),
-                              teacher=storage.absolute(cfg.teacher, only_if_exists=True), cache_dir=storage.absolute(cfg.cache_dir))
+                              teacher=storage.absolute(cfg.teacher, only_if_exists=True), cache_dir=storage.absolute(cfg.cache_dir),
+                              init_generator=storage.absolute(cfg.init_generator, only_if_exists=True), init_fake_score=storage.absolute(cfg.init_fake_score))
     plan = prepare(cfg)
     if not cfg.prompts:  # the built-in prompts, where the pair actors can read them (an s3:// output on a cluster)
         storage.write_bytes(plan.prompts_uri, ("\n".join(plan.prompts) + "\n").encode())

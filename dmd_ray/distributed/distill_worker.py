@@ -34,6 +34,7 @@ from dmd_ray.method.optim import warmup_schedule
 from dmd_ray.method.transfer import to_device
 from dmd_ray.sd.conditioning import PromptConditions
 from dmd_ray.sd.dmd import build_step, gan_classifier
+from dmd_ray.sd.fake_score import FILE as FAKE_SCORE_FILE, load_fake_score, save_fake_score
 from dmd_ray.sd.resolve import load_teacher, resolve_generator
 from dmd_ray.sd.teacher import UNetDenoiser
 
@@ -61,16 +62,20 @@ def deepspeed_config(cfg: DistillConfig, micro_batch: int) -> dict:
     return config
 
 
-def engine(cfg: DistillConfig, unet, lr: float, micro_batch: int, device: torch.device, world_size: int = 1, classifier=None):
-    """A DeepSpeed engine training a copy of the teacher's UNet: torch's AdamW (fused on GPU: one kernel for all
-    parameters, and no JIT-compiled DeepSpeed op, which costs 40 s on a CPU node), the shared warm-up schedule, the
-    network compiled on GPU."""
+def engine(cfg: DistillConfig, unet, lr: float, micro_batch: int, device: torch.device, world_size: int = 1, classifier=None,
+           init_weights: str = ""):
+    """A DeepSpeed engine training a copy of the teacher's UNet (or the weights of `init_weights`, a fake score an
+    earlier run wrote): torch's AdamW (fused on GPU: one kernel for all parameters, and no JIT-compiled DeepSpeed op,
+    which costs 40 s on a CPU node), the shared warm-up schedule, the network compiled on GPU."""
     import deepspeed
 
     unet = copy.deepcopy(unet).float().train().requires_grad_(True)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    model = UNetDenoiser(unet, classifier).to(device)
+    model = UNetDenoiser(unet, classifier)
+    if init_weights:
+        worker_print(f"[distill] fake score starts from {init_weights}: {load_fake_score(model, init_weights)}")
+    model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
                                   fused=cfg.fused_adamw_on(device.type) or None)
     schedule = lambda optimizer: warmup_schedule(optimizer, max(1, cfg.warmup_steps))  # noqa: E731
@@ -219,7 +224,8 @@ def train_loop_per_worker(config: dict) -> None:
     # ---- set-up: the frozen teacher, two engines, the step, the state of a resumed run
     teacher = load_teacher(cfg.teacher, cache_dir=cfg.cache_dir or None)
     gen_engine = engine(cfg, initial_generator(cfg, teacher), cfg.lr, cfg.local_dm_batch + cfg.local_reg_batch, device, world)
-    fake_engine = engine(cfg, teacher.unet, cfg.fake_lr or cfg.lr, cfg.local_dm_batch, device, world, gan_classifier(cfg, teacher.unet))
+    fake_engine = engine(cfg, teacher.unet, cfg.fake_lr or cfg.lr, cfg.local_dm_batch, device, world, gan_classifier(cfg, teacher.unet),
+                         cfg.init_fake_score)
     teacher.to(device=device, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
     conditions = PromptConditions(teacher, list(plan.prompts), plan.latent_shape, device)
     rng = torch.Generator("cpu").manual_seed(cfg.seed * 1000 + rank)
@@ -301,9 +307,15 @@ def train_loop_per_worker(config: dict) -> None:
     stream.close()
     records.close()
 
-    # ---- export (weights gathered on every rank under ZeRO-3; rank 0 writes)
+    # ---- export (weights gathered on every rank under ZeRO-3; rank 0 writes), and the fake score a later run can
+    # continue from (init_fake_score)
     if cfg.export:
         state = gathered_state_dict(gen_engine, cfg.zero_stage)
+        fake_state = gathered_state_dict(fake_engine, cfg.zero_stage) if step_fn.objective.needs_fake_score else None
+        if rank == 0 and fake_state is not None:
+            uri = storage.join(cfg.output, FAKE_SCORE_FILE)
+            size = save_fake_score(fake_state, uri, getattr(torch, cfg.export_dtype))
+            worker_print(f"[distill] fake score written to {uri} ({size / 2**20:.1f} MiB; --init-fake-score continues from it)")
         if rank == 0:
             from dmd_ray.sd.export import export_generator
 
