@@ -176,7 +176,8 @@ class DistillConfig:
     # after the first compiled steps, check only the guards that tell torch.compile's cached graphs apart (not under
     # ZeRO-3): ~1 ms less host time per compiled network call, but a step that needs a new graph then fails
     # ("Recompilation triggered with skip_guard_eval_unsafe stance"), as every DM run with TTUR 5 did on an H200
-    # (2026-12-02, not reproduced on CPU). Off until that is understood.
+    # (2026-12-02; the CPU reproduces it with the worker's DeepSpeed engines: the teacher, generator and fake-score
+    # UNets share one compiled code object, BENCHMARKS.md). Unsafe: off by default.
     skip_guards: bool = False
     # scale
     num_workers: int = 1
