@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = ("dmd=;"
            "no-regression=--lambda-reg 0;"
            "no-dm=--dm-weight 0;"
-           "dmd2=--lambda-reg 0 --gan-weight 3e-3 --fake-updates 5")
+           "dmd2=--lambda-reg 0 --gan-weight 3e-3 --fake-updates 5 --gan-real renders")
 COMMON = ("--teacher demo --dm-batch-size 64 --reg-batch-size 16 --zero-stage 0 --lr 1e-4 --warmup-steps 20 "
           "--guidance-scale 3 --regression-space pixel --lpips-backbone alex --lpips-pretrained-backbone false "
           "--lpips-min-size 64 --export-dtype float16 --num-workers 1 --max-steps 1000000 --checkpoint-every 0 "

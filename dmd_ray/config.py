@@ -140,9 +140,13 @@ class DistillConfig:
     # DMD2 (Yin et al. 2024b): `fake_updates` is its two time-scale rule; these add its GAN and multi-step generator
     generator_steps: int = 1  # > 1: DMD2's multi-step generator at t_k = (n - k) * (T // n) - 1 (999, 749, 499, 249 for
     #                           4), trained with backward simulation; needs lambda_reg 0; exported for diffusers' LCMScheduler
-    gan_weight: float = 0.0  # > 0: DMD2's GAN term in the generator's loss (DMD2: 3e-3 ImageNet, 1e-3 SD 1.5). The
-    #                          classifier sees the pairs' teacher outputs as its real samples (see README, DMD2)
+    gan_weight: float = 0.0  # > 0: DMD2's GAN term in the generator's loss (DMD2: 3e-3 ImageNet, 1e-3 SD 1.5)
     gan_discriminator_weight: float = 1e-2  # the classifier's loss weight in the fake-score update (DMD2: 1e-2)
+    # the classifier's real samples: "pairs" (the pairs' teacher outputs: every teacher has them, but the GAN can then
+    # only pull the student toward the teacher) or "renders" (the shapes domain's real images, encoded by the teacher's
+    # VAE into a bank of gan_real_size latents at the start: DMD2's real data, with which a student can beat its teacher)
+    gan_real: str = "pairs"
+    gan_real_size: int = 8192
     fake_updates: int = 1  # fake-score updates per generator update (DMD2's TTUR: 5-10)
     regression_space: str = "pixel"  # "pixel": decode both sides with the VAE, LPIPS; "latent": L2 on latents
     lpips_backbone: str = "vgg"  # DMD used VGG
@@ -225,7 +229,7 @@ class DistillConfig:
     def recipe(self) -> dict:
         """What decides a student's quality, recorded with its export (dmd_ray.json): the losses and their weights,
         the update ratio, the rates and the global batches."""
-        keys = ("init_generator", "init_fake_score", "dm_weight", "lambda_reg", "regression_space", "gan_weight", "fake_updates", "generator_steps", "lr", "fake_lr",
+        keys = ("init_generator", "init_fake_score", "dm_weight", "lambda_reg", "regression_space", "gan_weight", "gan_real", "fake_updates", "generator_steps", "lr", "fake_lr",
                 "dm_batch_size", "reg_batch_size", "t_min", "t_max")
         recipe = {k: getattr(self, k) for k in keys}
         if self.regression_space == "pixel" and self.lambda_reg:
@@ -263,6 +267,10 @@ class DistillConfig:
                             f"set --lambda-reg 0 (got {self.lambda_reg}) and leave --generator-timestep at -1 (got {self.generator_timestep})")
         if self.init_fake_score and self.dm_weight == 0 and self.gan_weight == 0:
             problems.append("init_fake_score is given to a run without a fake score (dm_weight 0 and gan_weight 0)")
+        if self.gan_real not in ("pairs", "renders"):
+            problems.append(f"gan_real must be pairs or renders, got {self.gan_real!r}")
+        if self.gan_real_size < 1:
+            problems.append(f"gan_real_size must be >= 1, got {self.gan_real_size}")
         if self.regression_space not in ("pixel", "latent"):
             problems.append(f"regression_space must be pixel or latent, got {self.regression_space!r}")
         if self.use_gpu not in USE_GPU:

@@ -22,7 +22,8 @@ DEMO_PRESET = os.path.join(ROOT, "jobs", "presets", "demo.yaml")
 
 
 def run(cfg: DistillConfig):
-    """The job, with the shapes judge as its in-training probe when --eval-every asks for one."""
+    """The job, with the shapes judge as its in-training probe when --eval-every asks for one, and the shapes
+    renderer as the GAN's real images when --gan-real renders does."""
     probe = None
     if cfg.eval_every:
         from dmd_ray.data.prompts import read_prompts
@@ -36,7 +37,12 @@ def run(cfg: DistillConfig):
             raise ConfigError(f"--eval-every scores images with the shapes domain's judge, but {cfg.prompts} is not a shapes prompt set ({e}): "
                               "set --eval-every 0") from None
         probe = TrainingProbe(cfg.eval_samples, cfg.seed)
-    result = distill(cfg, probe)
+    real_images = None
+    if cfg.gan_weight and cfg.gan_real == "renders":  # the shapes domain's renderer (prepare() checks the prompts with it)
+        from dmd_ray.demos.shapes import Renderer
+
+        real_images = Renderer()
+    result = distill(cfg, probe, real_images)
     if cfg.teacher == "demo" and cfg.export:
         compare_with_the_shipped_student(cfg)
     return result

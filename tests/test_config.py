@@ -284,3 +284,22 @@ def test_the_loop_reports_to_ray_train_only_with_checkpoints_the_last_step_and_r
     assert stopped_early.report and stopped_early.log and stopped_early.evaluate
     with pytest.raises(ConfigError, match="report_every must be >= 0"):
         DistillConfig(report_every=-1).check()
+
+
+def test_gan_renders_need_prompts_the_shapes_renderer_can_draw(tmp_path):
+    """--gan-real renders: without a renderer, or with prompts outside the shapes domain, refused on the driver
+    before any work, naming the prompt."""
+    from dmd_ray.demos.shapes import Renderer
+    from dmd_ray.distributed.distill_driver import distill, prepare
+
+    other = tmp_path / "other.txt"
+    other.write_text("a red circle\na photo of a cat\n")
+    run = DistillConfig(teacher="tiny", prompts=str(other), output=str(tmp_path / "run"), regression_space="latent", gan_weight=1e-3, gan_real="renders")
+    with pytest.raises(ConfigError, match="gan_real renders needs the domain's real images"):
+        distill(run)
+    with pytest.raises(ConfigError, match="gan_real renders .*not a shapes prompt: 'a photo of a cat'"):
+        prepare(run, Renderer())
+    prepare(dataclasses.replace(run, gan_real="pairs"), Renderer())  # the teacher's outputs need no renderer
+    other.write_text("a red circle\na large blue square on a white background\n")
+    prepare(run, Renderer())
+    assert not os.path.exists(os.path.join(run.output, "pairs"))

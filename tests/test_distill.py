@@ -138,15 +138,19 @@ def test_zero3_checkpoints_on_s3(ray_cluster, shared_pairs, s3_bucket):
     assert [r["step"] for r in read_history(out)] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("zero_stage, num_workers", [(0, 1), (3, 2)])
-def test_dmd2_recipe_through_the_engines(ray_cluster, shared_pairs, tmp_path, zero_stage, num_workers):
+@pytest.mark.parametrize("zero_stage, num_workers, gan_real", [(0, 1, "renders"), (3, 2, "pairs")])
+def test_dmd2_recipe_through_the_engines(ray_cluster, shared_pairs, tmp_path, zero_stage, num_workers, gan_real):
     """DMD2's switches together through the job: GAN term (its generator side runs the fake score outside its
-    DeepSpeed engine, whose forward claims every backward through it), two time-scale updates, no regression,
-    a 2-step generator with backward simulation; under ZeRO-0 (autocast) and ZeRO-3 (sharded weights)."""
+    DeepSpeed engine, whose forward claims every backward through it) with real samples from the shapes renderer or
+    the pairs, two time-scale updates, no regression, a 2-step generator with backward simulation; under ZeRO-0
+    (autocast) and ZeRO-3 (sharded weights)."""
     pairs_uri, prompts = shared_pairs
     out = str(tmp_path / "run")
+    from dmd_ray.demos.shapes import Renderer
+
     distill(small(out, pairs_uri, prompts=prompts, zero_stage=zero_stage, num_workers=num_workers, max_steps=2, checkpoint_every=0,
-                  gan_weight=1e-2, fake_updates=2, lambda_reg=0.0, generator_steps=2))
+                  gan_weight=1e-2, fake_updates=2, lambda_reg=0.0, generator_steps=2, gan_real=gan_real, gan_real_size=64),
+            real_images=Renderer() if gan_real == "renders" else None)
     history = read_history(out)
     assert [r["step"] for r in history] == [1, 2]
     assert all(r["loss_gan_generator"] == r["loss_gan_generator"] and r["loss_gan_discriminator"] > 0 for r in history)

@@ -169,8 +169,55 @@ def test_multi_step_export_runs_in_diffusers_with_that_many_steps(tmp_path):
     (dict(generator_steps=0), "generator_steps must be >= 1"),
     (dict(gan_weight=-1.0), "must be >= 0"),
     (dict(dm_weight=0.0, lambda_reg=0.0), "not all 0"),
+    (dict(gan_weight=1e-3, gan_real="laion"), "gan_real must be pairs or renders"),
+    (dict(gan_real_size=0), "gan_real_size must be >= 1"),
 ])
 def test_dmd2_combinations_that_cannot_train_are_refused(overrides, problem):
     with pytest.raises(ConfigError, match=problem):
         DistillConfig(**overrides).check()
     DistillConfig(dm_weight=0.0, lambda_reg=0.0, gan_weight=1e-3).check()  # GAN only: DMD2's "GAN only" row
+
+
+def test_the_real_bank_holds_encoded_renders_and_draws_them_with_their_prompts():
+    """--gan-real renders: the shapes domain's real images, encoded once by the teacher's VAE; draws replay from the
+    step's RNG and come with their own prompts' conditions."""
+    from dmd_ray.demos import shapes
+    from dmd_ray.sd.real_bank import RealLatentBank
+
+    teacher = build_tiny_teacher()
+    conditions = PromptConditions(teacher, ["a red circle", "a large blue square on a white background"], (4, 8, 8), "cpu")
+    bank = RealLatentBank(teacher, conditions, shapes.Renderer(), size=6, resolution=32, seed=0, chunk=4)
+    assert bank.latents.shape == (6, 4, 8, 8) and len(bank) == 6
+    prompts = [conditions.prompts[i] for i in bank.prompt_index[:4].tolist()]
+    torch.testing.assert_close(bank.latents[:4], teacher.encode(shapes.Renderer()(prompts, 0, 32, "cpu")))
+    latents, cond = bank.draw(5, torch.Generator().manual_seed(3))
+    again, cond_again = bank.draw(5, torch.Generator().manual_seed(3))
+    assert torch.equal(latents, again) and torch.equal(cond, cond_again) and latents.shape == (5, 4, 8, 8)
+    chosen = torch.randint(0, 6, (5,), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(cond, conditions.encode([conditions.prompts[i] for i in bank.prompt_index[chosen].tolist()]))
+    with pytest.raises(ValueError, match="not a shapes prompt"):
+        shapes.Renderer().check(["a red circle", "a photo of a cat"])
+
+
+def test_the_classifier_sees_draw_reals_samples_instead_of_the_pairs():
+    teacher = build_tiny_teacher()
+    cfg = DistillConfig(gan_weight=1e-3, lambda_reg=0.0, fake_updates=2, regression_space="latent")
+    gen_net, fake_net = tiny_nets(teacher)
+    conditions = PromptConditions(teacher, ["a red circle", "a blue square"], (4, 8, 8), "cpu")
+    drawn = []
+
+    def draw_real(n, rng):
+        drawn.append((torch.randn(n, 4, 8, 8, generator=rng), conditions.encode(["a blue square"] * n)))
+        return drawn[-1]
+
+    opts = [torch.optim.AdamW(n.parameters(), lr=1e-4) for n in (gen_net, fake_net)]
+    step = build_step(cfg, teacher, conditions, gen_net, fake_net, optimizer_update(opts[0], gen_net.parameters(), 10.0),
+                      optimizer_update(opts[1], fake_net.parameters(), 10.0), torch.Generator().manual_seed(0), 2, "cpu", draw_real=draw_real)
+    seen = []
+    discriminator_loss = step.objective.gan.discriminator_loss
+    step.objective.gan.discriminator_loss = lambda samples, cond, real, real_cond, **kw: seen.append((real, real_cond)) or discriminator_loss(samples, cond, real, real_cond, **kw)
+    pair_target = torch.randn(2, 4, 8, 8)
+    step(None, conditions.encode(["a red circle"] * 2), pair_target)
+    assert len(seen) == len(drawn) == 2  # one real batch per fake-score update, of the DM batch's size
+    for (real, real_cond), (want, want_cond) in zip(seen, drawn):
+        assert real is want and real_cond is want_cond and real.shape[0] == 2

@@ -145,6 +145,18 @@ def render(scenes: list[Scene], seed: int = 0, resolution: int = RESOLUTION, dev
     return image * 2 - 1
 
 
+class Renderer:
+    """The shapes domain's real images for prompts, as DMD2's GAN takes them (`--gan-real renders`, sd/real_bank.py):
+    `check(prompts)` raises ValueError for a prompt it cannot draw; a call draws them. Picklable (it holds nothing)."""
+
+    def check(self, prompts: list[str]) -> None:
+        for prompt in prompts:
+            parse_prompt(prompt)
+
+    def __call__(self, prompts: list[str], seed: int, resolution: int, device: torch.device | str) -> Tensor:
+        return render([parse_prompt(p) for p in prompts], seed=seed, resolution=resolution, device=device)
+
+
 # --------------------------------------------------------------------------------------------- the judge
 class ShapesClassifier(nn.Module):
     """A small CNN reading shape, colour, background and size from a 32x32 image in [-1, 1]."""

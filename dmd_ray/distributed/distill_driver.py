@@ -40,9 +40,10 @@ def pairs_config(cfg: DistillConfig, plan: DistillPlan) -> PairsConfig:
     )
 
 
-def prepare(cfg: DistillConfig) -> DistillPlan:
-    """Every check that can fail before pairs are made or workers start: values, prompts, teacher, weights, output,
-    resumability and the given pairs. Nothing is written but the write probe of the output."""
+def prepare(cfg: DistillConfig, real_images=None) -> DistillPlan:
+    """Every check that can fail before pairs are made or workers start: values, prompts (against the renderer of
+    `real_images` too), teacher, weights, output, resumability and the given pairs. Nothing is written but the write
+    probe of the output."""
     cfg.check()
     prompts = read_prompts(cfg.prompts or BUILTIN_PROMPTS)
     info = describe_teacher(cfg.teacher, cfg.cache_dir or None)
@@ -58,6 +59,11 @@ def prepare(cfg: DistillConfig) -> DistillPlan:
         check_initial_generator(cfg)
     if cfg.init_fake_score:
         check_initial_fake_score(cfg)
+    if cfg.gan_weight and cfg.gan_real == "renders" and real_images is not None:
+        try:
+            real_images.check(prompts)
+        except ValueError as e:
+            raise ConfigError(f"gan_real renders draws the domain's real images for the run's prompts: {e}") from e
     storage.check_access(cfg.output, write=True)
     check_resume_world_size(cfg)
     if cfg.pairs:
@@ -161,15 +167,21 @@ def check_resume_world_size(cfg: DistillConfig) -> None:
         )
 
 
-def distill(cfg: DistillConfig, probe=None):
+def distill(cfg: DistillConfig, probe=None, real_images=None):
     """Runs the whole job (pairs if needed, distillation, export); returns the Ray Train Result.
 
     `probe`, needed when cfg.eval_every > 0: a picklable callable `probe(make_images) -> {metric: value}` that judges
     the generator's images of its own prompts and seeds (`make_images(prompts, seeds)` -> uint8 NHWC array); it runs
-    on rank 0 of the workers (shapes_eval.TrainingProbe for the shapes domain)."""
+    on rank 0 of the workers (shapes_eval.TrainingProbe for the shapes domain).
+    `real_images`, needed for gan_real "renders": a picklable object whose call `(prompts, seed, resolution, device)`
+    gives real images in [-1, 1] of the prompts and whose `check(prompts)` raises ValueError for one it cannot draw
+    (shapes.Renderer for the shapes domain)."""
     if cfg.eval_every and probe is None:
         raise ConfigError("eval_every needs a judge of the teacher's domain; the package has one for the shapes domain (the demo teacher, "
                           "with shapes prompts): set --eval-every 0 for other teachers")
+    if cfg.gan_weight and cfg.gan_real == "renders" and real_images is None:
+        raise ConfigError("gan_real renders needs the domain's real images; the package draws them for the shapes domain (the demo teacher, "
+                          "with shapes prompts): set --gan-real pairs for other teachers")
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -180,7 +192,7 @@ def distill(cfg: DistillConfig, probe=None):
     cfg = dataclasses.replace(cfg, output=storage.absolute(cfg.output), pairs=storage.absolute(cfg.pairs), prompts=storage.absolute(cfg.prompts),
                               teacher=storage.absolute(cfg.teacher, only_if_exists=True), cache_dir=storage.absolute(cfg.cache_dir),
                               init_generator=storage.absolute(cfg.init_generator, only_if_exists=True), init_fake_score=storage.absolute(cfg.init_fake_score))
-    plan = prepare(cfg)
+    plan = prepare(cfg, real_images)
     if not cfg.prompts:  # the built-in prompts, where the pair actors can read them (an s3:// output on a cluster)
         storage.write_bytes(plan.prompts_uri, ("\n".join(plan.prompts) + "\n").encode())
     if not cfg.pairs:
@@ -190,7 +202,7 @@ def distill(cfg: DistillConfig, probe=None):
     log(f"distilling {cfg.teacher} on {cfg.num_workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), ZeRO-{cfg.zero_stage}, {cfg.precision}, {cfg.max_steps} steps")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "plan": plan, "probe": probe},
+        train_loop_config={"cfg": cfg, "plan": plan, "probe": probe, "real_images": real_images},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}),
         run_config=run_config(cfg.output, cfg.run_name, cfg.keep_checkpoints, cfg.max_failures, None if use_gpu else {"DS_ACCELERATOR": "cpu"}),

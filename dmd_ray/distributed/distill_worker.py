@@ -35,6 +35,7 @@ from dmd_ray.method.transfer import to_device
 from dmd_ray.sd.conditioning import PromptConditions
 from dmd_ray.sd.dmd import build_step, gan_classifier
 from dmd_ray.sd.fake_score import FILE as FAKE_SCORE_FILE, load_fake_score, save_fake_score
+from dmd_ray.sd.real_bank import RealLatentBank
 from dmd_ray.sd.resolve import load_teacher, resolve_generator
 from dmd_ray.sd.teacher import UNetDenoiser
 
@@ -229,8 +230,10 @@ def train_loop_per_worker(config: dict) -> None:
     teacher.to(device=device, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
     conditions = PromptConditions(teacher, list(plan.prompts), plan.latent_shape, device)
     rng = torch.Generator("cpu").manual_seed(cfg.seed * 1000 + rank)
+    real = (RealLatentBank(teacher, conditions, config["real_images"], cfg.gan_real_size, plan.resolution, cfg.seed)
+            if cfg.gan_weight and cfg.gan_real == "renders" else None)
     step_fn = build_step(cfg, teacher, conditions, gen_engine, fake_engine, engine_update(gen_engine, cfg.grad_clip), engine_update(fake_engine, cfg.grad_clip),
-                         rng, cfg.local_dm_batch, device, bare_module(fake_engine, cfg, device))
+                         rng, cfg.local_dm_batch, device, bare_module(fake_engine, cfg, device), real.draw if real else None)
     compile_frozen(teacher, step_fn.objective, cfg.compile_mode(device.type))
     compiled = cfg.compile_mode(device.type) is not None
     cache_uri = compile_cache_uri(cfg) if compiled else ""

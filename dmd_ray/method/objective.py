@@ -117,8 +117,9 @@ class DMDStep:
     then `fake_updates` fake-score updates on fresh detached samples.
 
     `draw(n, rng)` returns n fresh generator inputs (noise, condition): random prompts for text-to-image, nothing for
-    unconditional data. All randomness (inputs, DM timesteps and noise) comes from `rng`, so a run replays exactly
-    from a saved RNG state.
+    unconditional data. With the GAN term, `draw_real(n, rng)` returns n real samples (latents, condition) for the
+    classifier; without it the classifier's real samples are the pairs' targets. All randomness (inputs, DM
+    timesteps and noise, real samples) comes from `rng`, so a run replays exactly from a saved RNG state.
     """
 
     objective: DMDObjective
@@ -129,6 +130,7 @@ class DMDStep:
     rng: torch.Generator
     dm_batch: int
     fake_updates: int = 1
+    draw_real: Callable[[int, torch.Generator], tuple[Tensor, Any]] | None = None
 
     def __call__(self, pair_noise: Tensor | None = None, pair_cond: Any = None, pair_target: Tensor | None = None) -> dict[str, Tensor]:
         noise, cond = self.draw(self.dm_batch, self.rng)
@@ -136,7 +138,10 @@ class DMDStep:
         _log_norm(logs, "grad_norm_generator", self.update_generator(loss))
         for _ in range(self.fake_updates if self.objective.needs_fake_score else 0):
             noise, cond = self.draw(self.dm_batch, self.rng)
-            loss_fake, logs_fake = self.objective.fake_score_loss(self.fake_score, noise, cond, generator=self.rng, real=pair_target, real_cond=pair_cond)
+            real, real_cond = pair_target, pair_cond
+            if self.draw_real is not None and self.objective.gan is not None:
+                real, real_cond = self.draw_real(self.dm_batch, self.rng)
+            loss_fake, logs_fake = self.objective.fake_score_loss(self.fake_score, noise, cond, generator=self.rng, real=real, real_cond=real_cond)
             _log_norm(logs, "grad_norm_fake", self.update_fake(loss_fake))
             logs.update(logs_fake)
         return logs

@@ -69,8 +69,9 @@ def gan_classifier(cfg: DistillConfig, unet: nn.Module) -> nn.Module | None:
 
 def build_step(cfg: DistillConfig, teacher: Teacher, conditions: PromptConditions, generator_net: nn.Module, fake_net: nn.Module,
                update_generator: Update, update_fake: Update, rng: torch.Generator, dm_batch: int, device,
-               bare_fake_net: nn.Module | None = None) -> DMDStep:
-    """One DMD iteration per call on this worker's share of the batch: `step(pair_noise, pair_cond, pair_target)`."""
+               bare_fake_net: nn.Module | None = None, draw_real=None) -> DMDStep:
+    """One DMD iteration per call on this worker's share of the batch: `step(pair_noise, pair_cond, pair_target)`;
+    `draw_real(n, rng)`, where given, gives the GAN's classifier its real samples instead of the pairs' targets."""
     return DMDStep(
         build_objective(cfg, teacher, generator_net, fake_net, device, bare_fake_net),
         fake_score=fake_net,
@@ -80,4 +81,5 @@ def build_step(cfg: DistillConfig, teacher: Teacher, conditions: PromptCondition
         rng=rng,
         dm_batch=dm_batch,
         fake_updates=cfg.fake_updates,
+        draw_real=draw_real,
     )

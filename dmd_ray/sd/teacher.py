@@ -183,6 +183,15 @@ class Teacher:
             latents = latents + cfg.shift_factor
         return self.vae.decode(latents, return_dict=False)[0]
 
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """Images in [-1, 1] -> latents (the posterior's mean), the inverse of `decode`."""
+        cfg = self.vae.config
+        latents = self.vae.encode(images.to(_module_dtype(self.vae))).latent_dist.mean
+        if cfg.get("shift_factor") is not None:
+            latents = latents - cfg.shift_factor
+        return latents * cfg.scaling_factor
+
     def denoiser(self, unet: nn.Module | None = None) -> UNetDenoiser:
         """The teacher's UNet (or a copy of it, e.g. the generator's or the fake score's) as a denoiser."""
         return UNetDenoiser(self.unet if unet is None else unet)
