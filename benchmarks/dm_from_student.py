@@ -1,12 +1,15 @@
-"""Does the distribution-matching term improve a good one-step student, or undo it? A plain-torch probe on any device.
+"""Does the distribution-matching term (or DMD2's GAN) improve a good one-step student, or undo it? A plain-torch
+probe on any device.
 
     python benchmarks/dm_from_student.py --lr 1e-5 --fake-updates 1 --steps 25        # CPU, about half a minute
     python benchmarks/dm_from_student.py --lr 1e-6 --fake-lr 1e-5 --fake-updates 5 --steps 100 --fake-warmup 200
+    python benchmarks/dm_from_student.py --gan-weight 3e-3 --lr 1e-6 --fake-lr 1e-5 --fake-updates 5   # + GAN on renders
 
 The generator starts from an exported student (`--student`, the packaged `demo` by default: regression-trained),
 the fake score from the teacher; the fake score first trains alone for `--fake-warmup` updates on the student's
-samples, then DMD runs with DM only (no regression, so the DM term alone moves the generator), through the same
-`build_step` as the job, with torch's AdamW in float32. Every `--probe-every` steps the in-training probe scores
+samples, then DMD runs without regression (so that DM, and the GAN with `--gan-weight`, alone move the generator),
+through the same `build_step` as the job, with torch's AdamW in float32. The GAN's classifier sees real images: the
+shapes domain's renders, encoded by the teacher's VAE (the job's `--gan-real renders`). Every `--probe-every` steps the in-training probe scores
 the generator (FID in the judge's features and prompt accuracy on `--probe-samples` samples of the evaluation
 prompts); the first row is the student as loaded. Prints a table.
 """
@@ -30,7 +33,9 @@ from dmd_ray.distributed.run_records import generated_images  # noqa: E402
 from dmd_ray.method.objective import read_logs  # noqa: E402
 from dmd_ray.method.optim import optimizer_update  # noqa: E402
 from dmd_ray.sd.conditioning import PromptConditions  # noqa: E402
-from dmd_ray.sd.dmd import build_step  # noqa: E402
+from dmd_ray.demos.shapes import Renderer  # noqa: E402
+from dmd_ray.sd.dmd import build_step, gan_classifier  # noqa: E402
+from dmd_ray.sd.real_bank import RealLatentBank  # noqa: E402
 from dmd_ray.sd.resolve import load_teacher, resolve_generator  # noqa: E402
 from dmd_ray.sd.teacher import UNetDenoiser  # noqa: E402
 
@@ -44,6 +49,9 @@ def main() -> None:
     p.add_argument("--fake-updates", type=int, default=1)
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--t-min", type=float, default=0.02, help="DM timesteps, fractions of T")
+    p.add_argument("--dm-weight", type=float, default=1.0, help="0: the GAN alone (with --gan-weight)")
+    p.add_argument("--gan-weight", type=float, default=0.0)
+    p.add_argument("--real-size", type=int, default=2048, help="renders in the GAN's bank of real latents")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--fake-warmup", type=int, default=50)
@@ -56,16 +64,21 @@ def main() -> None:
 
     teacher = load_teacher(args.teacher)
     cfg = DistillConfig(teacher=args.teacher, init_generator=args.student, lambda_reg=0.0, dm_batch_size=args.batch, lr=args.lr,
-                        fake_lr=args.fake_lr, guidance_scale=args.guidance_scale, fake_updates=args.fake_updates, precision="fp32", t_min=args.t_min)
+                        fake_lr=args.fake_lr, guidance_scale=args.guidance_scale, fake_updates=args.fake_updates, precision="fp32", t_min=args.t_min,
+                        dm_weight=args.dm_weight, gan_weight=args.gan_weight, gan_real="renders")
+    cfg.check()
     student = load_teacher(resolve_generator(args.student)).unet
-    nets = [UNetDenoiser(copy.deepcopy(unet).float().train().requires_grad_(True)).to(device) for unet in (student, teacher.unet)]
+    nets = [UNetDenoiser(copy.deepcopy(unet).float().train().requires_grad_(True), head).to(device)
+            for unet, head in ((student, None), (teacher.unet, gan_classifier(cfg, teacher.unet)))]
     updates = [optimizer_update(torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=cfg.weight_decay), net.parameters(), cfg.grad_clip)
                for net, lr in zip(nets, (args.lr, args.fake_lr or args.lr))]
     teacher.to(device)
     shape = teacher.latent_shape(teacher.default_resolution)
     conditions = PromptConditions(teacher, read_prompts(BUILTIN_PROMPTS), shape, device)
     rng = torch.Generator().manual_seed(0)
-    step = build_step(cfg, teacher, conditions, nets[0], nets[1], updates[0], updates[1], rng, args.batch, device)
+    real = RealLatentBank(teacher, conditions, Renderer(), args.real_size, teacher.default_resolution) if args.gan_weight else None
+    step = build_step(cfg, teacher, conditions, nets[0], nets[1], updates[0], updates[1], rng, args.batch, device,
+                      draw_real=real.draw if real else None)
     probe = TrainingProbe(args.probe_samples, cfg.seed)
 
     def score() -> dict:
@@ -76,19 +89,22 @@ def main() -> None:
     started = time.perf_counter()
     for _ in range(args.fake_warmup):  # the fake score first learns the student's samples
         noise, cond = conditions.draw(args.batch, rng)
-        loss, logs = step.objective.fake_score_loss(nets[1], noise, cond, generator=rng)
+        real_latents, real_cond = real.draw(args.batch, rng) if real else (None, None)
+        loss, logs = step.objective.fake_score_loss(nets[1], noise, cond, generator=rng, real=real_latents, real_cond=real_cond)
         updates[1](loss)
     rows.append(("fake score warmed up", 0, score(), read_logs(logs)))
+    stage = "DM" + (" + GAN" if args.gan_weight else "") if args.dm_weight else "GAN"
     for i in range(1, args.steps + 1):
         logs = step()
         if i % args.probe_every == 0 or i == args.steps:
-            rows.append(("DM", i, score(), read_logs(logs)))
+            rows.append((stage, i, score(), read_logs(logs)))
     print(f"\n{args}\n{time.perf_counter() - started:.0f} s\n")
-    print("| stage | DM steps | probe FID | probe accuracy | loss_dm | loss_fake | grad norm G |")
-    print("|---|---|---|---|---|---|---|")
+    print("| stage | steps | probe FID | probe accuracy | loss_dm | loss_fake | loss_gan G / D | grad norm G |")
+    print("|---|---|---|---|---|---|---|---|")
     for stage, i, metrics, logs in rows:
         print(f"| {stage} | {i} | {metrics['fid']:.2f} | {metrics['prompt_accuracy']:.3f} | {logs.get('loss_dm', float('nan')):.3f} | "
-              f"{logs.get('loss_fake', float('nan')):.4f} | {logs.get('grad_norm_generator', float('nan')):.1f} |")
+              f"{logs.get('loss_fake', float('nan')):.4f} | {logs.get('loss_gan_generator', float('nan')):.3f} / "
+              f"{logs.get('loss_gan_discriminator', float('nan')):.3f} | {logs.get('grad_norm_generator', float('nan')):.1f} |")
 
 
 if __name__ == "__main__":

@@ -8,13 +8,12 @@ export beside the teacher, with bootstrap intervals: DMD's Tab. 2 and the DMD2 r
 
 Recipes are `name=flags` separated by ";" (`--recipes`), on top of `--common` and `--more` (later flags win).
 The script starts its own Ray head (`ray start --head`, stopped at the end) so that the runs share one cluster.
-Each run trains for `--minutes` (its --time-limit-minutes) and is stopped if it has not exited `--startup-minutes`
-later (Ray Train start, compilation, export), so the evaluation always runs. With `--stagger` the first recipe
-starts alone and the others when it has compiled: runs of the same shapes then find torch.compile's kernels in the
-machine's caches instead of compiling them all at once on the same cores, and they stop at the first one's wall
-time (a shorter --time-limit-minutes). `--num-samples 0` skips the evaluation (run jobs/evaluate.py on the
-exports elsewhere: it needs no GPU). `--startup-minutes` must cover every run's set-up and export: many runs
-starting at once take longer (eight needed more than one minute on 16 cores). Writes <out>/table.md (the
+Each run stops training `--minutes` after it started (its --time-limit-minutes: Ray Train's start and compilation
+count) and is killed if it has not exited `--grace-minutes` later (export, shutdown), so the evaluation always
+runs. With `--stagger` the first recipe starts alone and the others when it has compiled: runs of the same shapes
+then find torch.compile's kernels in the machine's caches instead of compiling them all at once on the same cores,
+and they stop at the first one's wall time (a shorter --time-limit-minutes). `--num-samples 0` skips the evaluation
+(run jobs/evaluate.py on the exports elsewhere: it needs no GPU). Writes <out>/table.md (the
 evaluation, then each run's in-training probe) and <out>/eval/metrics.json + grid.png; each run logs to
 <out>/<recipe>.log and writes under <out>/<recipe>/.
 """
@@ -72,7 +71,7 @@ def main() -> int:
     p.add_argument("--common", default=COMMON, help="flags every run gets (the recipes' flags come after)")
     p.add_argument("--more", default="", help="flags added to --common")
     p.add_argument("--minutes", type=float, default=6.0, help="each run's training time limit (--time-limit-minutes)")
-    p.add_argument("--startup-minutes", type=float, default=4.5, help="per run: Ray Train start, compilation, export")
+    p.add_argument("--grace-minutes", type=float, default=1.5, help="per run, after its time limit: export and shutdown")
     p.add_argument("--num-pairs", type=int, default=8192)
     p.add_argument("--pair-steps", type=int, default=50)
     p.add_argument("--pair-batch-size", type=int, default=1024)
@@ -123,12 +122,12 @@ def main() -> int:
         if args.stagger and len(names) > 1:
             # compiled (the worker's line), or training uncompiled (its first logged step)
             ready = wait_for_line(os.path.join(out, f"{names[0]}.log"), ("[distill] compilation:", "[distill] step "), runs[names[0]],
-                                  60 * (args.minutes + args.startup_minutes))
+                                  60 * (args.minutes + args.grace_minutes))
             log(f"{names[0]}: {'training' if ready else 'no training line'} after {time.monotonic() - first_started:.0f} s")
             remaining = args.minutes - (time.monotonic() - first_started) / 60  # so that all runs stop at about the same time
             for name in names[1:]:
                 start(name, max(0.5, remaining))
-        deadline = first_started + 60 * (args.minutes + args.startup_minutes)
+        deadline = first_started + 60 * (args.minutes + args.grace_minutes)
         for name, proc in runs.items():
             try:
                 proc.wait(timeout=max(1.0, deadline - time.monotonic()))

@@ -155,7 +155,9 @@ class DistillConfig:
     resolution: int = 0  # pixels; 0: the teacher's default
     # optimisation (DMD: AdamW, wd 0.01, betas (0.9, 0.999), 500 warm-up steps, clip 10, lr 1e-5 for SD 1.5)
     max_steps: int = 1000
-    time_limit_minutes: float = 0.0  # > 0: stop (checkpoint, samples, export) at this wall time even before max_steps
+    # > 0: the job stops training (checkpoint, samples, export follow) this many minutes after it started, even before
+    # max_steps: pair generation, Ray Train's start and compilation count, and a restarted worker keeps the job's deadline
+    time_limit_minutes: float = 0.0
     dm_batch_size: int = 8  # global, split over workers
     reg_batch_size: int = 4  # global, split over workers
     lr: float = 1e-5

@@ -159,6 +159,17 @@ def test_dmd2_recipe_through_the_engines(ray_cluster, shared_pairs, tmp_path, ze
     assert any(k.startswith("unet.") for k in fake) and any(k.startswith("classifier.") for k in fake)
 
 
+def test_a_time_limit_stops_training_and_the_export_follows(ray_cluster, shared_pairs, tmp_path):
+    """time_limit_minutes counts from the job's start (set on the driver): a limit already past when training starts
+    stops it at the first check (step 10, of 1000), and the export follows."""
+    pairs_uri, prompts = shared_pairs
+    out = str(tmp_path / "run")
+    distill(small(out, pairs_uri, prompts=prompts, zero_stage=0, num_workers=1, max_steps=1000, checkpoint_every=0, log_every=5,
+                  time_limit_minutes=0.001))
+    assert [r["step"] for r in read_history(out)] == [5, 10]
+    assert os.path.isdir(os.path.join(out, "export", "unet"))
+
+
 def read_fake_score(path: str) -> dict:
     from safetensors.torch import load_file
 

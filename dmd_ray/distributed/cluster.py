@@ -89,10 +89,10 @@ def gpus_per_actor(setting: float) -> float:
     return setting if setting >= 0 else (1.0 if cluster_gpus() > 0 else 0.0)
 
 
-def past_deadline(deadline: float, device: torch.device) -> bool:
-    """True when any worker is past `deadline` (time.monotonic()): all-reduced, so that every worker of a
-    distributed run stops at the same step."""
-    late = torch.tensor([float(time.monotonic() > deadline)], device=device)
+def past_deadline(deadline: float, device: torch.device, clock=time.monotonic) -> bool:
+    """True when any worker is past `deadline` (a value of `clock`: time.time() for a deadline set on another
+    process, the driver): all-reduced, so that every worker of a distributed run stops at the same step."""
+    late = torch.tensor([float(clock() > deadline)], device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(late, op=torch.distributed.ReduceOp.MAX)
     return bool(late.item())

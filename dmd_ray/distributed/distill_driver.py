@@ -176,6 +176,7 @@ def distill(cfg: DistillConfig, probe=None, real_images=None):
     `real_images`, needed for gan_real "renders": a picklable object whose call `(prompts, seed, resolution, device)`
     gives real images in [-1, 1] of the prompts and whose `check(prompts)` raises ValueError for one it cannot draw
     (shapes.Renderer for the shapes domain)."""
+    deadline = time.time() + 60 * cfg.time_limit_minutes  # wall clock: the workers compare it with their own
     if cfg.eval_every and probe is None:
         raise ConfigError("eval_every needs a judge of the teacher's domain; the package has one for the shapes domain (the demo teacher, "
                           "with shapes prompts): set --eval-every 0 for other teachers")
@@ -202,7 +203,7 @@ def distill(cfg: DistillConfig, probe=None, real_images=None):
     log(f"distilling {cfg.teacher} on {cfg.num_workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), ZeRO-{cfg.zero_stage}, {cfg.precision}, {cfg.max_steps} steps")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "plan": plan, "probe": probe, "real_images": real_images},
+        train_loop_config={"cfg": cfg, "plan": plan, "probe": probe, "real_images": real_images, "deadline": deadline},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}),
         run_config=run_config(cfg.output, cfg.run_name, cfg.keep_checkpoints, cfg.max_failures, None if use_gpu else {"DS_ACCELERATOR": "cpu"}),

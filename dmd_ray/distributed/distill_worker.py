@@ -246,7 +246,7 @@ def train_loop_per_worker(config: dict) -> None:
         records.sample_grid("step_0000000", generator, teacher, plan.latent_shape, device)
 
     # ---- the loop: the host queues work and waits for the device only at log, sample and checkpoint steps
-    deadline = time.monotonic() + 60 * cfg.time_limit_minutes
+    deadline = config["deadline"]  # the job's (time_limit_minutes), set on the driver
     window_start, window_steps = time.perf_counter(), 0
     finite = torch.ones((), dtype=torch.bool, device=device)
     first_step, loop_start = step, time.perf_counter()
@@ -274,7 +274,7 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 worker_print(f"[distill] compilation: {time.perf_counter() - loop_start:.1f} s for the first 3 steps ({compile_cache.summary()}; "
                              f"compile cache {'loaded' if cache_loaded else 'not found'}{f'; {saved / 2**20:.1f} MiB saved to {cache_uri}' if saved else ''})")
-        last = step >= cfg.max_steps or bool(cfg.time_limit_minutes and step % 10 == 0 and past_deadline(deadline, device))
+        last = step >= cfg.max_steps or bool(cfg.time_limit_minutes and step % 10 == 0 and past_deadline(deadline, device, time.time))
         if last and step < cfg.max_steps and rank == 0:
             worker_print(f"[distill] time limit of {cfg.time_limit_minutes} minutes reached at step {step} of {cfg.max_steps}: stopping here")
         todo = step_actions(cfg, step, last)
