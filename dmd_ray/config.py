@@ -131,7 +131,8 @@ class DistillConfig:
     t_max: float = 0.98
     generator_timestep: int = -1  # -1: T - 1 (999 for SD)
     # an exported student (built-in name, folder or s3://) whose network starts the generator instead of the teacher's:
-    # DMD2's recipe for one-step SDXL, regression pre-training then DMD. The fake score still starts from the teacher
+    # DMD2's recipe for one-step SDXL, regression pre-training then DMD. The fake score starts from the teacher's
+    # network, or from init_fake_score
     init_generator: str = ""
     # the fake_score.safetensors an earlier run wrote beside its export (local or s3://): the fake score (and GAN head)
     # start from it instead of the teacher; with init_generator set to that run's export, DMD continues where it
