@@ -9,9 +9,9 @@ The generator starts from an exported student (`--student`, the packaged `demo` 
 the fake score from the teacher; the fake score first trains alone for `--fake-warmup` updates on the student's
 samples, then DMD runs without regression (so that DM, and the GAN with `--gan-weight`, alone move the generator),
 through the same `build_step` as the job, with torch's AdamW in float32. The GAN's classifier sees real images: the
-shapes domain's renders, encoded by the teacher's VAE (the job's `--gan-real renders`). Every `--probe-every` steps the in-training probe scores
-the generator (FID in the judge's features and prompt accuracy on `--probe-samples` samples of the evaluation
-prompts); the first row is the student as loaded. Prints a table.
+shapes domain's renders, encoded by the teacher's VAE (the job's `--gan-real renders`). Every `--probe-every` steps
+the in-training probe scores the generator (FID in the judge's features and prompt accuracy on `--probe-samples`
+samples of the evaluation prompts); the first row is the student as loaded. Prints a table.
 """
 from __future__ import annotations
 
@@ -28,12 +28,12 @@ import torch  # noqa: E402
 
 from dmd_ray.config import DistillConfig  # noqa: E402
 from dmd_ray.data.prompts import BUILTIN_PROMPTS, read_prompts  # noqa: E402
+from dmd_ray.demos.shapes import Renderer  # noqa: E402
 from dmd_ray.demos.shapes_eval import TrainingProbe  # noqa: E402
 from dmd_ray.distributed.run_records import generated_images  # noqa: E402
 from dmd_ray.method.objective import read_logs  # noqa: E402
 from dmd_ray.method.optim import optimizer_update  # noqa: E402
 from dmd_ray.sd.conditioning import PromptConditions  # noqa: E402
-from dmd_ray.demos.shapes import Renderer  # noqa: E402
 from dmd_ray.sd.dmd import build_step, gan_classifier  # noqa: E402
 from dmd_ray.sd.real_bank import RealLatentBank  # noqa: E402
 from dmd_ray.sd.resolve import load_teacher, resolve_generator  # noqa: E402

@@ -67,6 +67,9 @@ def test_another_architecture_or_a_broken_file_is_refused_before_any_work(tmp_pa
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file at all")
     with pytest.raises(ConfigError, match="is not a safetensors file"):
         check_fake_score(str(tmp_path / "broken.safetensors"), shapes(demo))
+    (tmp_path / "garbage.safetensors").write_bytes((16).to_bytes(8, "little") + b"{not json at all")
+    with pytest.raises(ConfigError, match="is not a safetensors file"):
+        check_fake_score(str(tmp_path / "garbage.safetensors"), shapes(demo))
     with pytest.raises(ConfigError, match="cannot be read"):
         check_fake_score(str(tmp_path / "missing.safetensors"), shapes(demo))
 

@@ -55,8 +55,7 @@ class TrainingLatents:
         jobs = [GenerationJob(s.prompt, (self.rng.randrange(2**31),), self.generator.native_size) for s in scenes[:half]]
         generated = self.generator.latents(jobs)
         renders = shapes.render(scenes[half:], seed=self.rng.randrange(2**31))
-        vae = self.teacher.vae
-        encoded = vae.encode(renders).latent_dist.mean * vae.config.scaling_factor
+        encoded = self.teacher.encode(renders)
         latents = torch.cat([generated, encoded])
         return latents, self.teacher.decode(latents).clamp(-1, 1), renders
 

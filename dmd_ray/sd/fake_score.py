@@ -40,16 +40,17 @@ def read_shapes(uri: str) -> dict[str, list[int]]:
             header = json.loads(f.read(size))
     except (FileNotFoundError, OSError) as e:
         raise ConfigError(f"init_fake_score {uri!r} cannot be read: {e}") from e
+    except ValueError as e:  # a header that is not JSON
+        raise ConfigError(f"init_fake_score {uri!r} is not a safetensors file ({e})") from e
     return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
 
 
 def check_fake_score(uri: str, unet_shapes: dict[str, list[int]]) -> None:
     """Refuses a file whose UNet is not the teacher's architecture, naming the first differences."""
     theirs = {k.removeprefix("unet."): v for k, v in read_shapes(uri).items() if k.startswith("unet.")}
-    missing = sorted(set(unet_shapes) - set(theirs))
+    missing, extra = sorted(set(unet_shapes) - set(theirs)), sorted(set(theirs) - set(unet_shapes))
     different = [f"{k}: {theirs[k]} there, {list(v)} here" for k, v in unet_shapes.items() if k in theirs and list(theirs[k]) != list(v)]
-    if missing or different or len(theirs) != len(unet_shapes):
-        extra = sorted(set(theirs) - set(unet_shapes))
+    if missing or extra or different:
         raise ConfigError(f"init_fake_score {uri!r} holds another UNet than the teacher's: {len(missing)} weights missing "
                           f"{missing[:3]}, {len(extra)} unexpected {extra[:3]}, {len(different)} of other shapes {different[:3]}")
 
