@@ -258,7 +258,9 @@ def train_loop_per_worker(config: dict) -> None:
             profiler.before(step)
         lrs = {"lr_generator": gen_engine.get_lr()[0], "lr_fake": fake_engine.get_lr()[0]}  # the rates this step uses
         batch = next(stream)
-        pair_cond = conditions.encode(batch["prompt"]) if step_fn.objective.uses_regression or step_fn.objective.gan is not None else None
+        # the pairs' prompts condition the regression, and the GAN's real samples unless those come from the bank
+        needs_pair_cond = step_fn.objective.uses_regression or (step_fn.objective.gan is not None and real is None)
+        pair_cond = conditions.encode(batch["prompt"]) if needs_pair_cond else None
         if compiled:
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the previous iteration's outputs may be reused
         with step_guards(cfg, compiled and step >= first_step + COMPILE_STEPS):
