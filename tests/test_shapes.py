@@ -72,10 +72,11 @@ def test_demo_teacher_loads_offline_and_follows_prompts():
 
 
 def test_demo_generator_is_built_in_and_beats_the_teacher_in_one_step():
-    """The packaged one-step student `demo` (the best one-step student measured so far: 2,440 iterations of the
-    regression recipe on an H200, 0.565 prompt accuracy over 1,440 samples; BENCHMARKS.md) as the service and the
-    evaluation job load it: one network call per image, prompts followed far above chance (1/180: it reads 0.60 on
-    these 90), and far better than the teacher's own network in one step, which is where distillation started."""
+    """The packaged one-step student `demo` (the best one-step student measured so far: DMD, 3,340 iterations on an
+    H200 from the earlier regression-trained student, 0.638 prompt accuracy over 1,440 samples; BENCHMARKS.md) as the
+    service and the evaluation job load it: one network call per image, prompts followed far above chance (1/180: it
+    reads 0.69 on these 90, its predecessor 0.60), and far better than the teacher's own network in one step (0.09),
+    which is where distillation started."""
     import numpy as np
 
     from dmd_ray.config import EvalConfig
@@ -83,14 +84,14 @@ def test_demo_generator_is_built_in_and_beats_the_teacher_in_one_step():
     from dmd_ray.sd.resolve import read_generator_info, resolve_generator
 
     info = read_generator_info(resolve_generator("demo"))
-    assert info["teacher"] == "demo" and info["recipe"]["regression_space"] == "latent"
+    assert info["teacher"] == "demo" and info["recipe"]["dm_weight"] > 0 and info["recipe"]["regression_space"] == "latent"
     judge, prompts = shapes.load_classifier(), shapes.evaluation_prompts()[:90]
     rows = {"prompt": np.array(prompts), "seed": np.arange(len(prompts))}
     accuracy = {}
     for spec in ("demo", "teacher-onestep:demo"):
         images = ImageMaker(spec, EvalConfig(guidance_scale=3.0))(rows)["image"]
         accuracy[spec] = shapes.prompt_accuracy(judge, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, prompts)
-    assert accuracy["demo"] >= 0.45, accuracy
+    assert accuracy["demo"] >= 0.55, accuracy
     assert accuracy["demo"] >= accuracy["teacher-onestep:demo"] + 0.1, accuracy
 
 
