@@ -106,6 +106,27 @@ def test_gan_generator_side_reaches_only_the_generator_and_classifier_side_only_
     assert 0 < float(loss_d.detach()) < 10
 
 
+def test_the_discriminator_loss_classifies_both_batches_in_one_pass_with_the_logits_of_two():
+    """discriminator_loss runs the classifier once on generated and real samples together (half the launches); the
+    loss equals the two-pass form on the same noised inputs, and real samples of another batch size work."""
+    teacher = build_tiny_teacher()
+    _, fake_net = tiny_nets(teacher)
+    gan = GANLoss(fake_net, teacher.schedule)
+    fake, real = torch.randn(2, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    fake_cond, real_cond = teacher.encode_prompts(["a red circle", "a blue square"]), teacher.encode_prompts(["a", "b", ""])
+    calls = []
+    hook = fake_net.classifier.register_forward_hook(lambda module, args, output: calls.append(output.shape))
+    loss = gan.discriminator_loss(fake, fake_cond, real, real_cond, torch.Generator().manual_seed(0))
+    hook.remove()
+    assert calls == [torch.Size([5])]
+    rng = torch.Generator().manual_seed(0)  # the same draws, in the same order, as inside discriminator_loss
+    fake_t, t_fake, _ = teacher.schedule.diffuse(fake, gan.t_range, rng)
+    real_t, t_real, _ = teacher.schedule.diffuse(real, gan.t_range, rng)
+    two_pass = (torch.nn.functional.softplus(fake_net(fake_t, t_fake, fake_cond, classify=True)).mean()
+                + torch.nn.functional.softplus(-fake_net(real_t, t_real, real_cond, classify=True)).mean())
+    torch.testing.assert_close(loss, two_pass, rtol=1e-5, atol=1e-6)
+
+
 def test_the_classifier_reads_the_bottleneck_a_full_forward_computes():
     """The classify path runs the UNet only up to its mid block: the features are those of the full forward (its mid
     block's output, captured by a hook), so skipping the up blocks changes the cost, not the logits."""
