@@ -9,7 +9,7 @@ from dmd_ray.demos.toy2d import MLPDenoiser
 from dmd_ray.method.denoiser import X0Denoiser
 from dmd_ray.method.generator import OneStepGenerator
 from dmd_ray.method.losses import DenoisingLoss, DistributionMatchingLoss, RegressionLoss, squared_l2
-from dmd_ray.method.objective import DMDObjective, DMDStep, read_logs
+from dmd_ray.method.objective import DMDObjective, DMDStep, LogWindow, read_logs
 from dmd_ray.method.optim import optimizer_update
 from dmd_ray.method.schedule import NoiseSchedule
 
@@ -169,3 +169,26 @@ def test_compiled_networks_give_the_eager_losses(tmp_path):
     cache = str(tmp_path / "compile_cache.bin")
     assert compile_cache.save(cache) > 0
     assert compile_cache.load(cache) and not compile_cache.load(str(tmp_path / "missing.bin"))
+
+
+def test_log_window_reads_each_values_mean_over_the_steps_that_logged_it():
+    window = LogWindow()
+    window.add({"loss": torch.tensor(1.0), "norm": torch.tensor(2.0, dtype=torch.bfloat16), "host_norm": 4.0})
+    window.add({"loss": torch.tensor(3.0), "norm": torch.tensor(4.0, dtype=torch.bfloat16)})
+    window.add({"loss": torch.tensor(5.0), "norm": torch.tensor(6.0, dtype=torch.bfloat16), "host_norm": 8.0, "late": torch.tensor(7.0)})
+    assert bool(window.finite(torch.device("cpu")))
+    assert window.read() == {"loss": 3.0, "norm": 4.0, "host_norm": 6.0, "late": 7.0}
+    window.add({"loss": torch.tensor(10.0)})
+    assert window.read() == {"loss": 10.0}, "a read starts a new window"
+
+
+@pytest.mark.parametrize("bad", [torch.tensor(float("nan")), torch.tensor(float("inf")), float("inf")])
+def test_log_window_remembers_a_non_finite_step_until_it_is_read(bad):
+    window = LogWindow()
+    window.add({"loss": torch.tensor(1.0), "norm": 1.0})
+    window.add({"loss": torch.tensor(2.0), "norm": 1.0, **({"loss": bad} if isinstance(bad, torch.Tensor) else {"norm": bad})})
+    window.add({"loss": torch.tensor(3.0), "norm": 1.0})
+    assert not bool(window.finite(torch.device("cpu")))
+    window.read()
+    window.add({"loss": torch.tensor(1.0)})
+    assert bool(window.finite(torch.device("cpu")))

@@ -29,7 +29,7 @@ from dmd_ray.distributed.distill_driver import DistillPlan
 from dmd_ray.distributed.pair_job import PairStream
 from dmd_ray.distributed.profiling import StepProfiler
 from dmd_ray.distributed.run_records import RunRecords, generated_images, worker_print
-from dmd_ray.method.objective import read_logs
+from dmd_ray.method.objective import LogWindow
 from dmd_ray.method.optim import warmup_schedule
 from dmd_ray.method.transfer import to_device
 from dmd_ray.sd.conditioning import PromptConditions
@@ -248,7 +248,7 @@ def train_loop_per_worker(config: dict) -> None:
     # ---- the loop: the host queues work and waits for the device only at log, sample and checkpoint steps
     deadline = config["deadline"]  # the job's (time_limit_minutes), set on the driver
     window_start, window_steps = time.perf_counter(), 0
-    finite = torch.ones((), dtype=torch.bool, device=device)
+    window = LogWindow()  # the logged losses and norms, summed on the device until a log step reads their means
     first_step, loop_start = step, time.perf_counter()
     profiler = StepProfiler(first_step + COMPILE_STEPS, cfg.profile_steps, device) if cfg.profile_steps and rank == 0 else None
     last = step >= cfg.max_steps  # a finished run that is rerun only exports again
@@ -265,7 +265,7 @@ def train_loop_per_worker(config: dict) -> None:
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the previous iteration's outputs may be reused
         with step_guards(cfg, compiled and step >= first_step + COMPILE_STEPS):
             logs = step_fn(to_device(batch["noise"], device, torch.float32), pair_cond, to_device(batch["target"], device, torch.float32))
-        finite &= all_finite(logs, device)  # on the device: read with the logs
+        window.add(logs)
         if profiler and (profile := profiler.after(step)):
             write_profile(cfg, profile, step + 1)
         step, window_steps = step + 1, window_steps + 1
@@ -284,6 +284,7 @@ def train_loop_per_worker(config: dict) -> None:
             records.sample_grid(f"step_{step:07d}", generator, teacher, plan.latent_shape, device)
         if not todo.log:
             continue
+        finite = window.finite(device)
         if world > 1:  # every rank stops together, whichever rank diverged
             flag = finite.int()
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
@@ -295,7 +296,7 @@ def train_loop_per_worker(config: dict) -> None:
         # probe, checkpoint or report), so that the figure is what the run really takes
         now = time.perf_counter()
         seconds, window_start = (now - window_start) / window_steps, now
-        metrics = {"step": step, **read_logs(logs), **lrs, "step_time_s": seconds, "samples_per_s": (cfg.dm_batch_size + cfg.reg_batch_size) / seconds}
+        metrics = {"step": step, **window.read(), **lrs, "step_time_s": seconds, "samples_per_s": (cfg.dm_batch_size + cfg.reg_batch_size) / seconds}
         if device.type == "cuda":
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if todo.evaluate:
@@ -342,14 +343,6 @@ def write_profile(cfg: DistillConfig, profile: dict, last_step: int) -> None:
            if "gpu_s_per_iteration" in profile else "")
     worker_print(f"[distill] profile of {cfg.profile_steps} steps: {gpu}{profile['wall_s_per_iteration'] * 1e3:.1f} ms per iteration under the "
                  f"profiler; most host time (ms): {profile['top_cpu_ms'][:4]} (all in {uri})")
-
-
-def all_finite(logs: dict, device: torch.device) -> torch.Tensor:
-    """Whether every logged value is finite, as a tensor on the device (no host wait). DeepSpeed reports a gradient
-    overflow as a Python float inf and skips the step: that counts too."""
-    tensors = [v.detach().float().reshape(()) for v in logs.values() if isinstance(v, torch.Tensor)]
-    numbers = [float(v) for v in logs.values() if not isinstance(v, torch.Tensor)]
-    return torch.isfinite(torch.stack(tensors)).all() & torch.tensor(all(math.isfinite(v) for v in numbers), device=device)
 
 
 def maybe_kill_for_test(cfg: DistillConfig, step: int, rank: int) -> None:

@@ -15,6 +15,7 @@ caller decides when (every `log_every` steps).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -155,3 +156,41 @@ def _log_norm(logs: dict, key: str, norm) -> None:
 def read_logs(logs: dict[str, Any]) -> dict[str, float]:
     """Logged tensors (and numbers) as Python floats: where the host waits for the device."""
     return {k: float(v) for k, v in logs.items()}
+
+
+class LogWindow:
+    """Each logged value's mean over the steps since the last `read`, summed on the device: one small kernel per step
+    and no host wait. A NaN or infinity in any step makes its key's sum non-finite, so `finite()` at a log step checks
+    the whole window. Host numbers (DeepSpeed reports a skipped step's gradient norm as a Python float) and keys that
+    appear in some steps only are averaged over the steps that logged them."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, logs: dict[str, Any]) -> None:
+        tensors = [k for k, v in logs.items() if isinstance(v, Tensor)]
+        for k in tensors:
+            if k not in self.sums:
+                self.sums[k] = torch.zeros((), dtype=torch.float32, device=logs[k].device)
+        if tensors:  # one multi-tensor kernel for the lot
+            torch._foreach_add_([self.sums[k] for k in tensors], [logs[k].detach().float().reshape(()) for k in tensors])
+        for k, v in logs.items():
+            if not isinstance(v, Tensor):
+                self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def finite(self, device: torch.device) -> Tensor:
+        """Whether every value of the window was finite, as a tensor on `device` (no host wait)."""
+        tensors = [v for v in self.sums.values() if isinstance(v, Tensor)]
+        numbers_finite = all(math.isfinite(v) for v in self.sums.values() if not isinstance(v, Tensor))
+        result = torch.tensor(numbers_finite, device=device)
+        return result & torch.isfinite(torch.stack(tensors)).all() if tensors else result
+
+    def read(self) -> dict[str, float]:
+        """The window's means as Python floats (the host waits for the device here), and a new window."""
+        on_device = [k for k, v in self.sums.items() if isinstance(v, Tensor)]
+        sums = {**self.sums, **dict(zip(on_device, torch.stack([self.sums[k] for k in on_device]).tolist()))} if on_device else self.sums
+        means = {k: float(v) / self.counts[k] for k, v in sums.items()}
+        self.sums, self.counts = {}, {}
+        return means
