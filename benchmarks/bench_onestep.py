@@ -5,12 +5,14 @@ decoder, in one run; plus JPEG encoding of the batch on the device (nvJPEG) and 
     python benchmarks/bench_onestep.py --model tiny --modes eager,default          # CPU check, 32x32
     python benchmarks/bench_onestep.py --model sd15-architecture --batch 16        # GPU: SD1.5, 512x512, fp16
     python benchmarks/bench_onestep.py --model sd15-architecture --dtype float16,bfloat16   # GPU: fp16 against bf16
+    python benchmarks/bench_onestep.py --model demo --tiny-decoder "" --shapes static,dynamic --batch 8  # compile time
 
 `--model`: a generator spec, or "tiny" / "sd15-architecture" (that architecture with random weights, exported
 first: speed does not depend on the weights). `--tiny-decoder`: a decoder spec (demo-tiny, a folder, s3://, hub
 id), or "random" for TAESD's published layout with random weights (what SD users load as madebyollin/taesd).
 Times are of `generate(..., on_device=True)` up to uint8 images on the device, synchronised, median of `--iters`
-calls after warm-up; compile time is the warm-up's (both batch sizes). Each row is written to --json as it ends.
+calls after warm-up; compile time is the warm-up's (the service's: every power-of-two batch up to --batch). Each row
+is written to --json as it ends.
 """
 from __future__ import annotations
 
@@ -50,23 +52,25 @@ def random_tiny_decoder(folder: str) -> str:
     return folder
 
 
-def measure(folder: str, device, dtype: str, decoder: str, mode: str, batch: int, iters: int) -> dict:
+def measure(folder: str, device, dtype: str, decoder: str, mode: str, shapes: str, batch: int, iters: int) -> dict:
     from dmd_ray.images import encode_image
     from dmd_ray.sd.one_step import GenerationJob, OneStepImageGenerator
 
-    generator = OneStepImageGenerator(folder, device, dtype, decoder=decoder, compile_mode="" if mode == "eager" else mode)
+    generator = OneStepImageGenerator(folder, device, dtype, decoder=decoder, compile_mode="" if mode == "eager" else mode,
+                                      static_shapes=shapes == "static")
     size = generator.native_size
     one = [GenerationJob("a small red circle on a blue background", (0,), size)]
     many = [GenerationJob("a large green square", tuple(range(batch)), size)]
     started = time.perf_counter()
-    for jobs in (one, many, one, many):  # compile (or first-call set-up), then CUDA graph recording
+    generator.warmup(batch, [size])  # what a replica pays before serving: every power-of-two batch up to `batch`
+    for jobs in (one, many):  # the graphs of the timed calls (one distinct prompt) on top
         generator.generate(jobs, on_device=True)
     synchronize(device)
     warmup_s = time.perf_counter() - started
     latency = timed(lambda: generator.generate(one, on_device=True), iters, device)
     batch_s = timed(lambda: generator.generate(many, on_device=True), iters, device)
     images = generator.generate(many, on_device=True)[0]
-    row = {"decoder": decoder or "vae", "mode": mode, "dtype": str(generator.dtype).removeprefix("torch."), "size": str(size), "batch": batch, "warmup_s": warmup_s,
+    row = {"decoder": decoder or "vae", "mode": mode, "shapes": "-" if mode == "eager" else shapes, "dtype": str(generator.dtype).removeprefix("torch."), "size": str(size), "batch": batch, "warmup_s": warmup_s,
            "latency_ms": latency * 1e3, "images_per_s": batch / batch_s}
     if images.device.type == "cuda":
         from torchvision.io import encode_jpeg
@@ -85,7 +89,9 @@ def main() -> int:
     p.add_argument("--model", default="tiny")
     p.add_argument("--tiny-decoder", default="random", help='a tiny decoder spec, "random" (TAESD layout), or "" to skip')
     p.add_argument("--modes", default="eager,reduce-overhead", help="eager, and torch.compile modes")
-    p.add_argument("--batch", type=int, default=16, help="the throughput batch")
+    p.add_argument("--shapes", default="dynamic", help="compiled rows: dynamic (the service's: batch 1, then one compile for any batch), "
+                   "static (a compile per power-of-two batch); comma-separated: rows for each")
+    p.add_argument("--batch", type=int, default=16, help="the throughput batch, and the largest batch the warm-up compiles")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU), float16, bfloat16, float32; comma-separated: rows for each")
     p.add_argument("--json", help="rows are written here as they end")
@@ -102,8 +108,10 @@ def main() -> int:
         decoders = [""]
         if args.tiny_decoder:
             decoders.append(random_tiny_decoder(os.path.join(tmp, "taesd")) if args.tiny_decoder == "random" else args.tiny_decoder)
-        for dtype, decoder, mode in itertools.product(args.dtype.split(","), decoders, args.modes.split(",")):
-            row = measure(folder, device, dtype, decoder, mode, args.batch, args.iters)
+        for dtype, decoder, mode, shapes in itertools.product(args.dtype.split(","), decoders, args.modes.split(","), args.shapes.split(",")):
+            if mode == "eager" and shapes != args.shapes.split(",")[0]:
+                continue  # eager has no shapes to choose
+            row = measure(folder, device, dtype, decoder, mode, shapes, args.batch, args.iters)
             row["decoder"] = "tiny (TAESD layout)" if decoder and args.tiny_decoder == "random" else row["decoder"]
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -112,10 +120,10 @@ def main() -> int:
                     json.dump({"device": device_name(device), "torch": torch.__version__, "model": args.model, "dtype": args.dtype,
                                "date": str(datetime.date.today()), "rows": rows}, f, indent=1)
     print(f"\n{device_name(device)}, {args.model}, dtype {args.dtype}, {datetime.date.today()}")
-    print(f"| dtype | decoder | mode | batch-1 latency ms | images/s at batch {args.batch} | warm-up (compile) s | nvJPEG ms/image | PNG CPU ms | JPEG CPU ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| dtype | decoder | mode | shapes | batch-1 latency ms | images/s at batch {args.batch} | warm-up (compile) s | nvJPEG ms/image | PNG CPU ms | JPEG CPU ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['dtype']} | {r['decoder']} | {r['mode']} | {r['latency_ms']:.2f} | {r['images_per_s']:.1f} | {r['warmup_s']:.1f} | "
+        print(f"| {r['dtype']} | {r['decoder']} | {r['mode']} | {r['shapes']} | {r['latency_ms']:.2f} | {r['images_per_s']:.1f} | {r['warmup_s']:.1f} | "
               f"{r.get('nvjpeg_ms_per_image', float('nan')):.2f} | {r['png_cpu_ms']:.1f} | {r['jpeg_cpu_ms']:.1f} |")
     return 0
 

@@ -98,8 +98,9 @@ def outside_serve_replica(max_ongoing_requests: int) -> None:
     serve.get_replica_context = lambda: types.SimpleNamespace(_deployment_config=config)
 
 
-async def run_bare(folder: str, device: str, args, config, concurrencies: list[int], formats: list[str]) -> dict:
-    """The bare rows per output format, and "warmup_s": the generator's warm-up (compilation) time."""
+async def run_bare(folder: str, device: str, args, config, concurrencies: list[int], formats: list[str], rows: dict, save) -> None:
+    """Fills `rows` with the bare rows per output format and "warmup_s", the generator's warm-up (compilation) time,
+    calling `save()` after each."""
     from dmd_ray import compile_cache
     from dmd_ray.sd.one_step import SEED_MODULUS, GenerationJob, ImageSize, OneStepImageGenerator
     from serve.app import BatchedGenerator, ImageEncoder
@@ -116,7 +117,8 @@ async def run_bare(folder: str, device: str, args, config, concurrencies: list[i
           f"{f'; compile cache {saved / 2**20:.1f} MiB written for the replica' if saved else ''})", flush=True)
     encoder = ImageEncoder(config.encode_threads or max(2, int(config.num_cpus)))
 
-    rows: dict = {"warmup_s": warmup_s}
+    rows["warmup_s"] = warmup_s
+    save()
     for output_format in formats:
 
         async def send(seed: int) -> None:
@@ -130,18 +132,17 @@ async def run_bare(folder: str, device: str, args, config, concurrencies: list[i
             rows[output_format].append(await closed_loop(send, c, args.seconds, args.warmup_requests))
             rows[output_format][-1]["mean_batch"] = (batcher.images_generated - before[1]) / max(1, batcher.batches_run - before[0])
             report(f"bare {output_format}", rows[output_format][-1])
+            save()
     del batcher, generator
     if device == "cuda":
         torch.cuda.empty_cache()
-    return rows
 
 
-async def run_http(url: str, args, concurrencies: list[int], formats: list[str]) -> tuple[dict[str, list[dict]], list[dict]]:
-    """The HTTP rows per output format, and Serve's floor: GET /health (nothing computed) with 1 and with the most
-    clients."""
+async def run_http(url: str, args, concurrencies: list[int], formats: list[str], rows: dict, floor: list, save) -> None:
+    """Fills `rows` with the HTTP rows per output format and `floor` with Serve's floor (GET /health, nothing computed,
+    with 1 and with the most clients), calling `save()` after each row."""
     import aiohttp
 
-    rows: dict[str, list[dict]] = {}
     connector = aiohttp.TCPConnector(limit=max(concurrencies))
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
 
@@ -168,14 +169,16 @@ async def run_http(url: str, args, concurrencies: list[int], formats: list[str])
                 after = await batch_counts()
                 rows[output_format][-1]["mean_batch"] = (after[1] - before[1]) / max(1, after[0] - before[0])
                 report(f"http {output_format}", rows[output_format][-1])
+                save()
 
         async def health(_seed: int) -> None:
             async with session.get(f"{url}/health") as response:
                 await response.read()
 
         # Serve's own cost: the same path with nothing to compute (the replica answers GET /health at once)
-        floor = [await closed_loop(health, c, args.seconds / 2, args.warmup_requests) for c in (1, max(concurrencies))]
-    return rows, floor
+        for c in (1, max(concurrencies)):
+            floor.append(await closed_loop(health, c, args.seconds / 2, args.warmup_requests))
+            save()
 
 
 def start_service(folder: str, service_args: dict) -> str:
@@ -253,12 +256,20 @@ def main() -> int:
         print(f"{device_name}; torch {torch.__version__}, ray {ray.__version__}; model {args.model}; "
               f"max batch {config.max_batch_size}, wait {args.batch_wait_ms:g} ms", flush=True)
 
-        bare = asyncio.run(run_bare(folder, device, args, config, concurrencies, formats))
+        results = {"device": device_name, "model": args.model, "args": vars(args), "bare": {}, "http": {}, "floor": []}
+        bare, http, floor = results["bare"], results["http"], results["floor"]
+
+        def save() -> None:  # after every row, so that a time-boxed run keeps the rows it finished
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=1)
+
+        asyncio.run(run_bare(folder, device, args, config, concurrencies, formats, bare, save))
         ray.init(address="local", include_dashboard=False, num_cpus=max(4, int(args.num_cpus) + 2), log_to_driver=False,
                  runtime_env={"env_vars": replica_env})
         try:
             url = start_service(folder, service_args)
-            http, floor = asyncio.run(run_http(url, args, concurrencies, formats))
+            asyncio.run(run_http(url, args, concurrencies, formats, http, floor, save))
         finally:
             from ray import serve
 
@@ -279,10 +290,6 @@ def main() -> int:
               f"{b['mean_batch']:.1f} / {h['mean_batch']:.1f} |")
     print(f"Serve's floor (GET /health, nothing computed): p50 {floor[0]['p50_ms']:.1f} ms with 1 client; "
           f"{floor[1]['req_per_s']:.0f} req/s with {floor[1]['concurrency']} clients")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": device_name, "model": args.model, "args": vars(args), "bare": bare, "http": http,
-                       "floor": floor}, f, indent=1)
     return 0
 
 

@@ -289,7 +289,8 @@ def test_the_compiled_generator_gives_the_eager_images():
     """compile_mode (the service's `compile`, reduce-overhead on GPUs) only changes speed: compiled in the default
     mode on CPU, the same jobs give the eager images within a pixel level, with the full VAE and the tiny decoder;
     a batch of 3 runs padded to the 4-image graph and comes back as 3 images; the warm-up compiled every graph the
-    jobs need (the text encoder's for 2 distinct prompts too), so a request compiles nothing."""
+    jobs need (the text encoder's for 2 distinct prompts too), so a request compiles nothing, and it compiled each
+    network twice (batch 1, then any batch), not once per bucket (1, 2 and 4)."""
     from torch._dynamo.utils import counters
 
     from dmd_ray.sd.one_step import batch_bucket
@@ -300,8 +301,11 @@ def test_the_compiled_generator_gives_the_eager_images():
     for decoder in ("", "demo-tiny"):
         eager = OneStepImageGenerator(resolve.BUILT_IN_GENERATORS["demo"], decoder=decoder)
         compiled = OneStepImageGenerator(resolve.BUILT_IN_GENERATORS["demo"], decoder=decoder, compile_mode="default")
+        before = counters["stats"]["unique_graphs"]
         compiled.warmup(3, [size])
         graphs = counters["stats"]["unique_graphs"]
+        # (at most: the second generator shares the first one's text encoder and UNet graphs, same code and shapes)
+        assert graphs - before <= 2 * 3, f"{decoder}: {graphs - before} graphs for the text encoder, UNet and decoder"
         a, b = (np.concatenate(g.generate(jobs)).astype(int) for g in (eager, compiled))
         assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs, decoder
         assert a.shape == b.shape == (3, 32, 32, 3)

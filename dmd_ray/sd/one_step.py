@@ -75,13 +75,14 @@ class OneStepImageGenerator:
     """An exported one-step generator on one device, turning batches of jobs into uint8 images."""
 
     def __init__(self, folder: str, device: str | torch.device = "cpu", dtype: str = "auto", decoder: str = "", cache_dir: str | None = None,
-                 compile_mode: str = ""):
+                 compile_mode: str = "", static_shapes: bool = False):
         """`decoder`: "" decodes with the generator's own VAE; else a tiny latent decoder (resolve.load_tiny_decoder:
         demo-tiny, a folder, s3:// or a hub id such as madebyollin/taesd), several times cheaper at some quality cost.
         `compile_mode`: "" runs eager; else the text encoder, the UNet and the decoder are torch.compile'd in that
-        mode, with static shapes: "reduce-overhead" replays CUDA graphs, one per power-of-two batch (of distinct
-        prompts for the text encoder, of images for the others) and image size, recorded by `warmup` (call generate
-        from one thread: CUDA graph trees are per thread)."""
+        mode: "reduce-overhead" replays CUDA graphs, one per power-of-two batch (of distinct prompts for the text
+        encoder, of images for the others) and image size, recorded by `warmup` (call generate from one thread: CUDA
+        graph trees are per thread). `static_shapes` compiles every bucket and size on its own (the kernels
+        specialised to each shape; many times the warm-up) instead of once for batch 1 and once for any batch."""
         info = read_generator_info(folder)
         if len(info.get("generator_timesteps", [0])) > 1:
             raise ConfigError(f"{folder} holds a {len(info['generator_timesteps'])}-step generator; this service runs one-step generators "
@@ -102,8 +103,11 @@ class OneStepImageGenerator:
             decoder_network = tiny.decoder
         self.compile_mode = compile_mode
         if compile_mode:
+            # Dynamo's automatic dynamic shapes: batch 1 compiles for its own shape, the next bucket once for any
+            # batch, and every later bucket (or image size) reuses those kernels and only records its CUDA graph. With
+            # static shapes each bucket compiles again (about 85 s each at SD 1.5 on an H200; 350 s for batches 1-8).
             for network in (c.text_encoder, c.unet, decoder_network):
-                network.compile(mode=compile_mode, dynamic=False)
+                network.compile(mode=compile_mode, dynamic=False if static_shapes else None)
         self.native_size = ImageSize(c.default_resolution, c.default_resolution)
         # A latent side must survive the UNet's downsamplings (2 per down block but the last) exactly.
         self.size_multiple = c.vae_scale_factor * 2 ** (len(c.unet.config.down_block_types) - 1)
@@ -145,8 +149,8 @@ class OneStepImageGenerator:
         noise = torch.stack([seeded_noise(seed, latent_shape) for job in jobs for seed in job.seeds])
         prompt_rows, noise = to_device(prompt_rows, self.device), to_device(noise, self.device, self.dtype)
         if self.compile_mode:
-            # static shapes: one graph per power-of-two batch (not per batch size), the batch padded with copies of
-            # its last row, which is dropped after the network (the callers drop padded images after decoding)
+            # one CUDA graph per power-of-two batch (not per batch size), the batch padded with copies of its last
+            # row, which is dropped after the network (the callers drop padded images after decoding)
             torch.compiler.cudagraph_mark_step_begin()  # the previous batch's graph outputs are no longer read
             padded = unique + unique[-1:] * (batch_bucket(len(unique)) - len(unique))
             embeddings = c.encode_prompts(padded)[: len(unique)].clone()  # out of the graph's output buffer
@@ -165,7 +169,7 @@ class OneStepImageGenerator:
         """Generates once per size and batch size before the first user does, who would otherwise pay for lazy
         initialisation, kernel selection and allocator growth (seconds on a GPU, for every new batch shape). On a
         CPU only the largest batch is run: nothing there depends on the shape for long."""
-        if self.compile_mode:  # one graph per bucket and size: Dynamo must not fall back to eager after its default 8
+        if self.compile_mode:  # at worst a compile per bucket and size: Dynamo must not fall back to eager after its default 8
             batch_sizes = sorted({min(batch_bucket(n), max_batch_size) for n in range(1, max_batch_size + 1)})
             limit = len(batch_sizes) * len(sizes or [self.native_size]) + 2
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
