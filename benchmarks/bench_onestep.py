@@ -53,9 +53,12 @@ def random_tiny_decoder(folder: str) -> str:
 
 
 def measure(folder: str, device, dtype: str, decoder: str, mode: str, shapes: str, batch: int, iters: int) -> dict:
+    from torch._dynamo.utils import counters
+
     from dmd_ray.images import encode_image
     from dmd_ray.sd.one_step import GenerationJob, OneStepImageGenerator
 
+    graphs_before = counters["stats"]["unique_graphs"]
     generator = OneStepImageGenerator(folder, device, dtype, decoder=decoder, compile_mode="" if mode == "eager" else mode,
                                       static_shapes=shapes == "static")
     size = generator.native_size
@@ -67,10 +70,11 @@ def measure(folder: str, device, dtype: str, decoder: str, mode: str, shapes: st
         generator.generate(jobs, on_device=True)
     synchronize(device)
     warmup_s = time.perf_counter() - started
+    graphs = counters["stats"]["unique_graphs"] - graphs_before  # Dynamo graphs compiled, all networks
     latency = timed(lambda: generator.generate(one, on_device=True), iters, device)
     batch_s = timed(lambda: generator.generate(many, on_device=True), iters, device)
     images = generator.generate(many, on_device=True)[0]
-    row = {"decoder": decoder or "vae", "mode": mode, "shapes": "-" if mode == "eager" else shapes, "dtype": str(generator.dtype).removeprefix("torch."), "size": str(size), "batch": batch, "warmup_s": warmup_s,
+    row = {"decoder": decoder or "vae", "mode": mode, "shapes": "-" if mode == "eager" else shapes, "dtype": str(generator.dtype).removeprefix("torch."), "size": str(size), "batch": batch, "warmup_s": warmup_s, "graphs": graphs,
            "latency_ms": latency * 1e3, "images_per_s": batch / batch_s}
     if images.device.type == "cuda":
         from torchvision.io import encode_jpeg
@@ -120,10 +124,10 @@ def main() -> int:
                     json.dump({"device": device_name(device), "torch": torch.__version__, "model": args.model, "dtype": args.dtype,
                                "date": str(datetime.date.today()), "rows": rows}, f, indent=1)
     print(f"\n{device_name(device)}, {args.model}, dtype {args.dtype}, {datetime.date.today()}")
-    print(f"| dtype | decoder | mode | shapes | batch-1 latency ms | images/s at batch {args.batch} | warm-up (compile) s | nvJPEG ms/image | PNG CPU ms | JPEG CPU ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| dtype | decoder | mode | shapes | batch-1 latency ms | images/s at batch {args.batch} | warm-up (compile) s | graphs | nvJPEG ms/image | PNG CPU ms | JPEG CPU ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['dtype']} | {r['decoder']} | {r['mode']} | {r['shapes']} | {r['latency_ms']:.2f} | {r['images_per_s']:.1f} | {r['warmup_s']:.1f} | "
+        print(f"| {r['dtype']} | {r['decoder']} | {r['mode']} | {r['shapes']} | {r['latency_ms']:.2f} | {r['images_per_s']:.1f} | {r['warmup_s']:.1f} | {r['graphs']} | "
               f"{r.get('nvjpeg_ms_per_image', float('nan')):.2f} | {r['png_cpu_ms']:.1f} | {r['jpeg_cpu_ms']:.1f} |")
     return 0
 

@@ -189,8 +189,10 @@ class LogWindow:
 
     def read(self) -> dict[str, float]:
         """The window's means as Python floats (the host waits for the device here), and a new window."""
-        on_device = [k for k, v in self.sums.items() if isinstance(v, Tensor)]
-        sums = {**self.sums, **dict(zip(on_device, torch.stack([self.sums[k] for k in on_device]).tolist()))} if on_device else self.sums
-        means = {k: float(v) / self.counts[k] for k, v in sums.items()}
+        sums = dict(self.sums)
+        on_device = [k for k, v in sums.items() if isinstance(v, Tensor)]
+        if on_device:  # one transfer for the lot
+            sums.update(zip(on_device, torch.stack([sums[k] for k in on_device]).tolist()))
+        means = {k: v / self.counts[k] for k, v in sums.items()}
         self.sums, self.counts = {}, {}
         return means
