@@ -213,12 +213,16 @@ def main() -> int:
     p.add_argument("--decoder", default="", help="the service's decoder: a tiny decoder spec, or empty for the VAE")
     p.add_argument("--num-cpus", type=float, default=float(os.cpu_count() or 1),
                    help="the replica's CPUs, and torch threads for both paths on CPU")
+    p.add_argument("--paths", default="bare,http", help="which paths to measure: bare, http or both (the HTTP/bare ratios need both)")
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     formats = args.output_format.split(",")
     if not set(formats) <= {"png", "jpeg", "webp"}:
         p.error(f"--output-format takes png, jpeg and webp, got {args.output_format}")
+    paths = set(args.paths.split(","))
+    if not paths <= {"bare", "http"}:
+        p.error(f"--paths takes bare and http, got {args.paths}")
 
     import ray
 
@@ -264,32 +268,42 @@ def main() -> int:
                 with open(args.json, "w") as f:
                     json.dump(results, f, indent=1)
 
-        asyncio.run(run_bare(folder, device, args, config, concurrencies, formats, bare, save))
-        ray.init(address="local", include_dashboard=False, num_cpus=max(4, int(args.num_cpus) + 2), log_to_driver=False,
-                 runtime_env={"env_vars": replica_env})
-        try:
-            url = start_service(folder, service_args)
-            asyncio.run(run_http(url, args, concurrencies, formats, http, floor, save))
-        finally:
-            from ray import serve
+        if "bare" in paths:
+            asyncio.run(run_bare(folder, device, args, config, concurrencies, formats, bare, save))
+        if "http" in paths:
+            ray.init(address="local", include_dashboard=False, num_cpus=max(4, int(args.num_cpus) + 2), log_to_driver=False,
+                     runtime_env={"env_vars": replica_env})
+            try:
+                url = start_service(folder, service_args)
+                asyncio.run(run_http(url, args, concurrencies, formats, http, floor, save))
+            finally:
+                from ray import serve
 
-            serve.shutdown()
-            ray.shutdown()
+                serve.shutdown()
+                ray.shutdown()
 
     print(f"\n{device_name}, {args.model} at {args.size or 'native size'}, compile {config.compile_mode(device) or 'off'}, "
           f"decoder {args.decoder or 'VAE'}, {datetime.date.today()}")
-    print("| format | clients | bare req/s | bare p50 ms | bare p99 ms | HTTP req/s | HTTP p50 ms | HTTP p99 ms | HTTP/bare req/s "
-          "| added p50 ms | mean batch bare / HTTP |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    if config.compile_mode(device):
+    if bare.get("warmup_s") and config.compile_mode(device):
         print(f"(bare warm-up {bare['warmup_s']:.1f} s, this node's compile caches as found; the replica starts with empty Inductor and "
-              "Triton caches and the compile cache file the bare path wrote)")
-    for output_format, b, h in ((f, b, h) for f in formats for b, h in zip(bare[f], http[f])):
-        print(f"| {output_format} | {b['concurrency']} | {b['req_per_s']:.1f} | {b['p50_ms']:.1f} | {b['p99_ms']:.1f} | {h['req_per_s']:.1f} | "
-              f"{h['p50_ms']:.1f} | {h['p99_ms']:.1f} | {h['req_per_s'] / b['req_per_s']:.2f}x | {h['p50_ms'] - b['p50_ms']:+.1f} | "
-              f"{b['mean_batch']:.1f} / {h['mean_batch']:.1f} |")
-    print(f"Serve's floor (GET /health, nothing computed): p50 {floor[0]['p50_ms']:.1f} ms with 1 client; "
-          f"{floor[1]['req_per_s']:.0f} req/s with {floor[1]['concurrency']} clients")
+              "Triton caches and the compile cache file the bare path wrote, if the bare path ran)")
+    if not (bare and http):  # one path: its own rows
+        name, rows = ("bare", bare) if bare else ("HTTP", http)
+        print(f"| format | clients | {name} req/s | p50 ms | p99 ms | mean batch |\n|---|---|---|---|---|---|")
+        for output_format in formats:
+            for row in rows[output_format]:
+                print(f"| {output_format} | {row['concurrency']} | {row['req_per_s']:.1f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['mean_batch']:.1f} |")
+    else:
+        print("| format | clients | bare req/s | bare p50 ms | bare p99 ms | HTTP req/s | HTTP p50 ms | HTTP p99 ms | HTTP/bare req/s "
+              "| added p50 ms | mean batch bare / HTTP |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for output_format, b, h in ((f, b, h) for f in formats for b, h in zip(bare[f], http[f])):
+            print(f"| {output_format} | {b['concurrency']} | {b['req_per_s']:.1f} | {b['p50_ms']:.1f} | {b['p99_ms']:.1f} | {h['req_per_s']:.1f} | "
+                  f"{h['p50_ms']:.1f} | {h['p99_ms']:.1f} | {h['req_per_s'] / b['req_per_s']:.2f}x | {h['p50_ms'] - b['p50_ms']:+.1f} | "
+                  f"{b['mean_batch']:.1f} / {h['mean_batch']:.1f} |")
+    if floor:
+        print(f"Serve's floor (GET /health, nothing computed): p50 {floor[0]['p50_ms']:.1f} ms with 1 client; "
+              f"{floor[1]['req_per_s']:.0f} req/s with {floor[1]['concurrency']} clients")
     return 0
 
 

@@ -311,3 +311,29 @@ def test_the_compiled_generator_gives_the_eager_images():
         assert a.shape == b.shape == (3, 32, 32, 3)
         assert np.abs(a - b).max() <= 1, decoder
         assert compiled.latents(jobs).shape[0] == 3
+
+
+def test_the_batcher_waits_for_a_batch_to_fill_only_under_load(generator, monkeypatch):
+    # A lone client's request runs at once (no batch wait after a batch of one image); once a batch held several
+    # images, the next one waits the configured time to gather the clients that were answered together.
+    import asyncio
+    import types
+
+    from ray import serve
+
+    from serve.app import BatchedGenerator
+
+    context = types.SimpleNamespace(_deployment_config=types.SimpleNamespace(max_ongoing_requests=8))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)  # outside a replica, as the benchmark runs it
+
+    async def scenario() -> list[float]:  # the waits as Serve holds them (its getter is private)
+        batcher = BatchedGenerator(generator, max_batch_size=4, batch_wait_timeout_s=0.05)
+        waits = [batcher._gather._get_batch_wait_timeout_s()]
+        await batcher.generate(GenerationJob("alone", (1,), generator.native_size))
+        waits.append(batcher._gather._get_batch_wait_timeout_s())
+        images = await asyncio.gather(*(batcher.generate(GenerationJob(f"together {i}", (i,), generator.native_size)) for i in range(3)))
+        assert [len(i) for i in images] == [1, 1, 1] and batcher.batches_run == 2  # the three shared one batch
+        waits.append(batcher._gather._get_batch_wait_timeout_s())
+        return waits
+
+    assert asyncio.run(scenario()) == [0.05, 0.0, 0.05]
