@@ -12,14 +12,17 @@ with random weights (speed does not depend on them), exported into a temporary f
 coroutines in this process: generation set up as the service sets it up (`--compile`, `--decoder`, the warm-up in
 the generation thread), encoding in each `--output-format` (nvJPEG on a GPU for JPEG) and base64, no HTTP. "http" is the service from
 `serve.app.build_app` (one replica) driven by an aiohttp client posting to /v1/images/generations. Each client
-sends its next request when the previous one is answered (closed loop); every request has its own seed.
+sends its next request when the previous one is answered (closed loop); every request has its own seed. The
+replica starts with empty compile caches, as on a fresh node, and warms up beside the bare path's warm-up (a GPU
+replica's compilation takes minutes); each path's rows are measured with the other idle. `--paths bare` or `http`
+measures one.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import base64
-import dataclasses
+import concurrent.futures
 import datetime
 import itertools
 import json
@@ -101,7 +104,6 @@ def outside_serve_replica(max_ongoing_requests: int) -> None:
 async def run_bare(folder: str, device: str, args, config, concurrencies: list[int], formats: list[str], rows: dict, save) -> None:
     """Fills `rows` with the bare rows per output format and "warmup_s", the generator's warm-up (compilation) time,
     calling `save()` after each."""
-    from dmd_ray import compile_cache
     from dmd_ray.sd.one_step import SEED_MODULUS, GenerationJob, ImageSize, OneStepImageGenerator
     from serve.app import BatchedGenerator, ImageEncoder
 
@@ -112,9 +114,7 @@ async def run_bare(folder: str, device: str, args, config, concurrencies: list[i
     started = time.perf_counter()
     batcher.thread.submit(generator.warmup, config.max_batch_size, [size]).result()
     warmup_s = time.perf_counter() - started
-    saved = compile_cache.save(config.compile_cache) if generator.compile_mode else 0
-    print(f"bare: warm-up {warmup_s:.1f} s (compile: {generator.compile_mode or 'off'}"
-          f"{f'; compile cache {saved / 2**20:.1f} MiB written for the replica' if saved else ''})", flush=True)
+    print(f"bare: warm-up {warmup_s:.1f} s (compile: {generator.compile_mode or 'off'})", flush=True)
     encoder = ImageEncoder(config.encode_threads or max(2, int(config.num_cpus)))
 
     rows["warmup_s"] = warmup_s
@@ -181,7 +181,8 @@ async def run_http(url: str, args, concurrencies: list[int], formats: list[str],
             save()
 
 
-def start_service(folder: str, service_args: dict) -> str:
+def start_service(folder: str, service_args: dict) -> tuple[str, float]:
+    """Deploys the service with one replica on a free port; its URL and the seconds until it served (load, warm-up)."""
     import ray
     from ray import serve
 
@@ -193,8 +194,9 @@ def start_service(folder: str, service_args: dict) -> str:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     started = time.perf_counter()
     serve.run(build_app({**service_args, "model": folder}), name="bench", route_prefix="/")
-    print(f"http: replica started in {time.perf_counter() - started:.1f} s (load, compile cache, warm-up)", flush=True)
-    return f"http://127.0.0.1:{port}"
+    seconds = time.perf_counter() - started
+    print(f"http: replica started in {seconds:.1f} s (load, warm-up)", flush=True)
+    return f"http://127.0.0.1:{port}", seconds
 
 
 def main() -> int:
@@ -243,10 +245,8 @@ def main() -> int:
     outside_serve_replica(config.max_ongoing_requests)
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        # what the bare path compiles reaches the replica only through the service's compile cache: the replica runs
-        # with an empty Inductor cache of its own, as a new replica on a fresh node would
-        service_args["compile_cache"] = os.path.join(tmp, "compile_cache.bin")
-        config = dataclasses.replace(config, compile_cache=service_args["compile_cache"])
+        # the replica starts as a new replica on a fresh node does: empty Inductor and Triton caches, no cache file
+        # (what a cache file saves a new process: benchmarks/bench_compile_cache.py)
         replica_env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "replica-inductor-cache"), "TRITON_CACHE_DIR": os.path.join(tmp, "replica-triton-cache")}
         folder = args.model
         if args.model in ("tiny", "sd15-architecture"):
@@ -268,15 +268,20 @@ def main() -> int:
                 with open(args.json, "w") as f:
                     json.dump(results, f, indent=1)
 
-        if "bare" in paths:
-            asyncio.run(run_bare(folder, device, args, config, concurrencies, formats, bare, save))
         if "http" in paths:
             ray.init(address="local", include_dashboard=False, num_cpus=max(4, int(args.num_cpus) + 2), log_to_driver=False,
                      runtime_env={"env_vars": replica_env})
-            try:
-                url = start_service(folder, service_args)
+        try:
+            # the replica's warm-up (compilation on a GPU: minutes) runs beside the bare path's; the rows of each path
+            # are measured with the other idle
+            replica = concurrent.futures.ThreadPoolExecutor(1).submit(start_service, folder, service_args) if "http" in paths else None
+            if "bare" in paths:
+                asyncio.run(run_bare(folder, device, args, config, concurrencies, formats, bare, save))
+            if replica:
+                url, results["replica_start_s"] = replica.result()
                 asyncio.run(run_http(url, args, concurrencies, formats, http, floor, save))
-            finally:
+        finally:
+            if "http" in paths:
                 from ray import serve
 
                 serve.shutdown()
@@ -285,8 +290,7 @@ def main() -> int:
     print(f"\n{device_name}, {args.model} at {args.size or 'native size'}, compile {config.compile_mode(device) or 'off'}, "
           f"decoder {args.decoder or 'VAE'}, {datetime.date.today()}")
     if bare.get("warmup_s") and config.compile_mode(device):
-        print(f"(bare warm-up {bare['warmup_s']:.1f} s, this node's compile caches as found; the replica starts with empty Inductor and "
-              "Triton caches and the compile cache file the bare path wrote, if the bare path ran)")
+        print(f"(bare warm-up {bare['warmup_s']:.1f} s with this node's compile caches as found, beside the replica's warm-up from empty caches)")
     if not (bare and http):  # one path: its own rows
         name, rows = ("bare", bare) if bare else ("HTTP", http)
         print(f"| format | clients | {name} req/s | p50 ms | p99 ms | mean batch |\n|---|---|---|---|---|---|")
