@@ -141,17 +141,28 @@ def main() -> int:
     base = dict(teacher=args.teacher, prompts=BUILTIN_PROMPTS, num_pairs=args.num_pairs, shard_size=args.shard_size, batch_size=args.batch_size,
                 steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, resolution=args.resolution, dtype=args.dtype, compile=args.compile)
     rows: dict[str, dict] = {}
+    name = device_name(device)
+
+    def save(per_pair: float | None = None) -> None:  # after every row, so that a time-boxed run keeps the rows it finished
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "device": name, "peak_tflops": peak.tflops, "peak": peak.label, "flops_per_pair": per_pair,
+                           "rows": rows}, f, indent=1)
+
     try:
         if args.diffusers_baseline:
             rows["diffusers pipeline (eager fp16)"] = diffusers_baseline(PairsConfig(**base, out=os.path.join(work, "unused")), PROMPTS)
+            save()
         rows["plain loop"] = plain_loop(PairsConfig(**base, out=os.path.join(work, "loop")), PROMPTS)
+        save()
         if not args.skip_ray:
             rows["ray data job"] = ray_job(PairsConfig(**base, out=os.path.join(work, "ray")))
+            save()
         per_pair = flops_per_pair(PairsConfig(**base, out=os.path.join(work, "unused")), PROMPTS)
+        save(per_pair)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    name = device_name(device)
     print(f"\npair generation: teacher {args.teacher}, {args.sampler} {args.steps} steps, guidance {args.guidance}, batch {args.batch_size}, "
           f"{args.num_pairs} pairs in shards of {args.shard_size}, {name}, compile={args.compile}")
     print(f"peak: {peak.label}")
@@ -165,10 +176,6 @@ def main() -> int:
     print_table(["row", "pairs/s", "steady pairs/s", "steady model TFLOP/s", "utilisation"], table)
     if "ray data job" in rows and rows["plain loop"]["steady_pairs_per_second"] and rows["ray data job"]["steady_pairs_per_second"]:
         print(f"ray / plain loop (steady): {rows['ray data job']['steady_pairs_per_second'] / rows['plain loop']['steady_pairs_per_second']:.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "device": name, "peak_tflops": peak.tflops, "peak": peak.label, "flops_per_pair": per_pair,
-                       "rows": rows}, f, indent=1)
     return 0
 
 

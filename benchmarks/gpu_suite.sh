@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md, each benchmark time-boxed, logs and JSON results in one folder:
 #
-#     bash benchmarks/gpu_suite.sh OUT                 # every stage (about 40 minutes on one H200)
+#     bash benchmarks/gpu_suite.sh OUT                 # every stage (up to 7 x 9 minutes on one H200)
 #     bash benchmarks/gpu_suite.sh OUT demo,serve      # some stages
 #
-# Each stage's time box in seconds: DEMO_S, SD15_S, SD15_COMPILED_S, SD15_SWEEP_S, SERVE_S, ONESTEP_S.
+# Each stage's time box in seconds: DEMO_S, SD15_S, SD15_COMPILED_S, SD15_SWEEP_S, SERVE_S, ONESTEP_S, PAIRS_S.
 # demo:    a DMD iteration on the demo teacher (issue 14's first size): the plain loop and Ray Train + DeepSpeed
 #          ZeRO-0 with the fast settings, then the eager path before issue 14
 # sd15:    the same at the SD 1.5 architecture, 512x512, ZeRO-2, gradient checkpointing, both rows eager: MFU
@@ -15,12 +15,14 @@
 # serve:   the one-step service at the SD 1.5 architecture: bare generator and HTTP, 1/8/32 clients, three formats
 # onestep: the service's generator without HTTP, SD 1.5 architecture: eager against CUDA graphs, the VAE against a
 #          tiny decoder, fp16 against bf16
+# pairs:   teacher pairs at the SD 1.5 architecture, 50 PNDM steps, guidance 3: eager diffusers, then the job's sampler
+#          with CUDA graphs in a plain loop and through Ray Data (issue 16's pairs/s)
 # A stage cut by its time box keeps the rows it finished (each benchmark writes its JSON after every row).
 # The Ray rows profile their own steps after the compiled warm-up (profile_steps); the timing leaves out the log
 # windows that hold them.
 set -uo pipefail
-OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUT [demo,sd15,sd15-compiled,sd15-sweep,serve,onestep]}
-STAGES=${2:-demo,sd15,sd15-compiled,sd15-sweep,serve,onestep}
+OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUT [demo,sd15,sd15-compiled,sd15-sweep,serve,onestep,pairs]}
+STAGES=${2:-demo,sd15,sd15-compiled,sd15-sweep,serve,onestep,pairs}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 
@@ -49,3 +51,5 @@ stage serve "${SERVE_S:-540}" python benchmarks/bench_serve.py --model sd15-arch
     --output-format jpeg,png,webp --max-batch-size 8 --seconds 4 --json "$OUT/serve.json"
 stage onestep "${ONESTEP_S:-540}" python benchmarks/bench_onestep.py --model sd15-architecture --batch 16 --iters 20 \
     --dtype float16,bfloat16 --json "$OUT/onestep.json"
+stage pairs "${PAIRS_S:-540}" python benchmarks/bench_pairs.py --teacher sd15-architecture --resolution 512 --steps 50 --guidance 3 \
+    --batch-size 16 --num-pairs 128 --shard-size 32 --compile auto --diffusers-baseline --json "$OUT/pairs.json"
