@@ -37,14 +37,42 @@ def record_cache_keys(path: str) -> None:
 
         def keyed(*args, **kwargs):
             key, lines = original(*args, **kwargs)
+            record = {"kind": kind, "key": key, "lines": [str(line) for line in lines]}
+            if kind == "inductor":
+                record["first_input_pickle"] = first_input_pickle(inductor_cache, *args[:2])
             with open(path, "a") as f:
-                f.write(json.dumps({"kind": kind, "key": key, "lines": [str(line) for line in lines]}) + "\n")
+                f.write(json.dumps(record) + "\n")
             return key, lines
 
         setattr(module, name, keyed)
 
     wrap(inductor_cache, "compiled_fx_graph_hash", "inductor")
     wrap(aot_cache, "autograd_cache_key", "aot_autograd")
+
+
+def first_input_pickle(inductor_cache, gm, example_inputs) -> str:
+    """The bytes Inductor's key hashes for the graph's first input (its cache pickler's output), hex: when two
+    processes' keys differ in inputs whose printed metadata is equal, the difference is in these bytes."""
+    try:
+        return inductor_cache.FxGraphCachePickler(gm).dumps(example_inputs[0]).hex()
+    except Exception as e:  # torch's private pickler changes between versions: the key lines above still stand
+        return f"unavailable: {e!r}"
+
+
+def pickle_difference(a: str, b: str) -> str:
+    """pickletools' disassembly of two hex pickles, the lines that differ."""
+    import difflib
+    import io
+    import pickletools
+
+    def listing(hex_bytes: str) -> list[str]:
+        if hex_bytes.startswith("unavailable"):
+            return [hex_bytes]
+        out = io.StringIO()
+        pickletools.dis(bytes.fromhex(hex_bytes), out)
+        return out.getvalue().splitlines()
+
+    return "\n".join(line for line in difflib.unified_diff(listing(a), listing(b), "first", "later", lineterm="", n=1))
 
 
 def warm_up(folder: str, mode: str, max_batch_size: int, cache_file: str, save: bool, work: str, role: str, key_details: str) -> dict:
@@ -100,8 +128,10 @@ def differing_parts(first: list[dict], other: list[dict]) -> list[str]:
                 continue
             only_x = [line for line in x["lines"] if line not in set(y["lines"])]
             only_y = [line for line in y["lines"] if line not in set(x["lines"])]
-            report.append(f"{kind} graph {i}: keys differ\n  first only:  " + "\n  first only:  ".join(line[:400] for line in only_x[:8])
-                          + "\n  later only:  " + "\n  later only:  ".join(line[:400] for line in only_y[:8]))
+            report.append(f"{kind} graph {i}: keys differ\n  first only:  " + "\n  first only:  ".join(line[:400] for line in only_x[:4])
+                          + "\n  later only:  " + "\n  later only:  ".join(line[:400] for line in only_y[:4]))
+            if "first_input_pickle" in x and "first_input_pickle" in y and x["first_input_pickle"] != y["first_input_pickle"]:
+                report.append(f"{kind} graph {i}: the first input's pickled bytes differ:\n{pickle_difference(x['first_input_pickle'], y['first_input_pickle'])}")
         if a and b and len(a) != len(b):  # (a process that found AOTAutograd's graphs looks up no Inductor keys)
             report.append(f"{kind}: {len(a)} keys in the first process, {len(b)} in the later one")
     return report
