@@ -200,8 +200,8 @@ class BatchedGenerator:
     images). It forms each batch as soon as that wait ends, even while the previous batch is still generating, so
     on a busy replica its batches stay small (one or two requests, measured) and queue up behind one another. So
     the gathered jobs go into a pending queue instead, and whenever the generator is free it takes everything
-    pending, up to `max_batch_size` images: idle, a request waits at most the batching window; busy, the next batch
-    is as full as the backlog allows.
+    pending, up to `max_batch_size` images: idle, a request waits at most the batching window (none after a batch of
+    one image); busy, the next batch is as full as the backlog allows.
 
     Works outside a replica too (the benchmark's bare baseline). Serve's batch queue belongs to the method, so one
     instance per process.
