@@ -5,6 +5,7 @@ decoder, in one run; plus JPEG encoding of the batch on the device (nvJPEG) and 
     python benchmarks/bench_onestep.py --model tiny --modes eager,default          # CPU check, 32x32
     python benchmarks/bench_onestep.py --model sd15-architecture --batch 16        # GPU: SD1.5, 512x512, fp16
     python benchmarks/bench_onestep.py --model sd15-architecture --dtype float16,bfloat16   # GPU: fp16 against bf16
+    python benchmarks/bench_onestep.py --model sd15-architecture --tiny-decoder "" --cudnn-benchmark false,true  # cuDNN autotuning
     python benchmarks/bench_onestep.py --model demo --tiny-decoder "" --shapes static,dynamic --batch 8  # compile time
 
 `--model`: a generator spec, or "tiny" / "sd15-architecture" (that architecture with random weights, exported
@@ -52,12 +53,15 @@ def random_tiny_decoder(folder: str) -> str:
     return folder
 
 
-def measure(folder: str, device, dtype: str, decoder: str, mode: str, shapes: str, batch: int, iters: int) -> dict:
+def measure(folder: str, device, dtype: str, decoder: str, mode: str, shapes: str, batch: int, iters: int, cudnn_benchmark: bool = False) -> dict:
     from torch._dynamo.utils import counters
 
     from dmd_ray.images import encode_image
     from dmd_ray.sd.one_step import GenerationJob, OneStepImageGenerator
 
+    # cuDNN's autotuner picks each convolution's fastest algorithm per shape when first run (here: in the warm-up,
+    # before the CUDA graphs are recorded); a process-wide switch, so set per row and put back after it
+    benchmark_before, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, cudnn_benchmark
     graphs_before = counters["stats"]["unique_graphs"]
     generator = OneStepImageGenerator(folder, device, dtype, decoder=decoder, compile_mode="" if mode == "eager" else mode,
                                       static_shapes=shapes == "static")
@@ -74,7 +78,8 @@ def measure(folder: str, device, dtype: str, decoder: str, mode: str, shapes: st
     latency = timed(lambda: generator.generate(one, on_device=True), iters, device)
     batch_s = timed(lambda: generator.generate(many, on_device=True), iters, device)
     images = generator.generate(many, on_device=True)[0]
-    row = {"decoder": decoder or "vae", "mode": mode, "shapes": "-" if mode == "eager" else shapes, "dtype": str(generator.dtype).removeprefix("torch."), "size": str(size), "batch": batch, "warmup_s": warmup_s, "graphs": graphs,
+    row = {"decoder": decoder or "vae", "mode": mode, "shapes": "-" if mode == "eager" else shapes, "dtype": str(generator.dtype).removeprefix("torch."),
+           "cudnn_benchmark": cudnn_benchmark, "size": str(size), "batch": batch, "warmup_s": warmup_s, "graphs": graphs,
            "latency_ms": latency * 1e3, "images_per_s": batch / batch_s}
     if images.device.type == "cuda":
         from torchvision.io import encode_jpeg
@@ -85,6 +90,7 @@ def measure(folder: str, device, dtype: str, decoder: str, mode: str, shapes: st
     row["jpeg_cpu_ms"] = 1e3 * timed(lambda: encode_image(first, "jpeg", 90), 3, "cpu")
     del generator
     torch.compiler.reset()
+    torch.backends.cudnn.benchmark = benchmark_before
     return row
 
 
@@ -98,8 +104,11 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=16, help="the throughput batch, and the largest batch the warm-up compiles")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU), float16, bfloat16, float32; comma-separated: rows for each")
+    p.add_argument("--cudnn-benchmark", default="false", help="torch.backends.cudnn.benchmark: false, true; comma-separated: rows for each")
     p.add_argument("--json", help="rows are written here as they end")
     args = p.parse_args()
+    if not set(args.cudnn_benchmark.split(",")) <= {"false", "true"}:
+        p.error(f"--cudnn-benchmark takes false and true, got {args.cudnn_benchmark}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-onestep-") as tmp:
@@ -112,10 +121,12 @@ def main() -> int:
         decoders = [""]
         if args.tiny_decoder:
             decoders.append(random_tiny_decoder(os.path.join(tmp, "taesd")) if args.tiny_decoder == "random" else args.tiny_decoder)
-        for dtype, decoder, mode, shapes in itertools.product(args.dtype.split(","), decoders, args.modes.split(","), args.shapes.split(",")):
+        benchmark_settings = [v == "true" for v in args.cudnn_benchmark.split(",")]
+        for dtype, decoder, cudnn_benchmark, mode, shapes in itertools.product(args.dtype.split(","), decoders, benchmark_settings, args.modes.split(","),
+                                                                               args.shapes.split(",")):
             if mode == "eager" and shapes != args.shapes.split(",")[0]:
                 continue  # eager has no shapes to choose
-            row = measure(folder, device, dtype, decoder, mode, shapes, args.batch, args.iters)
+            row = measure(folder, device, dtype, decoder, mode, shapes, args.batch, args.iters, cudnn_benchmark)
             row["decoder"] = "tiny (TAESD layout)" if decoder and args.tiny_decoder == "random" else row["decoder"]
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -124,10 +135,10 @@ def main() -> int:
                     json.dump({"device": device_name(device), "torch": torch.__version__, "model": args.model, "dtype": args.dtype,
                                "date": str(datetime.date.today()), "rows": rows}, f, indent=1)
     print(f"\n{device_name(device)}, {args.model}, dtype {args.dtype}, {datetime.date.today()}")
-    print(f"| dtype | decoder | mode | shapes | batch-1 latency ms | images/s at batch {args.batch} | warm-up (compile) s | graphs | nvJPEG ms/image | PNG CPU ms | JPEG CPU ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| dtype | decoder | cuDNN autotune | mode | shapes | batch-1 latency ms | images/s at batch {args.batch} | warm-up (compile) s | graphs | nvJPEG ms/image | PNG CPU ms | JPEG CPU ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['dtype']} | {r['decoder']} | {r['mode']} | {r['shapes']} | {r['latency_ms']:.2f} | {r['images_per_s']:.1f} | {r['warmup_s']:.1f} | {r['graphs']} | "
+        print(f"| {r['dtype']} | {r['decoder']} | {r['cudnn_benchmark']} | {r['mode']} | {r['shapes']} | {r['latency_ms']:.2f} | {r['images_per_s']:.1f} | {r['warmup_s']:.1f} | {r['graphs']} | "
               f"{r.get('nvjpeg_ms_per_image', float('nan')):.2f} | {r['png_cpu_ms']:.1f} | {r['jpeg_cpu_ms']:.1f} |")
     return 0
 
