@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md, each benchmark time-boxed, logs and JSON results in one folder:
 #
-#     bash benchmarks/gpu_suite.sh OUT                 # every stage (up to 7 x 9 minutes on one H200)
+#     bash benchmarks/gpu_suite.sh OUT                 # every stage (up to 8 x 9 minutes on one H200)
 #     bash benchmarks/gpu_suite.sh OUT demo,serve      # some stages
 #
-# Each stage's time box in seconds: DEMO_S, SD15_S, SD15_COMPILED_S, SD15_SWEEP_S, SERVE_S, ONESTEP_S, PAIRS_S.
+# Each stage's time box in seconds: DEMO_S, SD15_S, SD15_COMPILED_S, SD15_SWEEP_S, SERVE_S, ONESTEP_S, PAIRS_S, COMPILE_CACHE_S.
 # demo:    a DMD iteration on the demo teacher (issue 14's first size): the plain loop and Ray Train + DeepSpeed
 #          ZeRO-0 with the fast settings, then the eager path before issue 14
 # sd15:    the same at the SD 1.5 architecture, 512x512, ZeRO-2, gradient checkpointing, both rows eager: MFU
@@ -17,12 +17,14 @@
 #          tiny decoder, fp16 against bf16
 # pairs:   teacher pairs at the SD 1.5 architecture, 50 PNDM steps, guidance 3: eager diffusers, then the job's sampler
 #          with CUDA graphs in a plain loop and through Ray Data (issue 16's pairs/s)
+# compile-cache: the service's generator (demo) compiled in one process, then in a Ray actor that loads the first
+#          one's cache file: hits, warm-up times, and which parts of the cache keys differ (issues 14 and 16)
 # A stage cut by its time box keeps the rows it finished (each benchmark writes its JSON after every row).
 # The Ray rows profile their own steps after the compiled warm-up (profile_steps); the timing leaves out the log
 # windows that hold them.
 set -uo pipefail
-OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUT [demo,sd15,sd15-compiled,sd15-sweep,serve,onestep,pairs]}
-STAGES=${2:-demo,sd15,sd15-compiled,sd15-sweep,serve,onestep,pairs}
+OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUT [demo,sd15,sd15-compiled,sd15-sweep,serve,onestep,pairs,compile-cache]}
+STAGES=${2:-demo,sd15,sd15-compiled,sd15-sweep,serve,onestep,pairs,compile-cache}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 
@@ -53,3 +55,5 @@ stage onestep "${ONESTEP_S:-540}" python benchmarks/bench_onestep.py --model sd1
     --dtype float16,bfloat16 --json "$OUT/onestep.json"
 stage pairs "${PAIRS_S:-540}" python benchmarks/bench_pairs.py --teacher sd15-architecture --resolution 512 --steps 50 --guidance 3 \
     --batch-size 16 --num-pairs 128 --shard-size 32 --compile auto --diffusers-baseline --json "$OUT/pairs.json"
+stage compile-cache "${COMPILE_CACHE_S:-300}" python benchmarks/bench_compile_cache.py --model demo --max-batch-size 2 --roles first,ray \
+    --key-details "$OUT/keys" --json "$OUT/compile-cache.json"
