@@ -38,7 +38,8 @@ def record_cache_keys(path: str) -> None:
         def keyed(*args, **kwargs):
             key, lines = original(*args, **kwargs)
             record = {"kind": kind, "key": key, "lines": [str(line) for line in lines]}
-            if kind == "inductor":
+            if kind == "inductor":  # (a real tensor, unlike a fake one, is hashed with its values)
+                record["first_input_type"] = type(args[1][0]).__name__ if args[1] else "-"
                 record["first_input_pickle"] = first_input_pickle(inductor_cache, *args[:2])
             with open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -131,7 +132,8 @@ def differing_parts(first: list[dict], other: list[dict]) -> list[str]:
             report.append(f"{kind} graph {i}: keys differ\n  first only:  " + "\n  first only:  ".join(line[:400] for line in only_x[:4])
                           + "\n  later only:  " + "\n  later only:  ".join(line[:400] for line in only_y[:4]))
             if "first_input_pickle" in x and "first_input_pickle" in y and x["first_input_pickle"] != y["first_input_pickle"]:
-                report.append(f"{kind} graph {i}: the first input's pickled bytes differ:\n{pickle_difference(x['first_input_pickle'], y['first_input_pickle'])}")
+                report.append(f"{kind} graph {i}: the first input's pickled bytes differ ({x.get('first_input_type')} / {y.get('first_input_type')}):\n"
+                              f"{pickle_difference(x['first_input_pickle'], y['first_input_pickle'])}")
         if a and b and len(a) != len(b):  # (a process that found AOTAutograd's graphs looks up no Inductor keys)
             report.append(f"{kind}: {len(a)} keys in the first process, {len(b)} in the later one")
     return report
