@@ -127,8 +127,9 @@ def differing_parts(first: list[dict], other: list[dict]) -> list[str]:
         for i, (x, y) in enumerate(zip(a, b)):
             if x["key"] == y["key"]:
                 continue
-            only_x = [line for line in x["lines"] if line not in set(y["lines"])]
-            only_y = [line for line in y["lines"] if line not in set(x["lines"])]
+            lines_x, lines_y = set(x["lines"]), set(y["lines"])
+            only_x = [line for line in x["lines"] if line not in lines_y]
+            only_y = [line for line in y["lines"] if line not in lines_x]
             report.append(f"{kind} graph {i}: keys differ\n  first only:  " + "\n  first only:  ".join(line[:400] for line in only_x[:4])
                           + "\n  later only:  " + "\n  later only:  ".join(line[:400] for line in only_y[:4]))
             if "first_input_pickle" in x and "first_input_pickle" in y and x["first_input_pickle"] != y["first_input_pickle"]:
@@ -142,13 +143,15 @@ def differing_parts(first: list[dict], other: list[dict]) -> list[str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help='generator spec, or "tiny" / "sd15-architecture" (exported first)')
-    p.add_argument("--mode", default="", help="torch.compile mode; default: the service's (reduce-overhead on a GPU, default on a CPU)")
+    p.add_argument("--mode", default="", help="torch.compile mode; default: reduce-overhead on a GPU (the service's), default on a CPU (where the service runs eager)")
     p.add_argument("--max-batch-size", type=int, default=2)
     p.add_argument("--roles", default=",".join(ROLES), help="which of first, process, ray to run (first always runs)")
     p.add_argument("--key-details", default="", help="a folder for each process's cache keys and their parts")
     p.add_argument("--json", help="write the results here too")
     p.add_argument("--child", help=argparse.SUPPRESS)  # JSON arguments of warm_up: this process is a subprocess
     args = p.parse_args()
+    if not set(args.roles.split(",")) <= set(ROLES):
+        p.error(f"--roles takes {', '.join(ROLES)}, got {args.roles}")
     if args.child:
         print("RESULT " + json.dumps(warm_up(**json.loads(args.child))), flush=True)
         return 0
@@ -156,6 +159,7 @@ def main() -> int:
     import torch
 
     from benchmarks.bench_serve import export_architecture
+    from benchmarks.common import device_name
     from dmd_ray.sd.resolve import resolve_generator
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -195,7 +199,7 @@ def main() -> int:
                   f"{result['cuda_visible_devices']}, OMP_NUM_THREADS {result['omp_num_threads']}, torch threads {result['torch_threads']}", flush=True)
             if args.json:
                 with open(args.json, "w") as f:
-                    json.dump({"model": args.model, "mode": mode, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                    json.dump({"model": args.model, "mode": mode, "device": device_name(device),
                                "torch": torch.__version__, "results": results}, f, indent=1)
     for result in results:  # where each warm-up's compile time went, by torch's own phase timers
         print(f"\n{result['role']}: torch.compile's slowest phases (s): " + "; ".join(f"{name} {t:.1f}" for name, t in result["compile_phases"]))
