@@ -39,8 +39,8 @@ def record_cache_keys(path: str) -> None:
             key, lines = original(*args, **kwargs)
             record = {"kind": kind, "key": key, "lines": [str(line) for line in lines]}
             if kind == "inductor":  # (a real tensor, unlike a fake one, is hashed with its values)
-                record["first_input_type"] = type(args[1][0]).__name__ if args[1] else "-"
-                record["first_input_pickle"] = first_input_pickle(inductor_cache, *args[:2])
+                record["input_types"] = [type(x).__name__ for x in args[1]]
+                record["input_pickles"] = input_pickles(inductor_cache, *args[:2])
             with open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             return key, lines
@@ -51,13 +51,14 @@ def record_cache_keys(path: str) -> None:
     wrap(aot_cache, "autograd_cache_key", "aot_autograd")
 
 
-def first_input_pickle(inductor_cache, gm, example_inputs) -> str:
-    """The bytes Inductor's key hashes for the graph's first input (its cache pickler's output), hex: when two
-    processes' keys differ in inputs whose printed metadata is equal, the difference is in these bytes."""
+def input_pickles(inductor_cache, gm, example_inputs, limit: int = 4096) -> list[str]:
+    """The bytes Inductor's key hashes for each graph input (its cache pickler's output), hex, the first `limit` bytes:
+    when two processes' keys differ in inputs whose printed metadata is equal, the difference is in these bytes."""
     try:
-        return inductor_cache.FxGraphCachePickler(gm).dumps(example_inputs[0]).hex()
+        pickler = inductor_cache.FxGraphCachePickler(gm)
+        return [pickler.dumps(x)[:limit].hex() for x in example_inputs]
     except Exception as e:  # torch's private pickler changes between versions: the key lines above still stand
-        return f"unavailable: {e!r}"
+        return [f"unavailable: {e!r}"] * len(example_inputs)
 
 
 def pickle_difference(a: str, b: str) -> str:
@@ -70,7 +71,10 @@ def pickle_difference(a: str, b: str) -> str:
         if hex_bytes.startswith("unavailable"):
             return [hex_bytes]
         out = io.StringIO()
-        pickletools.dis(bytes.fromhex(hex_bytes), out)
+        try:
+            pickletools.dis(bytes.fromhex(hex_bytes), out)
+        except Exception as e:  # a pickle cut at the recorded length: the opcodes before the cut still show
+            out.write(f"(disassembly stopped: {e})")
         return out.getvalue().splitlines()
 
     return "\n".join(line for line in difflib.unified_diff(listing(a), listing(b), "first", "later", lineterm="", n=1))
@@ -132,9 +136,11 @@ def differing_parts(first: list[dict], other: list[dict]) -> list[str]:
             only_y = [line for line in y["lines"] if line not in lines_x]
             report.append(f"{kind} graph {i}: keys differ\n  first only:  " + "\n  first only:  ".join(line[:400] for line in only_x[:4])
                           + "\n  later only:  " + "\n  later only:  ".join(line[:400] for line in only_y[:4]))
-            if "first_input_pickle" in x and "first_input_pickle" in y and x["first_input_pickle"] != y["first_input_pickle"]:
-                report.append(f"{kind} graph {i}: the first input's pickled bytes differ ({x.get('first_input_type')} / {y.get('first_input_type')}):\n"
-                              f"{pickle_difference(x['first_input_pickle'], y['first_input_pickle'])}")
+            differing = [j for j, (p, q) in enumerate(zip(x.get("input_pickles", []), y.get("input_pickles", []))) if p != q]
+            if differing:  # the first input whose bytes differ, disassembled
+                j = differing[0]
+                report.append(f"{kind} graph {i}: {len(differing)} inputs' pickled bytes differ, the first is input {j} "
+                              f"({x['input_types'][j]} / {y['input_types'][j]}):\n{pickle_difference(x['input_pickles'][j], y['input_pickles'][j])}")
         if a and b and len(a) != len(b):  # (a process that found AOTAutograd's graphs looks up no Inductor keys)
             report.append(f"{kind}: {len(a)} keys in the first process, {len(b)} in the later one")
     return report
