@@ -217,7 +217,7 @@ def main() -> int:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--compile", default="auto", help="the job's compile setting (auto: on GPU); the plain loop compiles in the first stage's mode")
     p.add_argument("--fused-adamw", default="auto")
-    p.add_argument("--skip-guards", action="store_true", help="the job's skip_guards: only the differentiating guards after the warm-up")
+    p.add_argument("--skip-guards", default="true", choices=("true", "false"), help="the job's skip_guards: only the differentiating guards after the warm-up")
     p.add_argument("--log-every", type=int, default=10, help="the losses read from the device every this many steps")
     p.add_argument("--lpips-backbone", default="vgg")
     p.add_argument("--lpips-min-size", type=int, default=224)
@@ -237,7 +237,7 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="bench-distill-")
     pairs_uri = make_pairs(args.teacher, args.reg_batch, args.steps + 2 * args.log_every + 4, work)
     base = bench_config(args, pairs_uri, gpu, dm_batch_size=args.dm_batch, reg_batch_size=args.reg_batch, precision=args.precision,
-                        fused_adamw=args.fused_adamw, profile_steps=args.profile_steps, skip_guards=args.skip_guards)
+                        fused_adamw=args.fused_adamw, profile_steps=args.profile_steps, skip_guards=args.skip_guards == "true")
     if args.zero_stages:  # the plain loop compiles in the mode of the first Ray row's stage
         base = dataclasses.replace(base, zero_stage=args.zero_stages[0])
     # the path before issue 14 as its baseline: eager networks, per-tensor AdamW, the losses read and reported to Ray Train every step

@@ -181,11 +181,11 @@ class DistillConfig:
     compile_cache: str = "auto"
     fused_adamw: str = "auto"  # true / auto (on GPU): torch's fused AdamW kernel instead of its per-tensor loop
     # after the first compiled steps, check only the guards that tell torch.compile's cached graphs apart (not under
-    # ZeRO-3): ~1 ms less host time per compiled network call, but a step that needs a new graph then fails
-    # ("Recompilation triggered with skip_guard_eval_unsafe stance"), as every DM run with TTUR 5 did on an H200
-    # (2026-12-02; the CPU reproduces it with the worker's DeepSpeed engines: the teacher, generator and fake-score
-    # UNets share one compiled code object, BENCHMARKS.md). Unsafe: off by default.
-    skip_guards: bool = False
+    # ZeRO-3): ~1 ms less host time per compiled network call. A step that needs a graph the first steps did not
+    # compile then fails loudly ("Recompilation triggered with skip_guard_eval_unsafe stance") instead of compiling;
+    # the step's shapes and modes are fixed per run, so none does (each network has its own compiled code object:
+    # distill_worker.compile_network says why that matters)
+    skip_guards: bool = True
     # scale
     num_workers: int = 1
     use_gpu: str = "auto"  # auto | true | false

@@ -171,6 +171,31 @@ def test_compiled_networks_give_the_eager_losses(tmp_path):
     assert compile_cache.load(cache) and not compile_cache.load(str(tmp_path / "missing.bin"))
 
 
+def test_skip_guards_with_networks_of_one_class_under_and_outside_autocast():
+    """Two compiled networks of one class, one always called under bf16 autocast (as the ZeRO-0 engines' networks
+    are) and one never (the teacher): the steps after COMPILE_STEPS run with `skip_guards` and recompile nothing
+    (compiled through their class's shared forward, the second network's call raised "Recompilation triggered with
+    skip_guard_eval_unsafe stance"; compile_network)."""
+    from dmd_ray.config import DistillConfig
+    from dmd_ray.distributed.distill_worker import COMPILE_STEPS, compile_network, step_guards
+
+    cfg = DistillConfig(zero_stage=0, skip_guards=True)
+    torch.manual_seed(0)
+    frozen = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 8))
+    trained = copy.deepcopy(frozen)
+    for net in (trained, frozen):
+        compile_network(net, "default")
+    x = torch.randn(4, 8)
+    for step in range(COMPILE_STEPS + 2):
+        with step_guards(cfg, step >= COMPILE_STEPS):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                a = trained(x)
+            with torch.no_grad():
+                b = frozen(x)
+        assert a.dtype == torch.bfloat16 and b.dtype == torch.float32
+    assert list(frozen.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]  # names unchanged
+
+
 def test_log_window_reads_each_values_mean_over_the_steps_that_logged_it():
     window = LogWindow()
     window.add({"loss": torch.tensor(1.0), "norm": torch.tensor(2.0, dtype=torch.bfloat16), "host_norm": 4.0})

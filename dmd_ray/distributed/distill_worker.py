@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+import types
 from typing import NamedTuple
 
 import torch
@@ -114,11 +115,26 @@ def bare_module(engine, cfg: DistillConfig, device: torch.device) -> torch.nn.Mo
     return Autocast(engine.module, device.type) if deepspeed_config(cfg, 1).get("torch_autocast") else engine.module
 
 
+def _own_forward(self, *args, **kwargs):
+    return type(self).forward(self, *args, **kwargs)
+
+
 def compile_network(module: torch.nn.Module, mode: str | None) -> None:
     """torch.compile in place (Module.compile keeps parameter names: checkpoints and exports are unchanged).
     Shapes are static per run (the DM, regression and fake batches are fixed); sample grids run eager
-    (RunRecords.sample_grid), so their batch does not compile a second graph."""
+    (RunRecords.sample_grid), so their batch does not compile a second graph.
+
+    Each network is compiled through a forward of its own (a copy of `_own_forward`'s code object, the frame that
+    Dynamo traces), not through its class's forward, which the teacher, generator and fake score share: Dynamo keeps
+    its cache entries per code object, and with one for all three, every call's lookup also ran the full guards of
+    the other networks' entries. A full check stores the thread's dispatch state (autocast on or off) in the entry,
+    and the entry's tensor guards compare dispatch keys against that stored state, also in the cheap check of
+    `skip_guards` (step_guards), which never stores it again. An entry last scanned by a call under the other
+    autocast state (the ZeRO-0 engines' networks run under bf16 autocast, the teacher without) then failed its
+    dispatch-key check at every call: "Recompilation triggered with skip_guard_eval_unsafe stance". Each network
+    is always called under one autocast state, so the state its entries store is always the right one."""
     if mode is not None:
+        module.forward = types.MethodType(types.FunctionType(_own_forward.__code__.replace(), globals(), "forward"), module)
         module.compile(mode=mode, dynamic=False)
 
 
