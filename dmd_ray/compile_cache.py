@@ -4,9 +4,32 @@ before it compiles, so that a resumed training run or a restarted serving replic
 Loading unpickles the file: keep it where only the jobs' owners write, as checkpoints."""
 from __future__ import annotations
 
+import copyreg
+
 import torch
 
 from dmd_ray.data import storage
+
+
+def stable_keys() -> None:
+    """Makes torch.compile's cache keys the same in every process; call before compiling (idempotent).
+
+    The keys hash each graph input's pickled metadata, its memory format included. A memory format pickles as a name
+    ("torch.contiguous_format") that pickle looks up in every loaded module, in import order, taking the first
+    module where the name resolves (pickle.whichmodule; the object has no __module__): torch._utils in a plain
+    process, another module in a Ray worker that imported one with a `torch` attribute first (on the H200:
+    cython.cimports.libc). So a Ray Train worker or a Serve replica computed other keys for the same graphs and
+    found nothing in a cache file that another process wrote (BENCHMARKS.md, "compile cache"). Registered here, a
+    memory format pickles through this module's function, the same in every process."""
+    copyreg.pickle(type(torch.contiguous_format), _reduce_memory_format)
+
+
+def _reduce_memory_format(memory_format: torch.memory_format):
+    return _memory_format, (str(memory_format).removeprefix("torch."),)
+
+
+def _memory_format(name: str) -> torch.memory_format:
+    return getattr(torch, name)
 
 
 def load(uri: str) -> bool:

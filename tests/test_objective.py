@@ -217,3 +217,40 @@ def test_log_window_remembers_a_non_finite_step_until_it_is_read(bad):
     window.read()
     window.add({"loss": torch.tensor(1.0)})
     assert bool(window.finite(torch.device("cpu")))
+
+
+_COMPILE_ONE_GRAPH = """
+import sys, types
+if sys.argv[1] == "decoy":  # a module with a `torch` attribute imported before torch, as a Ray worker's imports can be
+    decoy = types.ModuleType("a_module_loaded_first")
+    sys.modules[decoy.__name__] = decoy
+import torch
+if sys.argv[1] == "decoy":
+    decoy.torch = torch
+from torch._dynamo.utils import counters
+from dmd_ray import compile_cache
+compile_cache.stable_keys()
+torch.compile(lambda x: (x * 2).sin() + 1, dynamic=False)(torch.randn(4, 8))
+print("HITS", counters["inductor"]["fxgraph_cache_hit"])
+"""
+
+
+def test_a_process_with_other_imports_finds_the_graphs_another_compiled(tmp_path):
+    """compile_cache.stable_keys: the same graph gets the same Inductor cache key in a process whose modules were
+    imported in another order (a Ray worker, a Serve replica): a memory format's pickle, part of the key, no longer
+    depends on which loaded module pickle finds it through first. Without it the second process compiled again
+    (torch 2.11 on the H200, 2.14 here)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+           "TORCHINDUCTOR_AUTOGRAD_CACHE": "0", "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+
+    def hits(order: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _COMPILE_ONE_GRAPH, order], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout.split("HITS")[-1])
+
+    assert hits("plain") == 0  # compiles, and writes the graph to the node's Inductor cache
+    assert hits("decoy") == 1

@@ -134,6 +134,7 @@ def compile_network(module: torch.nn.Module, mode: str | None) -> None:
     dispatch-key check at every call: "Recompilation triggered with skip_guard_eval_unsafe stance". Each network
     is always called under one autocast state, so the state its entries store is always the right one."""
     if mode is not None:
+        compile_cache.stable_keys()  # a resumed run, or another worker, finds the kernels the first one compiled
         module.forward = types.MethodType(types.FunctionType(_own_forward.__code__.replace(), globals(), "forward"), module)
         module.compile(mode=mode, dynamic=False)
 

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from dmd_ray import compile_cache
 from dmd_ray.images import to_uint8_tensor
 from dmd_ray.method.generator import OneStepGenerator
 from dmd_ray.method.sampling import seeded_noise
@@ -103,6 +104,7 @@ class OneStepImageGenerator:
             decoder_network = tiny.decoder
         self.compile_mode = compile_mode
         if compile_mode:
+            compile_cache.stable_keys()  # a replica finds the kernels another process compiled
             # Dynamo's automatic dynamic shapes: batch 1 compiles for its own shape, the next bucket once for any
             # batch, and every later bucket (or image size) reuses those kernels and only records its CUDA graph. With
             # static shapes each bucket compiles again (about 85 s each at SD 1.5 on an H200; 350 s for batches 1-8).

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dmd_ray import compile_cache
 from dmd_ray.data import storage
 from dmd_ray.method.schedule import NoiseSchedule, check_prediction_type
 from dmd_ray.method.transfer import to_device
@@ -111,6 +112,7 @@ class UNetDenoiser(nn.Module):
         backward, so it compiles without CUDA graphs, whose replays reuse their output buffers: fused kernels, the
         host still launching them."""
         if mode is not None and self.classifier is not None:
+            compile_cache.stable_keys()
             self._compiled_logits = torch.compile(self.logits, mode="default" if mode == "reduce-overhead" else mode, dynamic=False)
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from dmd_ray import compile_cache
 from dmd_ray.method.denoiser import GuidedDenoiser
 from dmd_ray.method.sampling import ode_sample, seeded_noise
 from dmd_ray.sd.teacher import pad_rows
@@ -49,6 +50,7 @@ class PairSampler:
         self.batch_size = batch_size if compile_mode else 0
         net = teacher.denoiser()
         if compile_mode:
+            compile_cache.stable_keys()  # the pair actors of one node share their kernels through Inductor's cache
             compiled = torch.compile(net, mode=compile_mode, dynamic=False)
 
             def net(x_t, t, cond):
