@@ -101,9 +101,11 @@ def outside_serve_replica(max_ongoing_requests: int) -> None:
     serve.get_replica_context = lambda: types.SimpleNamespace(_deployment_config=config)
 
 
-async def run_bare(folder: str, device: str, args, config, concurrencies: list[int], formats: list[str], rows: dict, save) -> None:
+async def run_bare(folder: str, device: str, args, config, concurrencies: list[int], formats: list[str], rows: dict, save,
+                   replica_started=None) -> None:
     """Fills `rows` with the bare rows per output format and "warmup_s", the generator's warm-up (compilation) time,
-    calling `save()` after each."""
+    calling `save()` after each. With `replica_started` (a future), the rows wait for it after the warm-up, so that no
+    row shares the machine with the replica's warm-up."""
     from dmd_ray.sd.one_step import SEED_MODULUS, GenerationJob, ImageSize, OneStepImageGenerator
     from serve.app import BatchedGenerator, ImageEncoder
 
@@ -119,6 +121,8 @@ async def run_bare(folder: str, device: str, args, config, concurrencies: list[i
 
     rows["warmup_s"] = warmup_s
     save()
+    if replica_started is not None:
+        await asyncio.wrap_future(replica_started)
     for output_format in formats:
 
         async def send(seed: int) -> None:
@@ -216,6 +220,8 @@ def main() -> int:
     p.add_argument("--num-cpus", type=float, default=float(os.cpu_count() or 1),
                    help="the replica's CPUs, and torch threads for both paths on CPU")
     p.add_argument("--paths", default="bare,http", help="which paths to measure: bare, http or both (the HTTP/bare ratios need both)")
+    p.add_argument("--serve-env", default="", help="KEY=VALUE,... set for Ray Serve's processes (controller, proxy, replica), "
+                   "e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Ray's flag for direct ingress and user code on the replica's loop)")
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -269,6 +275,8 @@ def main() -> int:
                     json.dump(results, f, indent=1)
 
         if "http" in paths:
+            # Serve reads its flags at import in each of its processes: set here, the local cluster's processes inherit them
+            os.environ.update(item.split("=", 1) for item in args.serve_env.split(",") if item)
             ray.init(address="local", include_dashboard=False, num_cpus=max(4, int(args.num_cpus) + 2), log_to_driver=False,
                      runtime_env={"env_vars": replica_env})
         try:
@@ -276,7 +284,7 @@ def main() -> int:
             # are measured with the other idle
             replica = concurrent.futures.ThreadPoolExecutor(1).submit(start_service, folder, service_args) if "http" in paths else None
             if "bare" in paths:
-                asyncio.run(run_bare(folder, device, args, config, concurrencies, formats, bare, save))
+                asyncio.run(run_bare(folder, device, args, config, concurrencies, formats, bare, save, replica))
             if replica:
                 url, results["replica_start_s"] = replica.result()
                 asyncio.run(run_http(url, args, concurrencies, formats, http, floor, save))
