@@ -13,11 +13,13 @@ def test_image_maker_is_deterministic_per_seed():
     cfg = EvalConfig(steps=3)
     maker = ImageMaker("teacher:demo", cfg)
     batch = {"prompt": np.array(["a red circle", "a blue square"]), "seed": np.array([5, 6])}
-    first, again = maker(batch)["image"], maker({"prompt": batch["prompt"][:1], "seed": batch["seed"][:1]})["image"]
+    first, alone = maker(batch)["image"], maker({"prompt": batch["prompt"][:1], "seed": batch["seed"][:1]})["image"]
     assert first.shape == (2, 32, 32, 3) and first.dtype == np.uint8
-    assert np.array_equal(first[0], again[0])
+    assert np.array_equal(maker(batch)["image"], first)
+    # another batch size may take other CPU kernels (summation order): at most a rounding step of uint8 apart
+    assert np.abs(first[0].astype(int) - alone[0].astype(int)).max() <= 1
     other_seed = maker({"prompt": batch["prompt"][:1], "seed": np.array([7])})["image"]
-    assert np.abs(other_seed[0].astype(int) - first[0].astype(int)).mean() > 1  # another seed, another image
+    assert np.abs(other_seed[0].astype(int) - alone[0].astype(int)).mean() > 1  # another seed, another image
 
 
 @pytest.mark.slow
