@@ -15,7 +15,8 @@ the generation thread), encoding in each `--output-format` (nvJPEG on a GPU for 
 sends its next request when the previous one is answered (closed loop); every request has its own seed. The
 replica starts with empty compile caches, as on a fresh node, and warms up beside the bare path's warm-up (a GPU
 replica's compilation takes minutes); each path's rows are measured with the other idle. `--paths bare` or `http`
-measures one.
+measures one. "outside the handler" is an HTTP request's latency minus the replica handler's own time (its
+Server-Timing header): what Serve's proxy, Ray's hops and FastAPI's parsing and JSON add.
 """
 from __future__ import annotations
 
@@ -59,9 +60,11 @@ def percentile_ms(latencies: list[float], q: float) -> float:
 async def closed_loop(send, concurrency: int, seconds: float, warmup_per_client: int) -> dict:
     """`concurrency` clients, each sending its next request when the previous one is answered. Measuring starts
     once every client has sent `warmup_per_client` unmeasured requests, and stops after `seconds` (requests in
-    flight then are completed and counted). `send(seed)` performs one request."""
+    flight then are completed and counted). `send(seed)` performs one request; where it returns the seconds the
+    replica's handler took (its Server-Timing), the row also has the p50 of the rest of each request's latency."""
     seeds = itertools.count()
     latencies: list[float] = []
+    outside_handler: list[float] = []
     everyone_warm = asyncio.Event()
     warm_clients = 0
     started = deadline = 0.0
@@ -78,18 +81,22 @@ async def closed_loop(send, concurrency: int, seconds: float, warmup_per_client:
         await everyone_warm.wait()
         while time.perf_counter() < deadline:
             request_started = time.perf_counter()
-            await send(next(seeds))
+            handler_s = await send(next(seeds))
             latencies.append(time.perf_counter() - request_started)
+            if handler_s is not None:
+                outside_handler.append(latencies[-1] - handler_s)
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
     wall = time.perf_counter() - started
     return {"concurrency": concurrency, "requests": len(latencies), "req_per_s": len(latencies) / wall,
-            "p50_ms": percentile_ms(latencies, 50), "p99_ms": percentile_ms(latencies, 99)}
+            "p50_ms": percentile_ms(latencies, 50), "p99_ms": percentile_ms(latencies, 99),
+            **({"outside_handler_p50_ms": percentile_ms(outside_handler, 50)} if outside_handler else {})}
 
 
 def report(path: str, row: dict) -> None:
+    outside = f"  outside the handler p50 {row['outside_handler_p50_ms']:.1f} ms" if "outside_handler_p50_ms" in row else ""
     print(f"{path:5} c={row['concurrency']:<3} {row['req_per_s']:8.1f} req/s  p50 {row['p50_ms']:7.1f} ms  "
-          f"p99 {row['p99_ms']:7.1f} ms  mean batch {row['mean_batch']:.1f}", flush=True)
+          f"p99 {row['p99_ms']:7.1f} ms  mean batch {row['mean_batch']:.1f}{outside}", flush=True)
 
 
 def outside_serve_replica(max_ongoing_requests: int) -> None:
@@ -147,6 +154,8 @@ async def run_http(url: str, args, concurrencies: list[int], formats: list[str],
     with 1 and with the most clients), calling `save()` after each row."""
     import aiohttp
 
+    from serve.app import ServerTiming
+
     connector = aiohttp.TCPConnector(limit=max(concurrencies))
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
 
@@ -159,6 +168,7 @@ async def run_http(url: str, args, concurrencies: list[int], formats: list[str],
                 await response.read()
                 if response.status != 200:
                     raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:300]}")
+                return ServerTiming.parse(response.headers["Server-Timing"])["handler"] / 1e3
 
         async def batch_counts() -> tuple[int, float]:
             async with session.get(f"{url}/health") as response:
@@ -301,18 +311,19 @@ def main() -> int:
         print(f"(bare warm-up {bare['warmup_s']:.1f} s with this node's compile caches as found, beside the replica's warm-up from empty caches)")
     if not (bare and http):  # one path: its own rows
         name, rows = ("bare", bare) if bare else ("HTTP", http)
-        print(f"| format | clients | {name} req/s | p50 ms | p99 ms | mean batch |\n|---|---|---|---|---|---|")
+        print(f"| format | clients | {name} req/s | p50 ms | p99 ms | outside the handler p50 ms | mean batch |\n|---|---|---|---|---|---|---|")
         for output_format in formats:
             for row in rows[output_format]:
-                print(f"| {output_format} | {row['concurrency']} | {row['req_per_s']:.1f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['mean_batch']:.1f} |")
+                outside = f"{row['outside_handler_p50_ms']:.1f}" if "outside_handler_p50_ms" in row else "-"
+                print(f"| {output_format} | {row['concurrency']} | {row['req_per_s']:.1f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {outside} | {row['mean_batch']:.1f} |")
     else:
         print("| format | clients | bare req/s | bare p50 ms | bare p99 ms | HTTP req/s | HTTP p50 ms | HTTP p99 ms | HTTP/bare req/s "
-              "| added p50 ms | mean batch bare / HTTP |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+              "| added p50 ms | outside the handler p50 ms | mean batch bare / HTTP |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for output_format, b, h in ((f, b, h) for f in formats for b, h in zip(bare[f], http[f])):
             print(f"| {output_format} | {b['concurrency']} | {b['req_per_s']:.1f} | {b['p50_ms']:.1f} | {b['p99_ms']:.1f} | {h['req_per_s']:.1f} | "
                   f"{h['p50_ms']:.1f} | {h['p99_ms']:.1f} | {h['req_per_s'] / b['req_per_s']:.2f}x | {h['p50_ms'] - b['p50_ms']:+.1f} | "
-                  f"{b['mean_batch']:.1f} / {h['mean_batch']:.1f} |")
+                  f"{h['outside_handler_p50_ms']:.1f} | {b['mean_batch']:.1f} / {h['mean_batch']:.1f} |")
     if floor:
         print(f"Serve's floor (GET /health, nothing computed): p50 {floor[0]['p50_ms']:.1f} ms with 1 client; "
               f"{floor[1]['req_per_s']:.0f} req/s with {floor[1]['concurrency']} clients")

@@ -291,6 +291,31 @@ class ImageEncoder:
         return list(await asyncio.gather(*(loop.run_in_executor(self.pool, encode_image, image, output_format, quality) for image in images)))
 
 
+class ServerTiming:
+    """The Server-Timing header of a generation: each phase's milliseconds, then `handler`, the handler's whole time
+    up to the last phase (what the replica's code spent; the rest of a client's latency is the HTTP proxy's, Ray's
+    and FastAPI's). Browsers show it in their network panel; the page and bench_serve read it."""
+
+    def __init__(self, started: float):
+        self.started = self.last = started
+        self.phases: list[tuple[str, float]] = []
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases.append((phase, now - self.last))
+        self.last = now
+
+    def header(self) -> str:
+        phases = [*self.phases, ("handler", self.last - self.started)]
+        return ", ".join(f"{name};dur={seconds * 1e3:.1f}" for name, seconds in phases)
+
+    @staticmethod
+    def parse(header: str) -> dict[str, float]:
+        """{name: milliseconds} of a Server-Timing header (entries without a duration are left out)."""
+        entries = (entry.split(";") for entry in header.split(",") if entry.strip())
+        return {fields[0].strip(): float(param.split("=", 1)[1]) for fields in entries for param in fields[1:] if param.strip().startswith("dur=")}
+
+
 def _nvjpeg(images, quality: int) -> list[bytes]:
     from torchvision.io import encode_jpeg
 
@@ -355,10 +380,20 @@ class OneStepImageService:
             raise RequestError(f"generation did not finish within {self.config.request_timeout_s:g} s", status=504,
                                code="timeout", error_type="server_error") from None
 
+    async def _generate_and_encode(self, job: GenerationJob, output_format: str, quality: int, arrived: float) -> tuple[list[bytes], ServerTiming]:
+        timing = ServerTiming(arrived)
+        images = await self._generate(job)
+        timing.mark("generate")
+        encoded = await self.encoder.encode(images, output_format, quality)
+        timing.mark("encode")
+        return encoded, timing
+
     # ----------------------------------------------------------------------------------------- routes
     @api.post("/v1/images/generations", response_model=ImagesResponse, responses=ERROR_RESPONSES, dependencies=AUTHORIZED)
-    async def create_images(self, body: ImageGenerationRequest) -> ImagesResponse:
-        """Generates images from a prompt (OpenAI's images API; `seed` is an extension)."""
+    async def create_images(self, body: ImageGenerationRequest, response: Response) -> ImagesResponse:
+        """Generates images from a prompt (OpenAI's images API; `seed` is an extension). Header: Server-Timing, as
+        /generate's."""
+        arrived = time.perf_counter()
         if body.model is not None and body.model != self.model_id:
             raise RequestError(f"The model '{body.model}' does not exist; this server serves '{self.model_id}'.",
                                "model", status=404, code="model_not_found")
@@ -366,24 +401,21 @@ class OneStepImageService:
             raise RequestError("response_format 'url' is not supported: this server returns images inline; use 'b64_json'.",
                                "response_format", code="unsupported_response_format")
         job = validate_generation(body.prompt, body.n, body.size, body.seed, self.limits)
-        encoded = await self.encoder.encode(await self._generate(job), body.output_format, body.output_compression)
+        encoded, timing = await self._generate_and_encode(job, body.output_format, body.output_compression, arrived)
         data = [GeneratedImage(b64_json=base64.b64encode(image).decode(), seed=seed) for image, seed in zip(encoded, job.seeds)]
+        response.headers["Server-Timing"] = timing.header()
         return ImagesResponse(created=int(time.time()), data=data, output_format=body.output_format)
 
     @api.post("/generate", response_class=Response, responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}, **ERROR_RESPONSES},
               dependencies=AUTHORIZED)
     async def generate_one(self, body: GenerateRequest) -> Response:
         """One image as image/png (or output_format jpeg or webp). Headers: X-Seed (the seed used) and Server-Timing
-        (from the request's arrival at the replica to its image: batching wait and generation; then encoding)."""
+        (generate: batching wait and generation; encode; handler: from the handler's start to the encoded image, so
+        that a client's latency minus it is what the HTTP proxy, Ray and FastAPI add)."""
+        arrived = time.perf_counter()
         job = validate_generation(body.prompt, 1, body.size, body.seed, self.limits)
-        started = time.perf_counter()
-        images = await self._generate(job)
-        generation_ms = (time.perf_counter() - started) * 1000
-        started = time.perf_counter()
-        (encoded,) = await self.encoder.encode(images, body.output_format, body.output_compression)
-        encode_ms = (time.perf_counter() - started) * 1000
-        headers = {"X-Seed": str(job.seeds[0]), "Server-Timing": f"generate;dur={generation_ms:.1f}, encode;dur={encode_ms:.1f}",
-                   "Cache-Control": "no-store"}
+        (encoded,), timing = await self._generate_and_encode(job, body.output_format, body.output_compression, arrived)
+        headers = {"X-Seed": str(job.seeds[0]), "Server-Timing": timing.header(), "Cache-Control": "no-store"}
         return Response(encoded, media_type=MEDIA_TYPES[body.output_format], headers=headers)
 
     @api.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES, dependencies=AUTHORIZED)

@@ -100,6 +100,8 @@ def decode_png(b64: str) -> np.ndarray:
 def test_openai_client_generates_through_the_service(serve_url):
     import openai
 
+    from serve.app import ServerTiming
+
     client = openai.OpenAI(base_url=f"{serve_url}/v1", api_key=API_KEY, max_retries=0, timeout=HTTP_TIMEOUT_S)
     assert [m.id for m in client.models.list()] == ["tiny"]
     result = client.images.generate(model="tiny", prompt="a small red circle", n=2, size="64x64",
@@ -116,6 +118,9 @@ def test_openai_client_generates_through_the_service(serve_url):
         assert data.startswith(magic) and result.model_dump()["output_format"] == output_format
         decoded = decode_png(result.data[0].b64_json).astype(int)  # the same image, lossy: nearer seed 43's than seed 42's
         assert np.abs(decoded - images[1].astype(int)).mean() < 0.7 * np.abs(decoded - images[0].astype(int)).mean()
+    raw = client.images.with_raw_response.generate(prompt="a small red circle", size="64x64", extra_body={"seed": 43})
+    timing = ServerTiming.parse(raw.headers["server-timing"])
+    assert list(timing) == ["generate", "encode", "handler"] and timing["handler"] >= timing["generate"] + timing["encode"] - 0.2
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.generate(prompt="a small red circle", extra_body={"output_format": "gif"})
     assert caught.value.status_code == 400

@@ -337,3 +337,17 @@ def test_the_batcher_waits_for_a_batch_to_fill_only_under_load(generator, monkey
         return waits
 
     assert asyncio.run(scenario()) == [0.05, 0.0, 0.05]
+
+
+def test_server_timing_names_each_phase_and_the_handlers_whole_time(monkeypatch):
+    from serve.app import ServerTiming
+
+    clock = iter([10.0, 10.25, 10.2625])  # the handler's start, then the end of each phase
+    monkeypatch.setattr("serve.app.time.perf_counter", lambda: next(clock))
+    timing = ServerTiming(next(clock))
+    timing.mark("generate")
+    timing.mark("encode")
+    header = timing.header()
+    assert header == "generate;dur=250.0, encode;dur=12.5, handler;dur=262.5"
+    assert ServerTiming.parse(header) == {"generate": 250.0, "encode": 12.5, "handler": 262.5}
+    assert ServerTiming.parse('cache;desc="hit", db;dur=3, total;desc="x";dur=7.5') == {"db": 3.0, "total": 7.5}
