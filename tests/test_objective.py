@@ -123,6 +123,34 @@ def test_one_iteration_on_the_tiny_teacher_with_torch_optimisers():
     torch.testing.assert_close(conditions.encode(["a blue square"]), teacher.encode_prompts(["a blue square"]))  # cached == fresh
 
 
+def test_prompt_conditions_encode_the_set_at_the_start_up_to_the_cache_limit(monkeypatch):
+    # the text encoder runs while the conditions are built, never in the training steps after; a set larger than
+    # the cache keeps what fits and encodes the rest when drawn
+    from dmd_ray.sd import conditioning
+    from dmd_ray.sd.architectures import build_tiny_teacher
+    from dmd_ray.sd.conditioning import PromptConditions
+
+    teacher = build_tiny_teacher()
+    prompts = [f"a {colour} {shape}" for colour in ("red", "blue", "green") for shape in ("circle", "square", "star")]
+    monkeypatch.setattr(conditioning, "ENCODE_BATCH", 4)  # three encoder calls for nine prompts
+    calls = []
+    encode = teacher.encode_prompts
+    monkeypatch.setattr(teacher, "encode_prompts", lambda batch: calls.append(list(batch)) or encode(batch))
+    conditions = PromptConditions(teacher, prompts + prompts[:2], (4, 8, 8), "cpu")
+    assert calls == [prompts[:4], prompts[4:8], prompts[8:]]
+    noise, cond = conditions.draw(16, torch.Generator().manual_seed(0))
+    assert len(calls) == 3 and noise.shape == (16, 4, 8, 8) and cond.shape[0] == 16
+    torch.testing.assert_close(conditions.encode(prompts[::-1]), encode(prompts[::-1]))
+
+    per_prompt = cond[0].numel() * cond.element_size()
+    calls.clear()
+    small = PromptConditions(teacher, prompts, (4, 8, 8), "cpu", max_cache_bytes=6 * per_prompt)  # the first batch fits, the second not
+    assert calls == [prompts[:4], prompts[4:8]]
+    calls.clear()
+    torch.testing.assert_close(small.encode([prompts[0], prompts[5]]), encode([prompts[0], prompts[5]]))
+    assert calls == [[prompts[5]]]
+
+
 @pytest.mark.slow
 def test_compiled_networks_give_the_eager_losses(tmp_path):
     """The fast path's compiled networks (torch.compile, as `--compile true` sets them up in the worker) compute the
