@@ -52,9 +52,12 @@ def save(uri: str) -> int:
 
 def summary() -> str:
     """What this process compiled so far, and how much of it came from a cache (this machine's, or a loaded file):
-    Dynamo graphs traced, and the Inductor and AOTAutograd graphs found against compiled."""
+    Dynamo graphs traced, and the Inductor and AOTAutograd graphs found against compiled; on a GPU also the graphs
+    that CUDA graphs skipped (they then launch every kernel from the host at every call; TORCH_LOGS=cudagraphs says
+    why)."""
     from torch._dynamo.utils import counters  # torch's own counters; absent keys read 0
 
     inductor, aot = counters["inductor"], counters["aot_autograd"]
+    skips = f"; {inductor['cudagraph_skips']} skipped by CUDA graphs" if torch.cuda.is_initialized() else ""
     return (f"{counters['stats']['unique_graphs']} graphs traced; Inductor {inductor['fxgraph_cache_hit']} cached, "
-            f"{inductor['fxgraph_cache_miss']} compiled; AOTAutograd {aot['autograd_cache_hit']} cached, {aot['autograd_cache_miss']} compiled")
+            f"{inductor['fxgraph_cache_miss']} compiled; AOTAutograd {aot['autograd_cache_hit']} cached, {aot['autograd_cache_miss']} compiled{skips}")

@@ -24,12 +24,14 @@ def _profiler(device: torch.device):
 
 
 def summarize(prof, steps: int, wall_s: float | None = None) -> dict:
-    """Per iteration: device time, launches, the top device and host ops (ms), and the wall time under the profiler."""
+    """Per iteration: device time, launches, the top device and host ops (ms and calls), and the wall time under the
+    profiler."""
     events = prof.key_averages()
     device_s = sum(e.self_device_time_total for e in events if e.device_type != torch.autograd.DeviceType.CPU) / 1e6
 
-    def top(key: str, n: int) -> list:
-        return [(e.key[:60], round(getattr(e, key) / 1e3 / steps, 2)) for e in sorted(events, key=lambda e: -getattr(e, key))[:n]]
+    def top(key: str, n: int) -> list:  # (op, ms per iteration, calls per iteration): the calls tell a per-step op from a one-off
+        return [(e.key[:60], round(getattr(e, key) / 1e3 / steps, 2), round(e.count / steps, 1))
+                for e in sorted(events, key=lambda e: -getattr(e, key))[:n]]
 
     out = {"launches_per_iteration": sum(e.count for e in events if e.key in LAUNCH_CALLS) / steps, "top_cpu_ms": top("self_cpu_time_total", 12)}
     if wall_s:
