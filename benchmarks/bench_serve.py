@@ -232,6 +232,8 @@ def main() -> int:
     p.add_argument("--paths", default="bare,http", help="which paths to measure: bare, http or both (the HTTP/bare ratios need both)")
     p.add_argument("--serve-env", default="", help="KEY=VALUE,... set for Ray Serve's processes (controller, proxy, replica), "
                    "e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Ray's flag for direct ingress and user code on the replica's loop)")
+    p.add_argument("--replica-cache-dir", default="", help="the replica's Inductor and Triton caches; default: empty ones in a temporary folder, "
+                   "as on a fresh node. A folder that an earlier run filled lets a second run (say, other --serve-env flags) skip the compilation")
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -261,9 +263,10 @@ def main() -> int:
     outside_serve_replica(config.max_ongoing_requests)
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        # the replica starts as a new replica on a fresh node does: empty Inductor and Triton caches, no cache file
+        # the replica starts as a new replica on a fresh node does (unless --replica-cache-dir): empty Inductor and Triton caches, no cache file
         # (what a cache file saves a new process: benchmarks/bench_compile_cache.py)
-        replica_env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "replica-inductor-cache"), "TRITON_CACHE_DIR": os.path.join(tmp, "replica-triton-cache")}
+        caches = args.replica_cache_dir or tmp
+        replica_env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(caches, "replica-inductor-cache"), "TRITON_CACHE_DIR": os.path.join(caches, "replica-triton-cache")}
         folder = args.model
         if args.model in ("tiny", "sd15-architecture"):
             started = time.perf_counter()

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md, each benchmark time-boxed, logs and JSON results in one folder:
 #
-#     bash benchmarks/gpu_suite.sh OUT                 # every stage (up to 8 x 9 minutes on one H200)
+#     bash benchmarks/gpu_suite.sh OUT                 # every stage (time boxes add up to 82 minutes on one H200)
 #     bash benchmarks/gpu_suite.sh OUT demo,serve      # some stages
 #
-# Each stage's time box in seconds: DEMO_S, SD15_S, SD15_COMPILED_S, SD15_SWEEP_S, SERVE_S, ONESTEP_S, PAIRS_S, COMPILE_CACHE_S.
+# Each stage's time box in seconds: DEMO_S, SD15_S, SD15_COMPILED_S, SD15_SWEEP_S, SERVE_S, SERVE_HTTP_S, SERVE_HTTP_OPTIMIZED_S, ONESTEP_S, PAIRS_S, COMPILE_CACHE_S.
 # demo:    a DMD iteration on the demo teacher (issue 14's first size): the plain loop and Ray Train + DeepSpeed
 #          ZeRO-0 with the fast settings, then the eager path before issue 14
 # sd15:    the same at the SD 1.5 architecture, 512x512, ZeRO-2, gradient checkpointing, both rows eager: MFU
@@ -13,6 +13,8 @@
 # sd15-sweep: the plain loop eager in ZeRO-2's numerics at growing per-GPU batches until one runs out of memory:
 #          the batch with the most samples/s, its memory
 # serve:   the one-step service at the SD 1.5 architecture: bare generator and HTTP, 1/8/32 clients, three formats
+# serve-http, serve-http-optimized: the HTTP path alone (JPEG), with Ray Serve's default flags, then with
+#          RAY_SERVE_THROUGHPUT_OPTIMIZED=1; the second replica finds the first one's kernels (a shared cache folder)
 # onestep: the service's generator without HTTP, SD 1.5 architecture: eager against CUDA graphs, the VAE against a
 #          tiny decoder, fp16 against bf16
 # pairs:   teacher pairs at the SD 1.5 architecture, 50 PNDM steps, guidance 3: eager diffusers, then the job's sampler
@@ -23,8 +25,8 @@
 # The Ray rows profile their own steps after the compiled warm-up (profile_steps); the timing leaves out the log
 # windows that hold them.
 set -uo pipefail
-OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUT [demo,sd15,sd15-compiled,sd15-sweep,serve,onestep,pairs,compile-cache]}
-STAGES=${2:-demo,sd15,sd15-compiled,sd15-sweep,serve,onestep,pairs,compile-cache}
+OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUT [demo,sd15,sd15-compiled,sd15-sweep,serve,serve-http,serve-http-optimized,onestep,pairs,compile-cache]}
+STAGES=${2:-demo,sd15,sd15-compiled,sd15-sweep,serve,serve-http,serve-http-optimized,onestep,pairs,compile-cache}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 
@@ -51,6 +53,11 @@ stage sd15-sweep "${SD15_SWEEP_S:-540}" python benchmarks/batch_sweep.py --teach
     --gradient-checkpointing --batches 16x4,32x8,48x12,64x16 --steps 6 --log-every 3 --json "$OUT/sd15-sweep.json"
 stage serve "${SERVE_S:-540}" python benchmarks/bench_serve.py --model sd15-architecture --concurrency 1,8,32 \
     --output-format jpeg,png,webp --max-batch-size 8 --seconds 4 --json "$OUT/serve.json"
+stage serve-http "${SERVE_HTTP_S:-330}" python benchmarks/bench_serve.py --model sd15-architecture --paths http --concurrency 1,8,32 \
+    --output-format jpeg --max-batch-size 8 --seconds 4 --replica-cache-dir /tmp/dmd-serve-http-caches --json "$OUT/serve-http.json"
+stage serve-http-optimized "${SERVE_HTTP_OPTIMIZED_S:-240}" python benchmarks/bench_serve.py --model sd15-architecture --paths http \
+    --concurrency 1,8,32 --output-format jpeg --max-batch-size 8 --seconds 4 --replica-cache-dir /tmp/dmd-serve-http-caches \
+    --serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=1 --json "$OUT/serve-http-optimized.json"
 stage onestep "${ONESTEP_S:-540}" python benchmarks/bench_onestep.py --model sd15-architecture --batch 16 --iters 20 \
     --dtype float16,bfloat16 --json "$OUT/onestep.json"
 stage pairs "${PAIRS_S:-540}" python benchmarks/bench_pairs.py --teacher sd15-architecture --resolution 512 --steps 50 --guidance 3 \

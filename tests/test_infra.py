@@ -473,7 +473,8 @@ def test_the_gpu_suite_runs_the_benchmarks_with_arguments_they_take():
     session."""
     text = open(os.path.join(REPO, "benchmarks", "gpu_suite.sh")).read().replace("\\\n", " ")
     stages = [shlex.split(line.replace("$OUT", "/tmp/out")) for line in text.splitlines() if line.startswith("stage ")]
-    assert [s[1] for s in stages] == ["demo", "sd15", "sd15-compiled", "sd15-sweep", "serve", "onestep", "pairs", "compile-cache"]
+    assert [s[1] for s in stages] == ["demo", "sd15", "sd15-compiled", "sd15-sweep", "serve", "serve-http", "serve-http-optimized", "onestep", "pairs",
+                                   "compile-cache"]
     helps = {}
     for stage in stages:
         assert stage[3] == "python" and stage[4].startswith("benchmarks/"), stage
