@@ -60,11 +60,12 @@ def percentile_ms(latencies: list[float], q: float) -> float:
 async def closed_loop(send, concurrency: int, seconds: float, warmup_per_client: int) -> dict:
     """`concurrency` clients, each sending its next request when the previous one is answered. Measuring starts
     once every client has sent `warmup_per_client` unmeasured requests, and stops after `seconds` (requests in
-    flight then are completed and counted). `send(seed)` performs one request; where it returns the seconds the
-    replica's handler took (its Server-Timing), the row also has the p50 of the rest of each request's latency."""
+    flight then are completed and counted). `send(seed)` performs one request; where it returns the replica's
+    Server-Timing ({phase: ms}, with "handler"), the row also has each phase's p50 and the p50 of the rest of each
+    request's latency (outside the handler)."""
     seeds = itertools.count()
     latencies: list[float] = []
-    outside_handler: list[float] = []
+    server: dict[str, list[float]] = {}
     everyone_warm = asyncio.Event()
     warm_clients = 0
     started = deadline = 0.0
@@ -81,20 +82,21 @@ async def closed_loop(send, concurrency: int, seconds: float, warmup_per_client:
         await everyone_warm.wait()
         while time.perf_counter() < deadline:
             request_started = time.perf_counter()
-            handler_s = await send(next(seeds))
+            timing = await send(next(seeds))
             latencies.append(time.perf_counter() - request_started)
-            if handler_s is not None:
-                outside_handler.append(latencies[-1] - handler_s)
+            if timing:
+                for phase, ms in {**timing, "outside the handler": latencies[-1] * 1e3 - timing["handler"]}.items():
+                    server.setdefault(phase, []).append(ms / 1e3)
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
     wall = time.perf_counter() - started
     return {"concurrency": concurrency, "requests": len(latencies), "req_per_s": len(latencies) / wall,
             "p50_ms": percentile_ms(latencies, 50), "p99_ms": percentile_ms(latencies, 99),
-            **({"outside_handler_p50_ms": percentile_ms(outside_handler, 50)} if outside_handler else {})}
+            **({"server_p50_ms": {phase: percentile_ms(seconds, 50) for phase, seconds in server.items()}} if server else {})}
 
 
 def report(path: str, row: dict) -> None:
-    outside = f"  outside the handler p50 {row['outside_handler_p50_ms']:.1f} ms" if "outside_handler_p50_ms" in row else ""
+    outside = "  p50 ms: " + ", ".join(f"{phase} {ms:.1f}" for phase, ms in row["server_p50_ms"].items()) if "server_p50_ms" in row else ""
     print(f"{path:5} c={row['concurrency']:<3} {row['req_per_s']:8.1f} req/s  p50 {row['p50_ms']:7.1f} ms  "
           f"p99 {row['p99_ms']:7.1f} ms  mean batch {row['mean_batch']:.1f}{outside}", flush=True)
 
@@ -114,7 +116,7 @@ async def run_bare(folder: str, device: str, args, config, concurrencies: list[i
     calling `save()` after each. With `replica_started` (a future), the rows wait for it after the warm-up, so that no
     row shares the machine with the replica's warm-up."""
     from dmd_ray.sd.one_step import SEED_MODULUS, GenerationJob, ImageSize, OneStepImageGenerator
-    from serve.app import BatchedGenerator, ImageEncoder
+    from serve.app import BatchedGenerator, ImageEncoder, ServerTiming
 
     # as the service sets them up: its compile mode and decoder, the warm-up in the batcher's generation thread
     generator = OneStepImageGenerator(folder, device, config.dtype, config.decoder, compile_mode=config.compile_mode(device))
@@ -132,10 +134,16 @@ async def run_bare(folder: str, device: str, args, config, concurrencies: list[i
         await asyncio.wrap_future(replica_started)
     for output_format in formats:
 
-        async def send(seed: int) -> None:
+        async def send(seed: int) -> dict[str, float]:
+            timing = ServerTiming(time.perf_counter())  # the phases the replica's handler reports, timed the same way
             job = GenerationJob(PROMPTS[seed % len(PROMPTS)], (seed % SEED_MODULUS,), size)
-            for image in await encoder.encode(await batcher.generate(job), output_format, 90):
-                base64.b64encode(image)  # as the service encodes its response
+            images = await batcher.generate(job)
+            timing.mark("generate")
+            encoded = await encoder.encode(images, output_format, 90)
+            timing.mark("encode")
+            for image in encoded:
+                base64.b64encode(image)  # as the service encodes its response (after its last phase)
+            return ServerTiming.parse(timing.header())
 
         rows[output_format] = []
         for c in concurrencies:
@@ -168,7 +176,7 @@ async def run_http(url: str, args, concurrencies: list[int], formats: list[str],
                 await response.read()
                 if response.status != 200:
                     raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:300]}")
-                return ServerTiming.parse(response.headers["Server-Timing"])["handler"] / 1e3
+                return ServerTiming.parse(response.headers["Server-Timing"])
 
         async def batch_counts() -> tuple[int, float]:
             async with session.get(f"{url}/health") as response:
@@ -317,7 +325,7 @@ def main() -> int:
         print(f"| format | clients | {name} req/s | p50 ms | p99 ms | outside the handler p50 ms | mean batch |\n|---|---|---|---|---|---|---|")
         for output_format in formats:
             for row in rows[output_format]:
-                outside = f"{row['outside_handler_p50_ms']:.1f}" if "outside_handler_p50_ms" in row else "-"
+                outside = f"{row['server_p50_ms']['outside the handler']:.1f}" if "server_p50_ms" in row else "-"
                 print(f"| {output_format} | {row['concurrency']} | {row['req_per_s']:.1f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {outside} | {row['mean_batch']:.1f} |")
     else:
         print("| format | clients | bare req/s | bare p50 ms | bare p99 ms | HTTP req/s | HTTP p50 ms | HTTP p99 ms | HTTP/bare req/s "
@@ -326,7 +334,7 @@ def main() -> int:
         for output_format, b, h in ((f, b, h) for f in formats for b, h in zip(bare[f], http[f])):
             print(f"| {output_format} | {b['concurrency']} | {b['req_per_s']:.1f} | {b['p50_ms']:.1f} | {b['p99_ms']:.1f} | {h['req_per_s']:.1f} | "
                   f"{h['p50_ms']:.1f} | {h['p99_ms']:.1f} | {h['req_per_s'] / b['req_per_s']:.2f}x | {h['p50_ms'] - b['p50_ms']:+.1f} | "
-                  f"{h['outside_handler_p50_ms']:.1f} | {b['mean_batch']:.1f} / {h['mean_batch']:.1f} |")
+                  f"{h['server_p50_ms']['outside the handler']:.1f} | {b['mean_batch']:.1f} / {h['mean_batch']:.1f} |")
     if floor:
         print(f"Serve's floor (GET /health, nothing computed): p50 {floor[0]['p50_ms']:.1f} ms with 1 client; "
               f"{floor[1]['req_per_s']:.0f} req/s with {floor[1]['concurrency']} clients")
