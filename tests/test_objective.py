@@ -123,6 +123,45 @@ def test_one_iteration_on_the_tiny_teacher_with_torch_optimisers():
     torch.testing.assert_close(conditions.encode(["a blue square"]), teacher.encode_prompts(["a blue square"]))  # cached == fresh
 
 
+def test_a_zero0_engine_steps_as_torch_adamw_and_drops_its_gradients(monkeypatch):
+    """The worker's ZeRO-0 DeepSpeed engine (fp32 here, no autocast) with engine_update against the plain loop's
+    AdamW with optimizer_update: the same gradient norms and weights over three clipped steps, and no gradient left
+    after each step (the engine drops them through its parameter list, not DeepSpeed's walk of the module tree).
+    The first DeepSpeed engine on a machine builds DeepSpeed's CPU communication op (~50 s, kept for later runs)."""
+    import socket
+
+    from dmd_ray.config import DistillConfig
+    from dmd_ray.distributed import distill_worker
+    from dmd_ray.method.optim import adamw
+    from dmd_ray.sd.architectures import build_tiny_teacher
+    from dmd_ray.sd.teacher import UNetDenoiser
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+        monkeypatch.setenv(key, value)
+    torch.distributed.init_process_group("gloo")  # as Ray Train sets it up for the worker
+    try:
+        teacher = build_tiny_teacher()
+        cfg = DistillConfig(zero_stage=0, precision="fp32", compile="false", fused_adamw="false", lr=1e-3, warmup_steps=2, grad_clip=0.05)
+        engine = distill_worker.engine(cfg, teacher.unet, cfg.lr, 2, torch.device("cpu"))
+        engine_update = distill_worker.engine_update(engine, cfg.grad_clip)
+        plain = UNetDenoiser(copy.deepcopy(teacher.unet).float().train().requires_grad_(True))
+        optimizer, schedule = adamw(plain.parameters(), cfg.lr, cfg.warmup_steps, weight_decay=cfg.weight_decay)
+        plain_update = optimizer_update(optimizer, plain.parameters(), cfg.grad_clip, schedule)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            x_t, t, cond = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([100, 700]), torch.randn(2, 77, 32, generator=g)
+            norms = [update(net(x_t, t, cond).square().mean()) for update, net in ((engine_update, engine), (plain_update, plain))]
+            torch.testing.assert_close(norms[0], norms[1])
+            assert norms[0] > cfg.grad_clip and all(p.grad is None for p in engine.module.parameters())
+        for a, b in zip(engine.module.parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(a, b)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_prompt_conditions_encode_the_set_at_the_start_up_to_the_cache_limit(monkeypatch):
     # the text encoder runs while the conditions are built, never in the training steps after; a set larger than
     # the cache keeps what fits and encodes the rest when drawn
