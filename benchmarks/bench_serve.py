@@ -143,7 +143,7 @@ async def run_bare(folder: str, device: str, args, config, concurrencies: list[i
             timing.mark("encode")
             for image in encoded:
                 base64.b64encode(image)  # as the service encodes its response (after its last phase)
-            return ServerTiming.parse(timing.header())
+            return timing.durations_ms()
 
         rows[output_format] = []
         for c in concurrencies:

@@ -305,9 +305,11 @@ class ServerTiming:
         self.phases.append((phase, now - self.last))
         self.last = now
 
+    def durations_ms(self) -> dict[str, float]:
+        return {name: seconds * 1e3 for name, seconds in [*self.phases, ("handler", self.last - self.started)]}
+
     def header(self) -> str:
-        phases = [*self.phases, ("handler", self.last - self.started)]
-        return ", ".join(f"{name};dur={seconds * 1e3:.1f}" for name, seconds in phases)
+        return ", ".join(f"{name};dur={ms:.1f}" for name, ms in self.durations_ms().items())
 
     @staticmethod
     def parse(header: str) -> dict[str, float]:
