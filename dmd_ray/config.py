@@ -166,6 +166,11 @@ class DistillConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 500
     grad_clip: float = 10.0
+    # > 0: an exponential moving average of the generator's weights (decay per step, e.g. 0.999: about the last 1,000
+    # steps), updated after every step; the export, the quality probe and the sample grids use it, and checkpoints keep
+    # it. The one-step generator's DM gradient is noisy (BENCHMARKS.md: probe accuracy swings by 0.05 between
+    # evaluations); the average smooths what ships. ZeRO 0-2 (ZeRO-3 shards the weights it would average)
+    ema_decay: float = 0.0
     precision: str = "bf16"  # bf16 (fp16 diverges, DMD2) or fp32
     zero_stage: int = 2
     gradient_checkpointing: bool = False
@@ -233,7 +238,7 @@ class DistillConfig:
         """What decides a student's quality, recorded with its export (dmd_ray.json): the losses and their weights,
         the update ratio, the rates and the global batches."""
         keys = ("init_generator", "init_fake_score", "dm_weight", "lambda_reg", "regression_space", "gan_weight", "gan_real", "fake_updates", "generator_steps", "lr", "fake_lr",
-                "dm_batch_size", "reg_batch_size", "t_min", "t_max")
+                "dm_batch_size", "reg_batch_size", "t_min", "t_max", "ema_decay")
         recipe = {k: getattr(self, k) for k in keys}
         if self.regression_space == "pixel" and self.lambda_reg:
             recipe.update(lpips_backbone=self.lpips_backbone, lpips_pretrained_backbone=self.lpips_pretrained_backbone)
@@ -268,6 +273,10 @@ class DistillConfig:
         elif self.generator_steps > 1 and (self.lambda_reg != 0 or self.generator_timestep != -1):
             problems.append(f"a {self.generator_steps}-step generator trains without the one-step regression loss and at its own timesteps: "
                             f"set --lambda-reg 0 (got {self.lambda_reg}) and leave --generator-timestep at -1 (got {self.generator_timestep})")
+        if not 0.0 <= self.ema_decay < 1.0:
+            problems.append(f"ema_decay must be in [0, 1) (0: no weight average), got {self.ema_decay}")
+        elif self.ema_decay and self.zero_stage == 3:
+            problems.append("ema_decay needs the generator's whole weights on every worker: use zero_stage 0-2 (ZeRO-3 shards them)")
         if self.init_fake_score and self.dm_weight == 0 and self.gan_weight == 0:
             problems.append("init_fake_score is given to a run without a fake score (dm_weight 0 and gan_weight 0)")
         if self.gan_real not in ("pairs", "renders"):
@@ -325,6 +334,10 @@ class EvalConfig:
     num_actors: int = 1
     gpus_per_actor: float = -1.0  # -1: 1 when the cluster has GPUs, else 0
     grid_columns: int = 8
+    # one of the models: every other one also gets 95% intervals of its FID and accuracy *differences* from it, over
+    # the same resamplings of the shared prompts and seeds (paired: much narrower than comparing two intervals, so
+    # that an ordering can be stated); "" for none
+    paired_against: str = ""
 
     def models(self) -> list[str]:
         return [m.strip() for m in self.model.split(",") if m.strip()]
@@ -333,6 +346,8 @@ class EvalConfig:
         problems = []
         if not self.models():
             problems.append("model is empty")
+        if self.paired_against and self.paired_against not in self.models():
+            problems.append(f"paired_against {self.paired_against!r} is not one of the models ({', '.join(self.models())})")
         if self.num_samples < 2:
             problems.append(f"num_samples must be >= 2, got {self.num_samples}")
         if self.batch_size < 1 or self.num_actors < 1:

@@ -27,6 +27,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (dict(precision="fp16"), "fp16 diverges"),
     (dict(use_gpu="maybe"), "use_gpu must be auto, true or false"),
     (dict(max_steps=0, log_every=0), "max_steps must be >= 1"),
+    (dict(ema_decay=1.0), r"ema_decay must be in \[0, 1\)"),
+    (dict(ema_decay=0.999, zero_stage=3), "ema_decay needs the generator's whole weights"),
 ])
 def test_distill_config_values_are_checked(overrides, message):
     with pytest.raises(ConfigError, match=message):

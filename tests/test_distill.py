@@ -94,9 +94,10 @@ def test_distil_export_and_load_with_diffusers(ray_cluster, tmp_path, monkeypatc
 def test_exact_resume(ray_cluster, shared_pairs, tmp_path, zero_stage, num_workers):
     """Stopping after step 2 and resuming gives steps 3-4 with exactly the losses of the uninterrupted run: under
     ZeRO-2 (DeepSpeed's bf16 optimizer) and under ZeRO-0 on one worker (fp32 weights under autocast, the client
-    optimizer, clipping in engine_update, no all-reduce)."""
+    optimizer, clipping in engine_update, no all-reduce). With a weight average of the generator (ema_decay), which
+    the export holds and the checkpoint keeps: both runs export the same weights, and not the trained ones."""
     pairs_uri, prompts = shared_pairs
-    run = functools.partial(small, pairs_uri=pairs_uri, prompts=prompts, zero_stage=zero_stage, num_workers=num_workers)
+    run = functools.partial(small, pairs_uri=pairs_uri, prompts=prompts, zero_stage=zero_stage, num_workers=num_workers, ema_decay=0.5)
     straight = str(tmp_path / "straight")
     distill(run(straight, profile_steps=1))  # the profiler only watches: the same losses
     with open(os.path.join(straight, "profile.json")) as f:
@@ -108,6 +109,18 @@ def test_exact_resume(ray_cluster, shared_pairs, tmp_path, zero_stage, num_worke
     a, b = losses(read_history(straight)), losses(read_history(resumed))
     assert [s for s, *_ in b] == [1, 2, 3, 4]
     assert a == b
+    from safetensors.torch import load_file
+
+    exported = [load_file(os.path.join(out, "export", "unet", "diffusion_pytorch_model.safetensors")) for out in (straight, resumed)]
+    assert exported[0].keys() == exported[1].keys()
+    for k in exported[0]:
+        torch.testing.assert_close(exported[0][k], exported[1][k], rtol=0, atol=0)
+    if zero_stage == 0:  # one run without the average (a few seconds on one worker)
+        no_average = str(tmp_path / "no_average")
+        distill(run(no_average, ema_decay=0.0, checkpoint_every=0))
+        assert losses(read_history(no_average)) == a  # the average does not touch training
+        trained = load_file(os.path.join(no_average, "export", "unet", "diffusion_pytorch_model.safetensors"))
+        assert any(not torch.equal(trained[k], exported[0][k]) for k in trained)  # the export is the average
     if zero_stage == 2:  # ZeRO-2 optimizer partitions cannot move to another number of workers: refused before any worker starts
         with pytest.raises(ConfigError, match="written by 2 worker.*ZeRO-2.*--num-workers 2"):
             distill(run(resumed, max_steps=6, num_workers=1))

@@ -33,7 +33,7 @@ def test_evaluate_job_end_to_end(ray_cluster, tmp_path):
     export = str(tmp_path / "export")
     export_generator(teacher, teacher.unet, export, timestep=teacher.scheduler.config.num_train_timesteps - 1)
     cfg = EvalConfig(model=f"teacher:demo,{export}", num_samples=200, steps=8, sampler="ddim", batch_size=50,
-                              output=str(tmp_path / "eval"))
+                     output=str(tmp_path / "eval"), paired_against="teacher:demo")
     summary = evaluate(cfg)
     on_disk = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert on_disk["models"] == json.loads(json.dumps(summary["models"]))
@@ -45,6 +45,11 @@ def test_evaluate_job_end_to_end(ray_cluster, tmp_path):
     # the guided multi-step teacher follows prompts far better than its own network run once, unguided
     assert teacher_row["prompt_accuracy"] > onestep_row["prompt_accuracy"] + 0.1
     assert teacher_row["fid"] < onestep_row["fid"]
+    paired = onestep_row["paired_against teacher:demo"]  # the one-step row minus the teacher's, on the same samples
+    assert paired["prompt_accuracy_difference"] == pytest.approx(onestep_row["prompt_accuracy"] - teacher_row["prompt_accuracy"])
+    assert paired["fid_difference"] == pytest.approx(onestep_row["fid"] - teacher_row["fid"], rel=1e-3)
+    assert paired["prompt_accuracy_difference_ci95"][1] < 0 < paired["fid_difference_ci95"][0]
+    assert "paired_against teacher:demo" not in teacher_row
     assert (tmp_path / "eval" / "grid.png").stat().st_size > 1000
 
 
@@ -127,3 +132,30 @@ def test_attribute_accuracy_counts_only_prompts_that_name_the_attribute():
     assert attribute_accuracy(said, seen, "size") == pytest.approx(1 / 2)  # the second prompt names no size
     assert attribute_accuracy(said, seen, "background") == 1.0  # only the first names one
     assert np.isnan(attribute_accuracy(said[1:2], seen[1:2], "background"))
+
+
+def test_paired_intervals_separate_what_the_models_own_intervals_cannot():
+    """Two models on the same prompts and seeds that differ on a few samples: their own accuracy intervals overlap,
+    the paired interval of the difference is the exact difference +- a narrow spread and excludes 0."""
+    import torch
+
+    from dmd_ray.demos.shapes_eval import bootstrap_intervals, paired_intervals
+
+    gen = torch.Generator().manual_seed(0)
+    n = 1440
+    real = torch.randn(n, 4, generator=gen, dtype=torch.float64)
+    features = torch.randn(n, 4, generator=gen, dtype=torch.float64) + 0.3
+    correct = torch.rand(n, generator=gen) < 0.64
+    better = correct.clone()
+    better[torch.nonzero(~correct).flatten()[:43]] = True  # 43 of the wrong samples right: +0.030
+    baseline = {"features": features, "real_features": real, "correct": correct}
+    other = {"features": features * 0.98, "real_features": real, "correct": better}
+    own = [bootstrap_intervals(m["features"], real, m["correct"])["prompt_accuracy_ci95"] for m in (baseline, other)]
+    assert own[1][0] < own[0][1]  # the two intervals overlap
+    paired = paired_intervals(baseline, other)
+    assert paired["prompt_accuracy_difference"] == pytest.approx(43 / n)
+    low, high = paired["prompt_accuracy_difference_ci95"]
+    assert 0 < low < 43 / n < high < 2 * 43 / n
+    assert paired["fid_difference_ci95"][0] < paired["fid_difference"] < paired["fid_difference_ci95"][1]
+    with pytest.raises(ValueError, match="need the same samples"):
+        paired_intervals(baseline, {**other, "correct": better[:10]})

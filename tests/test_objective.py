@@ -321,3 +321,39 @@ def test_a_process_with_other_imports_finds_the_graphs_another_compiled(tmp_path
 
     assert hits("plain") == 0  # compiles, and writes the graph to the node's Inductor cache
     assert hits("decoy") == 1
+
+
+def test_a_weight_average_follows_the_trained_weights_and_swaps_in_and_out():
+    """The generator's weight average (ema_decay): after n updates each weight is the closed-form average, inside
+    `swapped_in` the network computes with the average, after it with its own weights, bit for bit."""
+    from dmd_ray.method.optim import WeightAverage
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    average = WeightAverage(net, 0.9)
+    assert "1.num_batches_tracked" not in average.shadow  # an integer buffer is not averaged
+    expected = {k: v.clone() for k, v in average.shadow.items()}
+    for _ in range(3):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))  # an optimizer step changes the weights in place
+        average.update()
+        for k, v in net.state_dict().items():
+            if k in expected:
+                expected[k] = 0.9 * expected[k] + 0.1 * v
+    for k, v in expected.items():
+        torch.testing.assert_close(average.shadow[k], v)
+    assert not torch.equal(average.shadow["0.weight"], start["0.weight"])
+    net.eval()
+    x = torch.randn(5, 3)
+    own = net(x)
+    with average.swapped_in():
+        torch.testing.assert_close(net[0].weight, average.shadow["0.weight"])
+        swapped = net(x)
+    assert not torch.equal(own, swapped)
+    assert torch.equal(net(x), own)  # its own weights back, exactly
+    with pytest.raises(ValueError, match="lacks 1 of the network's weights"):
+        average.load({k: v for k, v in average.shadow.items() if k != "0.bias"})
+    with pytest.raises(ValueError, match="decay must be in"):
+        WeightAverage(net, 1.0)

@@ -69,9 +69,10 @@ class ImageMaker:
         return {"prompt": np.array(prompts), "seed": np.array(seeds), "image": to_uint8(images)}
 
 
-def metrics(images: np.ndarray, prompts: list[str], judge, real: torch.Tensor, intervals: bool = True) -> dict:
+def metrics(images: np.ndarray, prompts: list[str], judge, real: torch.Tensor, intervals: bool = True, per_sample: dict | None = None) -> dict:
     """`images` uint8 NHWC and their prompts; `real` rendered uint8 NCHW images of the same prompts. With `intervals`,
-    95% bootstrap intervals of FID and prompt accuracy (bootstrap_intervals)."""
+    95% bootstrap intervals of FID and prompt accuracy (bootstrap_intervals); `per_sample` receives each image's judge
+    features and correctness (for paired_intervals)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -97,9 +98,13 @@ def metrics(images: np.ndarray, prompts: list[str], judge, real: torch.Tensor, i
         **{f"{a}_accuracy": attribute_accuracy(scenes, seen, a) for a in ("shape", "colour", "size", "background")},
         "num_samples": len(prompts),
     }
-    if intervals:
+    if intervals or per_sample is not None:
         with torch.no_grad():
-            result.update(bootstrap_intervals(features(fake), features(real), correct))
+            fake_features, real_features = features(fake), features(real)
+        if intervals:
+            result.update(bootstrap_intervals(fake_features, real_features, correct))
+        if per_sample is not None:
+            per_sample.update(features=fake_features, real_features=real_features, correct=correct)
     n_prompts = len(shapes.evaluation_prompts())
     if len(prompts) > n_prompts:
         lpips = LPIPSDistance("alex", pretrained_backbone=False, min_size=64)
@@ -138,6 +143,31 @@ def bootstrap_intervals(fake_features: torch.Tensor, real_features: torch.Tensor
     fid_sd, accuracy_sd = (float(torch.tensor(v, dtype=torch.float64).std()) for v in (fids, accuracies))
     return {"fid_ci95": [fid - 1.96 * fid_sd, fid + 1.96 * fid_sd],
             "prompt_accuracy_ci95": [accuracy - 1.96 * accuracy_sd, accuracy + 1.96 * accuracy_sd]}
+
+
+def paired_intervals(baseline: dict, other: dict, resamples: int = 200, seed: int = 0) -> dict:
+    """`other` minus `baseline` (each metrics' per_sample, sample i of both from the same prompt and seed): FID and
+    accuracy differences, each with a 95% interval (+- 1.96 standard deviations) over resamplings that pick the same
+    samples from both models. The shared prompts and seeds cancel out of the difference, which is why its interval is
+    narrower than the two models' own intervals suggest."""
+    gen = torch.Generator().manual_seed(seed)
+    real_mean, real_cov = baseline["real_features"].mean(0), torch.cov(baseline["real_features"].T)
+
+    def fid(features: torch.Tensor) -> float:
+        return frechet_distance(features.mean(0), torch.cov(features.T), real_mean, real_cov)
+
+    def differences(pick) -> tuple[float, float]:
+        return (fid(other["features"][pick]) - fid(baseline["features"][pick]),
+                float(other["correct"][pick].double().mean() - baseline["correct"][pick].double().mean()))
+
+    n = len(baseline["correct"])
+    if len(other["correct"]) != n:
+        raise ValueError(f"paired intervals need the same samples: {n} against {len(other['correct'])}")
+    spread = torch.tensor([differences(torch.randint(n, (n,), generator=gen)) for _ in range(resamples)], dtype=torch.float64).std(0)
+    fid_difference, accuracy_difference = differences(torch.arange(n))
+    return {"fid_difference": fid_difference, "fid_difference_ci95": [fid_difference - 1.96 * float(spread[0]), fid_difference + 1.96 * float(spread[0])],
+            "prompt_accuracy_difference": accuracy_difference,
+            "prompt_accuracy_difference_ci95": [accuracy_difference - 1.96 * float(spread[1]), accuracy_difference + 1.96 * float(spread[1])]}
 
 
 class TrainingProbe:
@@ -202,21 +232,32 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Samples every model of `cfg.model` through Ray Data, scores them and writes metrics.json and grid.png."""
     cfg.check()
     # the actors run in another directory: local model folders become absolute paths here
-    specs = [kind + storage.absolute(rest, only_if_exists=True) for kind, rest in
-             (re.match(r"^((?:teacher|teacher-onestep):)?(.*)$", m).groups("") for m in cfg.models())]
-    cfg = dataclasses.replace(cfg, model=",".join(specs), output=storage.absolute(cfg.output))
+    def absolute(spec: str) -> str:
+        kind, rest = re.match(r"^((?:teacher|teacher-onestep):)?(.*)$", spec).groups("")
+        return kind + storage.absolute(rest, only_if_exists=True)
+
+    cfg = dataclasses.replace(cfg, model=",".join(map(absolute, cfg.models())), output=storage.absolute(cfg.output),
+                              paired_against=absolute(cfg.paired_against) if cfg.paired_against else "")
     storage.check_access(cfg.output)
     judge = shapes.load_classifier()
     rows = sample_rows(cfg)
     real = ((shapes.render([shapes.parse_prompt(r["prompt"]) for r in rows], seed=cfg.seed + 10**6) + 1) * 127.5).round().to(torch.uint8)
-    results, grid_rows = {}, []
+    results, grid_rows, per_sample = {}, [], {}
     for spec in cfg.models():
         start = time.perf_counter()
         images, prompts = generate(spec, cfg)
-        results[spec] = {**metrics(images, prompts, judge, real), "seconds": round(time.perf_counter() - start, 1)}
+        per_sample[spec] = {}
+        results[spec] = {**metrics(images, prompts, judge, real, per_sample=per_sample[spec]), "seconds": round(time.perf_counter() - start, 1)}
         log(f"{spec}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in results[spec].items() if not k.endswith("ci95"))
             + ", FID 95% interval [{:.3f}, {:.3f}], accuracy [{:.3f}, {:.3f}]".format(*results[spec]["fid_ci95"], *results[spec]["prompt_accuracy_ci95"]))
         grid_rows.append(images[: cfg.grid_columns])
+    if cfg.paired_against:
+        for spec in (s for s in cfg.models() if s != cfg.paired_against):
+            paired = paired_intervals(per_sample[cfg.paired_against], per_sample[spec])
+            results[spec][f"paired_against {cfg.paired_against}"] = paired
+            log(f"{spec} minus {cfg.paired_against}: FID {paired['fid_difference']:+.3f} [{paired['fid_difference_ci95'][0]:+.3f}, "
+                f"{paired['fid_difference_ci95'][1]:+.3f}], accuracy {paired['prompt_accuracy_difference']:+.3f} "
+                f"[{paired['prompt_accuracy_difference_ci95'][0]:+.3f}, {paired['prompt_accuracy_difference_ci95'][1]:+.3f}]")
     real_row = real[: cfg.grid_columns].permute(0, 2, 3, 1).numpy()
     summary = {"models": results, "rows_of_grid": ["rendered (a real image of each prompt)", *cfg.models()],
                "columns_of_grid": [r["prompt"] for r in rows[: cfg.grid_columns]], "config": cfg.__dict__}

@@ -38,23 +38,6 @@ class TextConditionedUNet(nn.Module):
         return self.unet(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
 
 
-class EMA:
-    """Exponential moving average of a module's floating-point parameters (the weights that get shipped)."""
-
-    def __init__(self, module: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items() if v.is_floating_point()}
-
-    @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        current = module.state_dict()
-        keys = list(self.shadow)
-        torch._foreach_lerp_([self.shadow[k] for k in keys], [current[k].float() for k in keys], 1 - self.decay)
-
-    def copy_to(self, module: nn.Module) -> None:
-        module.load_state_dict({**module.state_dict(), **self.shadow})
-
-
 class PromptTokens:
     """Token ids per prompt, cached: the domain has a few hundred distinct prompts, and tokenising a thousand strings
     every step costs more than the small UNet's step itself."""
@@ -137,7 +120,7 @@ def _load_checkpoint(checkpoint, models: dict, emas: dict, device) -> tuple[dict
         for name, m in models.items():
             m.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
         for name, ema in emas.items():
-            ema.shadow.update({k[len(name) + 5 :]: v.to(device) for k, v in tensors.items() if k.startswith(f"ema_{name}.")})
+            ema.load({k[len(name) + 5 :]: v for k, v in tensors.items() if k.startswith(f"ema_{name}.")})
         optimizer_path = os.path.join(d, "optimizer.pt")
         optimizer_state = torch.load(optimizer_path, map_location=device, weights_only=True) if os.path.exists(optimizer_path) else None
         with open(os.path.join(d, "state.json")) as f:
@@ -153,7 +136,7 @@ def train_loop_per_worker(config: dict) -> None:
     from torch import nn
 
     from dmd_ray.method.losses import DenoisingLoss
-    from dmd_ray.method.optim import warmup_schedule
+    from dmd_ray.method.optim import WeightAverage, warmup_schedule
     from dmd_ray.sd.architectures import build_demo_architecture
     from dmd_ray.sd.resolve import load_teacher
 
@@ -178,7 +161,7 @@ def train_loop_per_worker(config: dict) -> None:
     vae, denoiser = teacher.vae, TextConditionedUNet(teacher.unet, teacher.text_encoder)
     for m in (vae, denoiser):
         m.to(device).train().requires_grad_(True)
-    emas = {"denoiser": EMA(denoiser, cfg.ema_decay)}
+    emas = {"denoiser": WeightAverage(denoiser, cfg.ema_decay)}
 
     def optimizer_for(stage: str):
         params, lr, warmup = (vae.parameters(), cfg.vae_lr, 100) if stage == "vae" else (denoiser.parameters(), cfg.lr, cfg.warmup_steps)
@@ -225,7 +208,7 @@ def train_loop_per_worker(config: dict) -> None:
             opt.step()
             sched.step()
             if stage == "unet":
-                emas["denoiser"].update(denoiser)
+                emas["denoiser"].update()
             state["step"] += 1
             seen += cfg.batch_size
             step = state["step"]
@@ -267,7 +250,7 @@ def train_loop_per_worker(config: dict) -> None:
         _save_checkpoint(rank, state, models, opt, emas, {"stage": "unet", "step": cfg.unet_steps})
 
     if rank == 0:
-        emas["denoiser"].copy_to(denoiser)
+        denoiser.load_state_dict({**denoiser.state_dict(), **emas["denoiser"].shadow})  # the average is what ships
         dtype = torch.float16 if cfg.save_dtype == "float16" else torch.float32
         teacher.to(device="cpu", dtype=dtype)
         teacher.source = "demo"

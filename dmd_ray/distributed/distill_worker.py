@@ -37,6 +37,7 @@ from dmd_ray.method.transfer import to_device
 from dmd_ray.sd.conditioning import PromptConditions
 from dmd_ray.sd.dmd import build_step, gan_classifier
 from dmd_ray.sd.fake_score import FILE as FAKE_SCORE_FILE, load_fake_score, save_fake_score
+from dmd_ray.method.optim import WeightAverage
 from dmd_ray.sd.real_bank import RealLatentBank
 from dmd_ray.sd.resolve import load_teacher, resolve_generator
 from dmd_ray.sd.teacher import UNetDenoiser
@@ -267,8 +268,10 @@ def train_loop_per_worker(config: dict) -> None:
     cache_uri = compile_cache_uri(cfg) if compiled else ""
     cache_loaded = compile_cache.load(cache_uri)
     generator = step_fn.objective.generator
+    average = WeightAverage(gen_engine.module, cfg.ema_decay) if cfg.ema_decay else None  # what ships, when kept
+    averaged = average.swapped_in if average else contextlib.nullcontext  # the probe and grids see what ships
     records = RunRecords(cfg, rank, world)
-    step, stream_state = records.resume(gen_engine, fake_engine, rng)
+    step, stream_state = records.resume(gen_engine, fake_engine, rng, average)
     stream = PairStream(plan.pairs, cfg.local_reg_batch, rank, world, cfg.seed, stream_state)
     if step == 0 and cfg.sample_every:
         records.sample_grid("step_0000000", generator, teacher, plan.latent_shape, device)
@@ -294,6 +297,8 @@ def train_loop_per_worker(config: dict) -> None:
         with step_guards(cfg, compiled and step >= first_step + COMPILE_STEPS):
             logs = step_fn(to_device(batch["noise"], device, torch.float32), pair_cond, to_device(batch["target"], device, torch.float32))
         window.add(logs)
+        if average:
+            average.update()
         if profiler and (profile := profiler.after(step)):
             write_profile(cfg, profile, step + 1)
         step, window_steps = step + 1, window_steps + 1
@@ -309,7 +314,8 @@ def train_loop_per_worker(config: dict) -> None:
             worker_print(f"[distill] time limit of {cfg.time_limit_minutes} minutes reached at step {step} of {cfg.max_steps}: stopping here")
         todo = step_actions(cfg, step, last)
         if todo.sample:
-            records.sample_grid(f"step_{step:07d}", generator, teacher, plan.latent_shape, device)
+            with averaged():
+                records.sample_grid(f"step_{step:07d}", generator, teacher, plan.latent_shape, device)
         if not todo.log:
             continue
         finite = window.finite(device)
@@ -329,12 +335,13 @@ def train_loop_per_worker(config: dict) -> None:
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if todo.evaluate:
             prompts, seeds = probe.rows()
-            images = generated_images(generator, teacher, prompts, seeds, plan.latent_shape, device)
+            with averaged():
+                images = generated_images(generator, teacher, prompts, seeds, plan.latent_shape, device)
             if rank == 0:
                 metrics.update({f"eval_{k}": float(v) for k, v in probe(images, prompts).items()})
         records.record(metrics, echo=True)
         if todo.checkpoint:
-            records.save_checkpoint(step, metrics, gen_engine, fake_engine, rng, stream)
+            records.save_checkpoint(step, metrics, gen_engine, fake_engine, rng, stream, average)
         elif todo.report:
             ray.train.report(metrics)
         window_steps = 0
@@ -345,6 +352,8 @@ def train_loop_per_worker(config: dict) -> None:
     # continue from (init_fake_score)
     if cfg.export:
         state = gathered_state_dict(gen_engine, cfg.zero_stage)
+        if average:
+            state.update({k: v.cpu() for k, v in average.shadow.items()})
         fake_state = gathered_state_dict(fake_engine, cfg.zero_stage) if step_fn.objective.needs_fake_score else None
         if rank == 0 and fake_state is not None:
             uri = storage.join(cfg.output, FAKE_SCORE_FILE)

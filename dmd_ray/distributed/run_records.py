@@ -1,8 +1,8 @@
 """What a distillation run leaves besides its export: checkpoints, sample grids and the metrics history.
 
-Checkpoints hold both DeepSpeed engines (weights and optimizer state), each worker's RNG state (safetensors) and,
-in trainer_state.json, the step, every worker's pair-stream position and the config: a resumed run replays the
-uninterrupted one exactly. The history is <output>/metrics.jsonl (one row per logged step, every `log_every` steps and
+Checkpoints hold both DeepSpeed engines (weights and optimizer state), each worker's RNG state and the generator's
+weight average where the run keeps one (safetensors) and, in trainer_state.json, the step, every worker's pair-stream
+position and the config: a resumed run replays the uninterrupted one exactly. The history is <output>/metrics.jsonl (one row per logged step, every `log_every` steps and
 at checkpoints, written at least once a minute; rows of an attempt that died are replaced on replay), plotted into
 <output>/metrics.png at the end and TensorBoard logs under <output>/tensorboard (staged locally for s3:// outputs).
 """
@@ -23,6 +23,7 @@ from dmd_ray.images import grid, png_bytes, to_uint8
 from dmd_ray.method.sampling import seeded_noise
 
 SAMPLE_SEED_OFFSET = 12345  # sample-grid noise never coincides with a pair's
+AVERAGE_FILE = "generator_average.safetensors"  # a checkpoint's weight average of the generator (ema_decay)
 FLUSH_EVERY_S = 60.0  # the history is also written at checkpoints and at the end
 
 
@@ -75,8 +76,9 @@ class RunRecords:
             self.writer = SummaryWriter(self.tensorboard)
 
     # ---------------------------------------------------------------------------------------- checkpoints
-    def resume(self, gen_engine, fake_engine, rng: torch.Generator) -> tuple[int, dict | None]:
-        """Loads the latest checkpoint, if any, into the engines and `rng`: (step, this worker's stream state)."""
+    def resume(self, gen_engine, fake_engine, rng: torch.Generator, average=None) -> tuple[int, dict | None]:
+        """Loads the latest checkpoint, if any, into the engines, `rng` and the generator's weight `average`
+        (ema_decay): (step, this worker's stream state)."""
         import ray.train
         from safetensors.torch import load_file
 
@@ -93,6 +95,12 @@ class RunRecords:
             for engine in (gen_engine, fake_engine):
                 for _ in range(state["step"]):
                     engine.lr_scheduler.step()
+            if average is not None:
+                average_file = os.path.join(d, AVERAGE_FILE)
+                if os.path.exists(average_file):
+                    average.load(load_file(average_file))
+                elif self.rank == 0:  # ema_decay turned on for a resumed run: the average starts here
+                    worker_print(f"[distill] the checkpoint of step {state['step']} holds no weight average: it starts from its weights")
             rng_file = os.path.join(d, f"rng_rank{self.rank}.safetensors")
             stream_state = None
             if state["world_size"] == self.world and os.path.exists(rng_file):
@@ -104,7 +112,7 @@ class RunRecords:
             worker_print(f"[distill] resumed from step {state['step']}")
         return state["step"], stream_state
 
-    def save_checkpoint(self, step: int, metrics: dict, gen_engine, fake_engine, rng: torch.Generator, stream) -> None:
+    def save_checkpoint(self, step: int, metrics: dict, gen_engine, fake_engine, rng: torch.Generator, stream, average=None) -> None:
         import ray.train
         from safetensors.torch import save_file
 
@@ -112,6 +120,8 @@ class RunRecords:
             gen_engine.save_checkpoint(os.path.join(d, "generator"), tag=f"step{step}")
             fake_engine.save_checkpoint(os.path.join(d, "fake"), tag=f"step{step}")
             save_file({"rng": rng.get_state()}, os.path.join(d, f"rng_rank{self.rank}.safetensors"))
+            if average is not None and self.rank == 0:  # the same on every rank (ZeRO 0-2 replicate the weights)
+                save_file({k: v.cpu() for k, v in average.shadow.items()}, os.path.join(d, AVERAGE_FILE))
             # every rank's stream position, gathered so that rank 0 can write one trainer_state.json
             states = [None] * self.world
             torch.distributed.all_gather_object(states, stream.state())

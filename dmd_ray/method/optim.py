@@ -1,6 +1,7 @@
 """Optimisation pieces shared by every training loop: learning-rate schedules, AdamW, and an update function."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -53,3 +54,42 @@ def optimizer_update(optimizer: torch.optim.Optimizer, params, grad_clip: float,
         return norm.detach()
 
     return update
+
+
+class WeightAverage:
+    """An exponential moving average of a network's floating-point weights, the weights a run ships when it keeps
+    one (the demo teacher; a DMD generator with ema_decay > 0). `update`, after each optimizer step, is one
+    multi-tensor lerp over the tensors taken when it was built (no walk of the module tree per step); `shadow` is
+    keyed as the module's state_dict, so a checkpoint or an export reads it as weights."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        if not 0.0 <= decay < 1.0:  # 0: the "average" is the last weights
+            raise ValueError(f"the average's decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.tracked = {k: v for k, v in module.state_dict(keep_vars=True).items() if v.is_floating_point()}
+        self.shadow = {k: v.detach().clone().float() for k, v in self.tracked.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(list(self.shadow.values()), [v.detach().float() for v in self.tracked.values()], 1 - self.decay)
+
+    def load(self, tensors: dict[str, Tensor]) -> None:
+        """The average of a checkpoint, which must hold every tracked weight."""
+        missing = sorted(set(self.shadow) - set(tensors))
+        if missing:
+            raise ValueError(f"the saved weight average lacks {len(missing)} of the network's weights, e.g. {missing[:3]}")
+        for k, v in self.shadow.items():
+            v.copy_(tensors[k])
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The network runs with the averaged weights inside the block and gets its own back after it (in place:
+        compiled graphs and optimizer state keep pointing at the same tensors)."""
+        own = {k: v.detach().clone() for k, v in self.tracked.items()}
+        for k, v in self.tracked.items():
+            v.detach().copy_(self.shadow[k])
+        try:
+            yield
+        finally:
+            for k, v in self.tracked.items():
+                v.detach().copy_(own[k])
