@@ -226,6 +226,13 @@ def test_lpips_distance_offline():
     assert d_same.shape == (2,) and float(d_same.max()) < 1e-6 and float(d_diff.min()) > 1e-3
     RegressionLoss(lp)(a, b).backward()
     assert a.grad is not None and a.grad.abs().sum() > 0
+    # the random backbone is drawn from its seed, not from the caller's RNG (which it leaves as it was)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    again = LPIPSDistance(backbone="alex", pretrained_backbone=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(again(a.detach(), b), d_diff.detach())
+    assert not torch.equal(LPIPSDistance(backbone="alex", pretrained_backbone=False, seed=1)(a.detach(), b), d_diff.detach())
 
 
 # ------------------------------------------------------------------------------------------------ ODE sampler

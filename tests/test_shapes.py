@@ -72,11 +72,11 @@ def test_demo_teacher_loads_offline_and_follows_prompts():
 
 
 def test_demo_generator_is_built_in_and_beats_the_teacher_in_one_step():
-    """The packaged one-step student `demo` (the best one-step student measured so far: DMD, 3,340 iterations on an
-    H200 from the earlier regression-trained student, 0.638 prompt accuracy over 1,440 samples; BENCHMARKS.md) as the
-    service and the evaluation job load it: one network call per image, prompts followed far above chance (1/180: it
-    reads 0.69 on these 90, its predecessor 0.60), and far better than the teacher's own network in one step (0.09),
-    which is where distillation started."""
+    """The packaged one-step student `demo` (the best one-step student measured so far: DMD2's DM + GAN on real
+    renders, 1,930 iterations on an H200 from the earlier DMD student, 0.668 prompt accuracy over 1,440 samples;
+    BENCHMARKS.md) as the service and the evaluation job load it: one network call per image, prompts followed far
+    above chance (1/180: it reads 0.69 on these 90, as its predecessor does; 0.60 the one before), and far better than
+    the teacher's own network in one step (0.09), which is where distillation started."""
     import numpy as np
 
     from dmd_ray.config import EvalConfig
@@ -91,7 +91,7 @@ def test_demo_generator_is_built_in_and_beats_the_teacher_in_one_step():
     for spec in ("demo", "teacher-onestep:demo"):
         images = ImageMaker(spec, EvalConfig(guidance_scale=3.0))(rows)["image"]
         accuracy[spec] = shapes.prompt_accuracy(judge, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, prompts)
-    assert accuracy["demo"] >= 0.55, accuracy
+    assert accuracy["demo"] >= 0.6, accuracy
     assert accuracy["demo"] >= accuracy["teacher-onestep:demo"] + 0.1, accuracy
 
 

@@ -71,15 +71,19 @@ class LPIPSDistance(nn.Module):
     """LPIPS between images in [-1, 1], per sample (DMD's regression distance).
 
     `pretrained_backbone=False` keeps the calibrated linear heads shipped with the `lpips` package but uses a
-    randomly initialised backbone: for machines that cannot download the ImageNet VGG/AlexNet weights. Images
-    smaller than `min_size` are upsampled bilinearly first, as DMD does for CIFAR and ImageNet (to 224).
+    randomly initialised backbone: for machines that cannot download the ImageNet VGG/AlexNet weights. That backbone
+    is drawn from `seed`, so that the distance is the same function in every process (drawn from the process's RNG, the
+    evaluation's LPIPS diversity of the same images differed by up to 20% between two runs). Images smaller than
+    `min_size` are upsampled bilinearly first, as DMD does for CIFAR and ImageNet (to 224).
     """
 
-    def __init__(self, backbone: str = "vgg", pretrained_backbone: bool = True, min_size: int = 224):
+    def __init__(self, backbone: str = "vgg", pretrained_backbone: bool = True, min_size: int = 224, seed: int = 0):
         super().__init__()
         import lpips  # heavy import (torchvision models); only where LPIPS is used
 
-        self.lpips = lpips.LPIPS(net=backbone, pretrained=True, pnet_rand=not pretrained_backbone, verbose=False)
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
+            torch.manual_seed(seed)
+            self.lpips = lpips.LPIPS(net=backbone, pretrained=True, pnet_rand=not pretrained_backbone, verbose=False)
         self.lpips.requires_grad_(False).eval()
         self.min_size = min_size
 
