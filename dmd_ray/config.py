@@ -168,8 +168,8 @@ class DistillConfig:
     grad_clip: float = 10.0
     # > 0: an exponential moving average of the generator's weights (decay per step, e.g. 0.999: about the last 1,000
     # steps), updated after every step; the export, the quality probe and the sample grids use it, and checkpoints keep
-    # it. The one-step generator's DM gradient is noisy (BENCHMARKS.md: probe accuracy swings by 0.05 between
-    # evaluations); the average smooths what ships. ZeRO 0-2 (ZeRO-3 shards the weights it would average)
+    # it. The one-step generator's DM gradient is noisy (BENCHMARKS.md: the in-training probe's accuracy moves by
+    # 0.02-0.07 between evaluations); the average smooths what ships. ZeRO 0-2 (ZeRO-3 shards the weights it would average)
     ema_decay: float = 0.0
     precision: str = "bf16"  # bf16 (fp16 diverges, DMD2) or fp32
     zero_stage: int = 2

@@ -32,12 +32,11 @@ from dmd_ray.distributed.pair_job import PairStream
 from dmd_ray.distributed.profiling import StepProfiler
 from dmd_ray.distributed.run_records import RunRecords, generated_images, worker_print
 from dmd_ray.method.objective import LogWindow
-from dmd_ray.method.optim import warmup_schedule
+from dmd_ray.method.optim import WeightAverage, warmup_schedule
 from dmd_ray.method.transfer import to_device
 from dmd_ray.sd.conditioning import PromptConditions
 from dmd_ray.sd.dmd import build_step, gan_classifier
 from dmd_ray.sd.fake_score import FILE as FAKE_SCORE_FILE, load_fake_score, save_fake_score
-from dmd_ray.method.optim import WeightAverage
 from dmd_ray.sd.real_bank import RealLatentBank
 from dmd_ray.sd.resolve import load_teacher, resolve_generator
 from dmd_ray.sd.teacher import UNetDenoiser

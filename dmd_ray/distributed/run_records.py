@@ -2,9 +2,10 @@
 
 Checkpoints hold both DeepSpeed engines (weights and optimizer state), each worker's RNG state and the generator's
 weight average where the run keeps one (safetensors) and, in trainer_state.json, the step, every worker's pair-stream
-position and the config: a resumed run replays the uninterrupted one exactly. The history is <output>/metrics.jsonl (one row per logged step, every `log_every` steps and
-at checkpoints, written at least once a minute; rows of an attempt that died are replaced on replay), plotted into
-<output>/metrics.png at the end and TensorBoard logs under <output>/tensorboard (staged locally for s3:// outputs).
+position and the config: a resumed run replays the uninterrupted one exactly. The history is <output>/metrics.jsonl
+(one row per logged step, every `log_every` steps and at checkpoints, written at least once a minute; rows of an
+attempt that died are replaced on replay), plotted into <output>/metrics.png at the end and TensorBoard logs under
+<output>/tensorboard (staged locally for s3:// outputs).
 """
 from __future__ import annotations
 
