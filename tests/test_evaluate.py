@@ -70,6 +70,14 @@ def test_training_probe_scores_the_generators_images_of_its_own_rows():
     assert set(good) == {"fid", "prompt_accuracy"}
     assert good["prompt_accuracy"] > 0.9 and noise["prompt_accuracy"] < 0.2
     assert good["fid"] < noise["fid"]
+    # the full metrics are a function of the images: KID's random subsets are drawn from a fixed seed
+    from dmd_ray.demos.shapes_eval import metrics
+
+    images = renders.permute(0, 2, 3, 1).numpy()
+    torch.manual_seed(1)
+    first = metrics(images, prompts, probe._judge, probe._real, intervals=False)
+    torch.manual_seed(2)
+    assert metrics(images, prompts, probe._judge, probe._real, intervals=False) == first
 
 
 def test_comparison_grid_puts_each_model_under_the_renders():
