@@ -127,20 +127,25 @@ def frechet_distance(mean_a: torch.Tensor, cov_a: torch.Tensor, mean_b: torch.Te
     return float((mean_a - mean_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * root_trace)
 
 
+def fid_against(real_features: torch.Tensor):
+    """FID of a set of judge features against `real_features`, whose mean and covariance are computed once."""
+    real_mean, real_cov = real_features.mean(0), torch.cov(real_features.T)
+    return lambda features: frechet_distance(features.mean(0), torch.cov(features.T), real_mean, real_cov)
+
+
 def bootstrap_intervals(fake_features: torch.Tensor, real_features: torch.Tensor, correct: torch.Tensor,
                         resamples: int = 200, seed: int = 0) -> dict:
     """95% intervals of FID and prompt accuracy: the estimate +- 1.96 standard deviations over resamplings (with
     replacement) of the generated images, the renders held fixed. The spread, not the percentiles: a resample's
     repeated images shrink its covariance, which biases FID upward by more than its spread at small sizes."""
     gen = torch.Generator().manual_seed(seed)
-    real_mean, real_cov = real_features.mean(0), torch.cov(real_features.T)
+    fid_of = fid_against(real_features)
     fids, accuracies = [], []
     for _ in range(resamples):
         pick = torch.randint(len(fake_features), (len(fake_features),), generator=gen)
-        fake = fake_features[pick]
-        fids.append(frechet_distance(fake.mean(0), torch.cov(fake.T), real_mean, real_cov))
+        fids.append(fid_of(fake_features[pick]))
         accuracies.append(float(correct[pick].double().mean()))
-    fid = frechet_distance(fake_features.mean(0), torch.cov(fake_features.T), real_mean, real_cov)
+    fid = fid_of(fake_features)
     accuracy = float(correct.double().mean())
     fid_sd, accuracy_sd = (float(torch.tensor(v, dtype=torch.float64).std()) for v in (fids, accuracies))
     return {"fid_ci95": [fid - 1.96 * fid_sd, fid + 1.96 * fid_sd],
@@ -153,10 +158,7 @@ def paired_intervals(baseline: dict, other: dict, resamples: int = 200, seed: in
     samples from both models. The shared prompts and seeds cancel out of the difference, which is why its interval is
     narrower than the two models' own intervals suggest."""
     gen = torch.Generator().manual_seed(seed)
-    real_mean, real_cov = baseline["real_features"].mean(0), torch.cov(baseline["real_features"].T)
-
-    def fid(features: torch.Tensor) -> float:
-        return frechet_distance(features.mean(0), torch.cov(features.T), real_mean, real_cov)
+    fid = fid_against(baseline["real_features"])
 
     def differences(pick) -> tuple[float, float]:
         return (fid(other["features"][pick]) - fid(baseline["features"][pick]),

@@ -6,8 +6,9 @@ default: all 180 shapes prompts take 0.2 MiB, 1,100 SD 1.5 prompts in bf16 fill 
 when drawn. Encoding at the start rather than at each prompt's first draw keeps the text encoder out of the training
 steps: drawn lazily (64 + 16 draws per step), the demo's 180 prompts were still being encoded in the profiled steps
 4-8, each time at a new batch size (the top host cost of that profile on an H200, cuDNN attention at 16 ms per
-iteration, gone from the profile since: BENCHMARKS.md), and now every step is the same from the first one on. It also makes a resumed run's embeddings bit-identical to the first
-run's (the same batches, not the order of first draws).
+iteration, gone from the profile since: BENCHMARKS.md), and now every step is the same from the first one on. It
+also makes a resumed run's embeddings bit-identical to the first run's (the same batches, not the order of first
+draws).
 """
 from __future__ import annotations
 
