@@ -93,3 +93,36 @@ class WeightAverage:
         finally:
             for k, v in self.tracked.items():
                 v.detach().copy_(own[k])
+
+
+class FlatParameters:
+    """A network's trainable parameters as views of one flat buffer, and after each backward their gradients gathered
+    into one flat gradient: an optimizer and a clipping norm over `flat` then run one kernel each, where over the
+    parameters they run multi-tensor loops whose host time per parameter dominates a small network's step on a GPU
+    (BENCHMARKS.md, issue 14). The network's parameters stay what the module, its checkpoints and exports see."""
+
+    def __init__(self, params):
+        self.params = [p for p in params if p.requires_grad]
+        buffer = torch.cat([p.detach().reshape(-1) for p in self.params])
+        offset = 0
+        for p in self.params:  # the weights now live in the buffer: an update of `flat` is an update of the network
+            p.data = buffer[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self.flat = torch.nn.Parameter(buffer)
+
+    def gather_gradients(self) -> None:
+        """`flat.grad` from the parameters' gradients (zeros for a parameter that got none)."""
+        self.flat.grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
+
+    def clip_gradients(self, max_norm: float) -> Tensor:
+        """Scales `flat.grad` to a norm of at most `max_norm`, as torch's clip_grad_norm_ does, and returns the norm
+        before, accumulated in float64 (one float32 sum over millions of gradients drifts by 1e-5 relative on a CPU,
+        where the per-parameter norms do not)."""
+        norm = torch.linalg.vector_norm(self.flat.grad, dtype=torch.float64).float()
+        self.flat.grad.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
+        return norm
+
+    def drop_gradients(self) -> None:
+        for p in self.params:
+            p.grad = None
+        self.flat.grad = None
