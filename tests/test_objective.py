@@ -165,6 +165,7 @@ def test_a_zero0_engine_steps_as_torch_adamw_and_drops_its_gradients(monkeypatch
         flat = engines[1].flat_parameters
         assert flat.flat.grad is None and engines[1].optimizer.param_groups[0]["params"] == [flat.flat]
         assert all(p.untyped_storage().data_ptr() == flat.flat.untyped_storage().data_ptr() for p in engines[1].module.parameters())
+        assert all(p.storage_offset() % flat.ALIGN == 0 for p in engines[1].module.parameters())  # aligned for compiled kernels
     finally:
         torch.distributed.destroy_process_group()
 
