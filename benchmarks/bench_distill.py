@@ -217,6 +217,8 @@ def main() -> int:
     p.add_argument("--compile", default="auto", help="the job's compile setting (auto: on GPU); the plain loop compiles in the first stage's mode")
     p.add_argument("--fused-adamw", default="auto")
     p.add_argument("--skip-guards", default="true", choices=("true", "false"), help="the job's skip_guards: only the differentiating guards after the warm-up")
+    p.add_argument("--flat-optimizer", default="false", choices=("false", "true", "both"),
+                   help="the job's flat_optimizer (ZeRO-0); both: a second ZeRO-0 row with it on, after the first (it finds the first's kernels)")
     p.add_argument("--log-every", type=int, default=10, help="the losses read from the device every this many steps")
     p.add_argument("--lpips-backbone", default="vgg")
     p.add_argument("--lpips-min-size", type=int, default=224)
@@ -236,7 +238,8 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="bench-distill-")
     pairs_uri = make_pairs(args.teacher, args.reg_batch, args.steps + 2 * args.log_every + 4, work)
     base = bench_config(args, pairs_uri, gpu, dm_batch_size=args.dm_batch, reg_batch_size=args.reg_batch, precision=args.precision,
-                        fused_adamw=args.fused_adamw, profile_steps=args.profile_steps, skip_guards=args.skip_guards == "true")
+                        fused_adamw=args.fused_adamw, profile_steps=args.profile_steps, skip_guards=args.skip_guards == "true",
+                        flat_optimizer=args.flat_optimizer == "true")
     if args.zero_stages:  # the plain loop compiles in the mode of the first Ray row's stage
         base = dataclasses.replace(base, zero_stage=args.zero_stages[0])
     # the path before issue 14 as its baseline: eager networks, per-tensor AdamW, the losses read and reported to Ray Train every step
@@ -250,6 +253,8 @@ def main() -> int:
     runs = [(PLAIN, "fast", base, True)] if not args.skip_plain else []
     ray_stages = [] if args.skip_ray else args.zero_stages
     runs += [(f"ray train + deepspeed ZeRO-{stage}", "fast", base, False) for stage in ray_stages]
+    if args.flat_optimizer == "both" and 0 in ray_stages:
+        runs += [("ray train + deepspeed ZeRO-0, flat optimizer", "fast-flat", dataclasses.replace(base, flat_optimizer=True), False)]
     if args.baselines:
         runs += [(f"{PLAIN}, eager (before)", "before", before, True)] if not args.skip_plain else []
         runs += [(f"ray train + deepspeed ZeRO-{stage}, eager (before)", "before", before, False) for stage in ray_stages[:1]]

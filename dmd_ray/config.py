@@ -185,6 +185,10 @@ class DistillConfig:
     # only the runs' owners write, as the checkpoints.
     compile_cache: str = "auto"
     fused_adamw: str = "auto"  # true / auto (on GPU): torch's fused AdamW kernel instead of its per-tensor loop
+    # ZeRO-0: each engine's weights in one flat buffer, the gradients gathered into one flat gradient after backward,
+    # so that clipping and AdamW run as one kernel each instead of loops over every parameter (host time; one extra
+    # gradient copy in memory). A checkpoint resumes only under the setting that wrote it
+    flat_optimizer: bool = False
     # after the first compiled steps, check only the guards that tell torch.compile's cached graphs apart (not under
     # ZeRO-3): ~1 ms less host time per compiled network call. A step that needs a graph the first steps did not
     # compile then fails loudly ("Recompilation triggered with skip_guard_eval_unsafe stance") instead of compiling;

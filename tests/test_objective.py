@@ -1,6 +1,7 @@
 """The DMD objective and one iteration of it, on small networks without Ray: which network each loss's gradients
 reach, how the concatenated DM/regression batch splits, the two ablations, and one step on the tiny teacher."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -126,7 +127,8 @@ def test_one_iteration_on_the_tiny_teacher_with_torch_optimisers():
 def test_a_zero0_engine_steps_as_torch_adamw_and_drops_its_gradients(monkeypatch):
     """The worker's ZeRO-0 DeepSpeed engine (fp32 here, no autocast) with engine_update against the plain loop's
     AdamW with optimizer_update: the same gradient norms and weights over three clipped steps, and no gradient left
-    after each step (the engine drops them through its parameter list, not DeepSpeed's walk of the module tree).
+    after each step (the engine drops them through its parameter list, not DeepSpeed's walk of the module tree); the
+    same with flat_optimizer, where the engine's AdamW and clipping run on one flat buffer of weights and gradients.
     The first DeepSpeed engine on a machine builds DeepSpeed's CPU communication op (~50 s, kept for later runs)."""
     import socket
 
@@ -141,23 +143,29 @@ def test_a_zero0_engine_steps_as_torch_adamw_and_drops_its_gradients(monkeypatch
         port = s.getsockname()[1]
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
         monkeypatch.setenv(key, value)
-    torch.distributed.init_process_group("gloo")  # as Ray Train sets it up for the worker
+    torch.distributed.init_process_group("gloo")  # as Ray Train sets it up for the worker (once per process: DeepSpeed keeps it)
     try:
         teacher = build_tiny_teacher()
         cfg = DistillConfig(zero_stage=0, precision="fp32", compile="false", fused_adamw="false", lr=1e-3, warmup_steps=2, grad_clip=0.05)
-        engine = distill_worker.engine(cfg, teacher.unet, cfg.lr, 2, torch.device("cpu"))
-        engine_update = distill_worker.engine_update(engine, cfg.grad_clip)
+        engines = [distill_worker.engine(dataclasses.replace(cfg, flat_optimizer=flat), teacher.unet, cfg.lr, 2, torch.device("cpu")) for flat in (False, True)]
         plain = UNetDenoiser(copy.deepcopy(teacher.unet).float().train().requires_grad_(True))
         optimizer, schedule = adamw(plain.parameters(), cfg.lr, cfg.warmup_steps, weight_decay=cfg.weight_decay)
-        plain_update = optimizer_update(optimizer, plain.parameters(), cfg.grad_clip, schedule)
+        updates = [(distill_worker.engine_update(e, cfg.grad_clip), e) for e in engines] + [(optimizer_update(optimizer, plain.parameters(), cfg.grad_clip, schedule), plain)]
         g = torch.Generator().manual_seed(0)
         for _ in range(3):
             x_t, t, cond = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([100, 700]), torch.randn(2, 77, 32, generator=g)
-            norms = [update(net(x_t, t, cond).square().mean()) for update, net in ((engine_update, engine), (plain_update, plain))]
-            torch.testing.assert_close(norms[0], norms[1])
-            assert norms[0] > cfg.grad_clip and all(p.grad is None for p in engine.module.parameters())
-        for a, b in zip(engine.module.parameters(), plain.parameters(), strict=True):
-            torch.testing.assert_close(a, b)
+            norms = [update(net(x_t, t, cond).square().mean()) for update, net in updates]
+            for norm in norms[:2]:
+                torch.testing.assert_close(norm, norms[2])
+            assert norms[2] > cfg.grad_clip and all(p.grad is None for e in engines for p in e.module.parameters())
+        for engine in engines:
+            for a, b in zip(engine.module.parameters(), plain.parameters(), strict=True):
+                torch.testing.assert_close(a, b)
+        # flat: the weights are views of the one buffer the optimizer steps, which holds one tensor per moment
+        flat = engines[1].flat_parameters
+        assert flat.flat.grad is None and engines[1].optimizer.param_groups[0]["params"] == [flat.flat]
+        assert all(p.untyped_storage().data_ptr() == flat.flat.untyped_storage().data_ptr() for p in engines[1].module.parameters())
+        assert all(p.storage_offset() % flat.ALIGN == 0 for p in engines[1].module.parameters())  # aligned for compiled kernels
     finally:
         torch.distributed.destroy_process_group()
 

@@ -159,6 +159,10 @@ def check_resume_world_size(cfg: DistillConfig) -> None:
     if saved_stage != cfg.zero_stage:  # ZeRO-0 keeps fp32 weights and torch's optimizer state, ZeRO 1-3 DeepSpeed's partitions
         raise ConfigError(f"{run_dir} resumes from {checkpoints[-1]}, written under ZeRO-{saved_stage}; its engine states do not load under "
                           f"ZeRO-{cfg.zero_stage}. Resume with --zero-stage {saved_stage}, or start a new run (--run-name or --output)")
+    saved_flat = state.get("config", {}).get("flat_optimizer", False)
+    if saved_stage == 0 and saved_flat != cfg.flat_optimizer:  # one flat optimizer state against one per parameter
+        raise ConfigError(f"{run_dir} resumes from {checkpoints[-1]}, written with flat_optimizer {saved_flat}; its optimizer state does not load "
+                          f"with flat_optimizer {cfg.flat_optimizer}. Resume with --flat-optimizer {str(saved_flat).lower()}, or start a new run")
     if state["world_size"] != cfg.num_workers and saved_stage >= 1:
         raise ConfigError(
             f"{run_dir} resumes from {checkpoints[-1]}, written by {state['world_size']} worker(s) under ZeRO-{saved_stage}; DeepSpeed cannot "

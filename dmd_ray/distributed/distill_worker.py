@@ -32,7 +32,7 @@ from dmd_ray.distributed.pair_job import PairStream
 from dmd_ray.distributed.profiling import StepProfiler
 from dmd_ray.distributed.run_records import RunRecords, generated_images, worker_print
 from dmd_ray.method.objective import LogWindow
-from dmd_ray.method.optim import WeightAverage, warmup_schedule
+from dmd_ray.method.optim import FlatParameters, WeightAverage, warmup_schedule
 from dmd_ray.method.transfer import to_device
 from dmd_ray.sd.conditioning import PromptConditions
 from dmd_ray.sd.dmd import build_step, gan_classifier
@@ -79,15 +79,17 @@ def engine(cfg: DistillConfig, unet, lr: float, micro_batch: int, device: torch.
     if init_weights:
         worker_print(f"[distill] fake score starts from {init_weights}: {load_fake_score(model, init_weights)}")
     model = model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
-                                  fused=cfg.fused_adamw_on(device.type) or None)
+    flat = FlatParameters(model.parameters()) if cfg.zero_stage == 0 and cfg.flat_optimizer else None
+    optimizer = torch.optim.AdamW([flat.flat] if flat else model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=cfg.weight_decay, fused=cfg.fused_adamw_on(device.type) or None)
     schedule = lambda optimizer: warmup_schedule(optimizer, max(1, cfg.warmup_steps))  # noqa: E731
     ds_engine = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, micro_batch), lr_scheduler=schedule)[0]
     if cfg.zero_stage == 0:
         # after every step DeepSpeed's ZeRO-0 engine drops the gradients through module.named_parameters(), a walk of
         # the module tree: 0.65-0.72 ms per engine and step for the demo UNet on a CPU core, against 0.02-0.03 ms for
         # the list taken once (BENCHMARKS.md; the GPU iteration is bound by such host time)
-        ds_engine.zero_grad = functools.partial(drop_gradients, [p for p in model.parameters()])
+        ds_engine.zero_grad = flat.drop_gradients if flat else functools.partial(drop_gradients, [p for p in model.parameters()])
+        ds_engine.flat_parameters = flat  # engine_update gathers and clips the flat gradient
         if world_size == 1:
             ds_engine.enable_backward_allreduce = False  # one rank: DeepSpeed would still flatten, "reduce" and copy back every gradient
     compile_network(unet, cfg.compile_mode(device.type))
@@ -187,12 +189,17 @@ def compile_cache_uri(cfg: DistillConfig) -> str:
 def engine_update(engine, grad_clip: float = 0.0):
     """An `Update` through a DeepSpeed engine. Under ZeRO-0 (DeepSpeed's clipping off, see deepspeed_config) the
     gradients are clipped here, after the engine's all-reduce, and the norm stays on the device."""
+    flat = getattr(engine, "flat_parameters", None)  # flat_optimizer: one buffer of weights and one of gradients
     params = [p for p in engine.module.parameters() if p.requires_grad]
     own_clip = engine.zero_optimization_stage() == 0
 
     def update(loss):
         engine.backward(loss)
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf, foreach=True) if own_clip else None
+        if flat:
+            flat.gather_gradients()
+            norm = flat.clip_gradients(grad_clip or math.inf)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf, foreach=True) if own_clip else None
         engine.step()
         return norm if own_clip else engine.get_global_grad_norm()  # None where the engine does not compute it
 

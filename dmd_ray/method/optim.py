@@ -93,3 +93,51 @@ class WeightAverage:
         finally:
             for k, v in self.tracked.items():
                 v.detach().copy_(own[k])
+
+
+class FlatParameters:
+    """A network's trainable parameters as views of one flat buffer, and after each backward their gradients gathered
+    into one flat gradient: an optimizer and a clipping norm over `flat` then run one kernel each, where over the
+    parameters they run multi-tensor loops whose host time per parameter dominates a small network's step on a GPU
+    (BENCHMARKS.md, issue 14). The network's parameters stay what the module, its checkpoints and exports see. Each
+    view starts at a multiple of `ALIGN` elements: compiled kernels assume aligned inputs and copy the ones that are
+    not; the gaps hold zeros, with zero gradients."""
+
+    ALIGN = 32  # elements: 128 bytes of float32
+
+    def __init__(self, params):
+        self.params = [p for p in params if p.requires_grad]
+        sizes = [p.numel() for p in self.params]
+        self.gaps = [-n % self.ALIGN for n in sizes]
+        reference = self.params[0].detach()
+        buffer = reference.new_zeros(sum(sizes) + sum(self.gaps))
+        self.zeros = reference.new_zeros(self.ALIGN)
+        offset = 0
+        for p, n, gap in zip(self.params, sizes, self.gaps):  # the weights now live in the buffer: an update of `flat` updates the network
+            view = buffer[offset : offset + n].view_as(p)
+            view.copy_(p.detach())
+            p.data = view
+            offset += n + gap
+        self.flat = torch.nn.Parameter(buffer)
+
+    def gather_gradients(self) -> None:
+        """`flat.grad` from the parameters' gradients (zeros for a parameter that got none, and in the gaps)."""
+        pieces = []
+        for p, gap in zip(self.params, self.gaps):
+            pieces.append((p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1))
+            if gap:
+                pieces.append(self.zeros[:gap])
+        self.flat.grad = torch.cat(pieces)
+
+    def clip_gradients(self, max_norm: float) -> Tensor:
+        """Scales `flat.grad` to a norm of at most `max_norm`, as torch's clip_grad_norm_ does, and returns the norm
+        before, accumulated in float64 (one float32 sum over millions of gradients drifts by 1e-5 relative on a CPU,
+        where the per-parameter norms do not)."""
+        norm = torch.linalg.vector_norm(self.flat.grad, dtype=torch.float64).float()
+        self.flat.grad.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
+        return norm
+
+    def drop_gradients(self) -> None:
+        for p in self.params:
+            p.grad = None
+        self.flat.grad = None
