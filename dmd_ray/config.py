@@ -65,9 +65,9 @@ class PairsConfig:
     gpus_per_actor: float = -1.0  # -1: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
     # torch.compile of the teacher's UNet: false, auto (GPU: reduce-overhead, one CUDA graph per step shape at the
-    # fixed batch, short batches padded to it; CPU: eager), true (default mode) or a mode. Off by default until its
-    # pairs/s is measured on a GPU (BENCHMARKS.md)
-    compile: str = "false"
+    # fixed batch, short batches padded to it; CPU: eager), true (default mode), false or a mode. auto: 1.36x the eager
+    # diffusers pipeline's pairs/s on an H200 at SD 1.5 size, after ~60 s of compilation per actor (BENCHMARKS.md)
+    compile: str = "auto"
     cache_dir: str = ""  # where s3:// teachers are cached; default ~/.cache/dmd_ray/teachers
 
     def compile_mode(self, device_type: str) -> str | None:
@@ -123,6 +123,9 @@ class DistillConfig:
     pair_shard_size: int = 64
     pair_batch_size: int = 16  # pairs per sampler call (small models on a GPU want hundreds: they are launch-bound)
     pair_gpus_per_actor: float = -1.0  # -1: 1 when the cluster has GPUs at the start, else 0 (set 1 for autoscaling GPU clusters)
+    # the implied pair generation's torch.compile (PairsConfig.compile): off, since a distillation's own pairs are
+    # usually few thousand of a small teacher, made faster than the ~60 s its compilation costs; auto for large sets
+    pair_compile: str = "false"
     # the method
     guidance_scale: float = 3.0  # real score's classifier-free guidance (DMD: 3 for FID, 8 for visual quality)
     lambda_reg: float = 0.25  # 0: the "without regression" ablation
@@ -187,8 +190,9 @@ class DistillConfig:
     fused_adamw: str = "auto"  # true / auto (on GPU): torch's fused AdamW kernel instead of its per-tensor loop
     # ZeRO-0: each engine's weights in one flat buffer, the gradients gathered into one flat gradient after backward,
     # so that clipping and AdamW run as one kernel each instead of loops over every parameter (host time; one extra
-    # gradient copy in memory). A checkpoint resumes only under the setting that wrote it
-    flat_optimizer: bool = False
+    # gradient copy in memory; 7% less per iteration on the demo teacher on an H200, BENCHMARKS.md, eighth round). A
+    # checkpoint resumes only under the setting that wrote it
+    flat_optimizer: bool = True
     # after the first compiled steps, check only the guards that tell torch.compile's cached graphs apart (not under
     # ZeRO-3): ~1 ms less host time per compiled network call. A step that needs a graph the first steps did not
     # compile then fails loudly ("Recompilation triggered with skip_guard_eval_unsafe stance") instead of compiling;
@@ -305,6 +309,8 @@ class DistillConfig:
             problems.append(f"guidance_scale must be >= 1, got {self.guidance_scale}")
         if self.compile not in COMPILE_SETTINGS:
             problems.append(f"compile must be one of {', '.join(COMPILE_SETTINGS)}, got {self.compile!r}")
+        if self.pair_compile not in COMPILE_SETTINGS:
+            problems.append(f"pair_compile must be one of {', '.join(COMPILE_SETTINGS)}, got {self.pair_compile!r}")
         if self.fused_adamw not in USE_GPU:
             problems.append(f"fused_adamw must be auto, true or false, got {self.fused_adamw!r}")
         raise_problems("DistillConfig", problems)

@@ -44,6 +44,9 @@ def test_every_problem_is_named_at_once_and_good_defaults_pass():
     assert all(word in str(e.value) for word in ("prompts is required", "num_pairs", "sampler must be one of", "dtype must be"))
     with pytest.raises(ConfigError, match="unknown variants"):
         ToyConfig(variants=("dmd", "gan")).check()
+    with pytest.raises(ConfigError) as e:
+        DistillConfig(compile="fastest", pair_compile="always").check()
+    assert "compile must be one of" in str(e.value) and "pair_compile must be one of" in str(e.value)
 
 
 def test_one_coercion_for_jobs_and_service():
@@ -227,7 +230,8 @@ def test_in_training_evaluation_without_a_judge_is_refused():
 
 
 def test_a_resume_under_another_zero_stage_or_worker_count_is_refused(tmp_path):
-    """The checkpoint's engine states fit one ZeRO stage (and, under ZeRO 1-3, one worker count): refused on the driver."""
+    """The checkpoint's engine states fit one ZeRO stage (and, under ZeRO 1-3, one worker count; under ZeRO-0, one
+    flat_optimizer setting): refused on the driver."""
     import json
 
     from dmd_ray.distributed.distill_driver import check_resume_world_size
@@ -241,8 +245,13 @@ def test_a_resume_under_another_zero_stage_or_worker_count_is_refused(tmp_path):
         check_resume_world_size(DistillConfig(**base, zero_stage=0, num_workers=2))
     with pytest.raises(ConfigError, match="written by 2 worker.*--num-workers 2"):
         check_resume_world_size(DistillConfig(**base, zero_stage=2, num_workers=1))
-    (checkpoint / "trainer_state.json").write_text(json.dumps({"world_size": 2, "config": {"zero_stage": 0}}))
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"world_size": 2, "config": {"zero_stage": 0, "flat_optimizer": True}}))
     check_resume_world_size(DistillConfig(**base, zero_stage=0, num_workers=1))  # ZeRO-0: any worker count
+    # a ZeRO-0 checkpoint from before flat_optimizer (no key: one optimizer state per parameter) needs it off
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"world_size": 1, "config": {"zero_stage": 0}}))
+    with pytest.raises(ConfigError, match="written with flat_optimizer False.*Resume with --flat-optimizer false"):
+        check_resume_world_size(DistillConfig(**base, zero_stage=0))
+    check_resume_world_size(DistillConfig(**base, zero_stage=0, flat_optimizer=False))
 
 
 def test_a_generator_can_start_from_an_exported_student_of_the_teachers_architecture(tmp_path):

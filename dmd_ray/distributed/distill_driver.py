@@ -36,7 +36,7 @@ def pairs_config(cfg: DistillConfig, plan: DistillPlan) -> PairsConfig:
     return PairsConfig(
         teacher=cfg.teacher, prompts=plan.prompts_uri, num_pairs=cfg.num_pairs, out=plan.pairs, sampler=cfg.pair_sampler, steps=cfg.pair_steps,
         guidance_scale=cfg.guidance_scale, resolution=cfg.resolution, seed=cfg.seed, shard_size=cfg.pair_shard_size, cache_dir=cfg.cache_dir,
-        batch_size=cfg.pair_batch_size, gpus_per_actor=cfg.pair_gpus_per_actor,
+        batch_size=cfg.pair_batch_size, gpus_per_actor=cfg.pair_gpus_per_actor, compile=cfg.pair_compile,
     )
 
 
