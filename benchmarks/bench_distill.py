@@ -217,8 +217,9 @@ def main() -> int:
     p.add_argument("--compile", default="auto", help="the job's compile setting (auto: on GPU); the plain loop compiles in the first stage's mode")
     p.add_argument("--fused-adamw", default="auto")
     p.add_argument("--skip-guards", default="true", choices=("true", "false"), help="the job's skip_guards: only the differentiating guards after the warm-up")
-    p.add_argument("--flat-optimizer", default="false", choices=("false", "true", "both"),
-                   help="the job's flat_optimizer (ZeRO-0); both: a second ZeRO-0 row with it on, after the first (it finds the first's kernels)")
+    p.add_argument("--flat-optimizer", default="true", choices=("false", "true", "both"),
+                   help="the job's flat_optimizer (ZeRO-0; on by default); both: the ZeRO-0 row with it off, then a second with it on "
+                   "(it finds the first's kernels)")
     p.add_argument("--log-every", type=int, default=10, help="the losses read from the device every this many steps")
     p.add_argument("--lpips-backbone", default="vgg")
     p.add_argument("--lpips-min-size", type=int, default=224)
@@ -244,8 +245,8 @@ def main() -> int:
         base = dataclasses.replace(base, zero_stage=args.zero_stages[0])
     # the path before issue 14 as its baseline: eager networks, per-tensor AdamW, the losses read and reported to Ray Train every step
     # (not profiled: with a log window per step, the profiled steps would be among the timed ones)
-    before = dataclasses.replace(base, compile="false", fused_adamw="false", log_every=1, report_every=1, max_steps=args.baseline_steps or args.steps,
-                                 profile_steps=0)
+    before = dataclasses.replace(base, compile="false", fused_adamw="false", flat_optimizer=False, log_every=1, report_every=1,
+                                 max_steps=args.baseline_steps or args.steps, profile_steps=0)
     # (row name, settings, config, whether it is the plain loop). The fast rows first: the plain loop compiles the
     # worker's graphs, which the Ray worker then finds in this machine's compile caches (on CPUs; on an H200 with
     # torch 2.11 it did not, BENCHMARKS.md "fifth round"); a time-boxed run that is cut short loses the baselines,
