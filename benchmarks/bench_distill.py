@@ -14,7 +14,8 @@ before issue 14 (eager networks, per-tensor AdamW, the losses read and reported 
 Both paths call the DMDStep that `dmd_ray.sd.dmd.build_step` builds, once per batch, exactly as the Ray Train worker
 (dmd_ray/distributed/distill_worker.py) does: next batch of pairs, encode its prompts, step, read the logs. They
 differ only in the networks and update functions handed to `build_step`: the plain loop passes plain modules with
-torch AdamW (`dmd_ray.method.optim.adamw` + `optimizer_update`, the worker's warm-up schedule) in this process, in
+torch AdamW (`dmd_ray.method.optim.adamw` + `optimizer_update`, the worker's warm-up schedule; under ZeRO-0 with
+flat_optimizer over one flat buffer, as the engines) in this process, in
 the engines' numerics (ZeRO-0: fp32 weights under bf16 autocast; ZeRO 1-3: bf16 weights), compiles its networks as
 the worker does and reads pairs with pyarrow; the job is `dmd_ray.distributed.distill_driver.distill` with one Ray
 Train worker and two DeepSpeed engines.
@@ -50,6 +51,22 @@ PLAIN = "plain loop (torch AdamW)"
 PAIR_SAMPLER, PAIR_STEPS = "ddim", 2
 
 
+def flat_update(optimizer: torch.optim.Optimizer, flat, grad_clip: float, scheduler):
+    """The ZeRO-0 engine's update with flat_optimizer (distill_worker.engine_update) without DeepSpeed: backward,
+    the gradients gathered into the flat one, clipped with the norm on the device, one AdamW step over the buffer."""
+
+    def update(loss: torch.Tensor) -> torch.Tensor:
+        flat.drop_gradients()
+        loss.backward()
+        flat.gather_gradients()
+        norm = flat.clip_gradients(grad_clip or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        return norm
+
+    return update
+
+
 def plain_loop(cfg: DistillConfig, pairs_uri: str, steps: int, profile_steps: int = 0) -> dict:
     """The worker's loop body on plain modules with torch AdamW, in this process, with the job's fast settings
     (cfg.compile in the mode of cfg.zero_stage, cfg.fused_adamw, losses read every cfg.log_every steps)."""
@@ -57,7 +74,7 @@ def plain_loop(cfg: DistillConfig, pairs_uri: str, steps: int, profile_steps: in
     from dmd_ray.distributed.pair_job import PairStream, read_with_pyarrow
     from dmd_ray.distributed.profiling import profile_iterations
     from dmd_ray.method.objective import read_logs
-    from dmd_ray.method.optim import adamw, optimizer_update
+    from dmd_ray.method.optim import FlatParameters, adamw, optimizer_update
     from dmd_ray.method.transfer import to_device
     from dmd_ray.sd.conditioning import PromptConditions
     from dmd_ray.sd.dmd import build_step
@@ -77,11 +94,13 @@ def plain_loop(cfg: DistillConfig, pairs_uri: str, steps: int, profile_steps: in
     unets, nets, updates = [], [], []
     for lr in (cfg.lr, cfg.fake_lr or cfg.lr):  # generator, fake score: each a copy of the teacher's UNet
         unet = copy.deepcopy(teacher.unet).train().requires_grad_(True).to(device, weights_dtype)
-        params = list(unet.parameters())
+        # the optimizer of the engines it is compared with: under ZeRO-0 with flat_optimizer, one flat buffer
+        flat = FlatParameters(unet.parameters()) if cfg.zero_stage == 0 and cfg.flat_optimizer else None
+        params = [flat.flat] if flat else list(unet.parameters())
         optimizer, scheduler = adamw(params, lr, max(1, cfg.warmup_steps), weight_decay=cfg.weight_decay, fused=cfg.fused_adamw_on(device.type))
         unets.append(unet)
         nets.append(Autocast(UNetDenoiser(unet), device.type) if autocast else UNetDenoiser(unet))
-        updates.append(optimizer_update(optimizer, params, cfg.grad_clip, scheduler))
+        updates.append(flat_update(optimizer, flat, cfg.grad_clip, scheduler) if flat else optimizer_update(optimizer, params, cfg.grad_clip, scheduler))
     teacher.to(device=device, dtype=dtype)
     latent_shape = teacher.latent_shape(cfg.resolution or teacher.default_resolution)
     prompts = read_prompts(cfg.prompts or BUILTIN_PROMPTS)
@@ -282,6 +301,7 @@ def main() -> int:
           f"LPIPS-{args.lpips_backbone} at {args.lpips_min_size}), {args.precision}, gradient checkpointing {args.gradient_checkpointing}, "
           f"{device_name(device)}, {time.strftime('%Y-%m-%d')}")
     print(f"fast rows: compile {args.compile} ({base.compile_mode(device.type) or 'eager'}), fused AdamW {args.fused_adamw}, "
+          f"flat optimizer under ZeRO-0 {args.flat_optimizer} (the plain loop: {base.flat_optimizer and base.zero_stage == 0}), "
           f"losses read every {args.log_every} steps; 'before' rows: eager, per-tensor AdamW, losses read and reported every step")
     print(f"peak: {peak.label}")
     if flops:
