@@ -94,6 +94,8 @@ def plain_loop(cfg: DistillConfig, pairs_uri: str, steps: int, profile_steps: in
     unets, nets, updates = [], [], []
     for lr in (cfg.lr, cfg.fake_lr or cfg.lr):  # generator, fake score: each a copy of the teacher's UNet
         unet = copy.deepcopy(teacher.unet).train().requires_grad_(True).to(device, weights_dtype)
+        if cfg.zero_stage == 0 and cfg.channels_last_on(device.type):
+            unet.to(memory_format=torch.channels_last)
         # the optimizer of the engines it is compared with: under ZeRO-0 with flat_optimizer, one flat buffer
         flat = FlatParameters(unet.parameters()) if cfg.zero_stage == 0 and cfg.flat_optimizer else None
         params = [flat.flat] if flat else list(unet.parameters())
@@ -136,7 +138,7 @@ def plain_loop(cfg: DistillConfig, pairs_uri: str, steps: int, profile_steps: in
             unet.enable_gradient_checkpointing()
     for unet in unets:
         compile_network(unet, mode)
-    compile_frozen(teacher, step_fn.objective, mode)
+    compile_frozen(teacher, step_fn.objective, mode, cfg.channels_last_on(device.type))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
@@ -239,6 +241,8 @@ def main() -> int:
     p.add_argument("--flat-optimizer", default="true", choices=("false", "true", "both"),
                    help="the job's flat_optimizer (ZeRO-0; on by default); both: the ZeRO-0 row with it off, then a second with it on "
                    "(it finds the first's kernels)")
+    p.add_argument("--channels-last", default="false", choices=("auto", "false", "true", "both"),
+                   help="the job's channels_last; both: every Ray row without it, then the same rows with it")
     p.add_argument("--log-every", type=int, default=10, help="the losses read from the device every this many steps")
     p.add_argument("--lpips-backbone", default="vgg")
     p.add_argument("--lpips-min-size", type=int, default=224)
@@ -259,7 +263,7 @@ def main() -> int:
     pairs_uri = make_pairs(args.teacher, args.reg_batch, args.steps + 2 * args.log_every + 4, work)
     base = bench_config(args, pairs_uri, gpu, dm_batch_size=args.dm_batch, reg_batch_size=args.reg_batch, precision=args.precision,
                         fused_adamw=args.fused_adamw, profile_steps=args.profile_steps, skip_guards=args.skip_guards == "true",
-                        flat_optimizer=args.flat_optimizer == "true")
+                        flat_optimizer=args.flat_optimizer == "true", channels_last="false" if args.channels_last == "both" else args.channels_last)
     if args.zero_stages:  # the plain loop compiles in the mode of the first Ray row's stage
         base = dataclasses.replace(base, zero_stage=args.zero_stages[0])
     # the path before issue 14 as its baseline: eager networks, per-tensor AdamW, the losses read and reported to Ray Train every step
@@ -275,6 +279,9 @@ def main() -> int:
     runs += [(f"ray train + deepspeed ZeRO-{stage}", "fast", base, False) for stage in ray_stages]
     if args.flat_optimizer == "both" and 0 in ray_stages:
         runs += [("ray train + deepspeed ZeRO-0, flat optimizer", "fast-flat", dataclasses.replace(base, flat_optimizer=True), False)]
+    if args.channels_last == "both":
+        runs += [(f"{name}, channels-last", f"{settings}-channels-last", dataclasses.replace(cfg, channels_last="true"), plain)
+                 for name, settings, cfg, plain in runs]
     if args.baselines:
         runs += [(f"{PLAIN}, eager (before)", "before", before, True)] if not args.skip_plain else []
         runs += [(f"ray train + deepspeed ZeRO-{stage}, eager (before)", "before", before, False) for stage in ray_stages[:1]]
@@ -301,7 +308,7 @@ def main() -> int:
           f"LPIPS-{args.lpips_backbone} at {args.lpips_min_size}), {args.precision}, gradient checkpointing {args.gradient_checkpointing}, "
           f"{device_name(device)}, {time.strftime('%Y-%m-%d')}")
     print(f"fast rows: compile {args.compile} ({base.compile_mode(device.type) or 'eager'}), fused AdamW {args.fused_adamw}, "
-          f"flat optimizer under ZeRO-0 {args.flat_optimizer} (the plain loop: {base.flat_optimizer and base.zero_stage == 0}), "
+          f"flat optimizer under ZeRO-0 {args.flat_optimizer} (the plain loop: {base.flat_optimizer and base.zero_stage == 0}), channels-last {args.channels_last}, "
           f"losses read every {args.log_every} steps; 'before' rows: eager, per-tensor AdamW, losses read and reported every step")
     print(f"peak: {peak.label}")
     if flops:

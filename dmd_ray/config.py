@@ -193,6 +193,11 @@ class DistillConfig:
     # gradient copy in memory; 7% less per iteration on the demo teacher on an H200, BENCHMARKS.md, eighth round). A
     # checkpoint resumes only under the setting that wrote it
     flat_optimizer: bool = True
+    # the step's convolutional networks (the three UNets, the VAE decoder and LPIPS of the pixel regression loss)
+    # with their weights in channels-last memory format, so that their activations follow: bf16 convolutions on a
+    # GPU run in NHWC, and in NCHW cuDNN converts every input and output (Inductor leaves UNet training graphs NCHW:
+    # their decoder's convolutions narrow the channels). auto: on GPU. Checkpoints and exports are unchanged
+    channels_last: str = "false"
     # after the first compiled steps, check only the guards that tell torch.compile's cached graphs apart (not under
     # ZeRO-3): ~1 ms less host time per compiled network call. A step that needs a graph the first steps did not
     # compile then fails loudly ("Recompilation triggered with skip_guard_eval_unsafe stance") instead of compiling;
@@ -311,12 +316,16 @@ class DistillConfig:
             problems.append(f"compile must be one of {', '.join(COMPILE_SETTINGS)}, got {self.compile!r}")
         if self.pair_compile not in COMPILE_SETTINGS:
             problems.append(f"pair_compile must be one of {', '.join(COMPILE_SETTINGS)}, got {self.pair_compile!r}")
-        if self.fused_adamw not in USE_GPU:
-            problems.append(f"fused_adamw must be auto, true or false, got {self.fused_adamw!r}")
+        for name in ("fused_adamw", "channels_last"):
+            if getattr(self, name) not in USE_GPU:
+                problems.append(f"{name} must be auto, true or false, got {getattr(self, name)!r}")
         raise_problems("DistillConfig", problems)
 
     def fused_adamw_on(self, device_type: str) -> bool:
         return self.fused_adamw == "true" or (self.fused_adamw == "auto" and device_type == "cuda")
+
+    def channels_last_on(self, device_type: str) -> bool:
+        return self.channels_last == "true" or (self.channels_last == "auto" and device_type == "cuda")
 
     def compile_mode(self, device_type: str) -> str | None:
         """The torch.compile mode for the networks on this device, or None for eager. "auto" leaves ZeRO-3 eager:

@@ -128,7 +128,8 @@ def test_a_zero0_engine_steps_as_torch_adamw_and_drops_its_gradients(monkeypatch
     """The worker's ZeRO-0 DeepSpeed engine (fp32 here, no autocast) with engine_update against the plain loop's
     AdamW with optimizer_update: the same gradient norms and weights over three clipped steps, and no gradient left
     after each step (the engine drops them through its parameter list, not DeepSpeed's walk of the module tree); the
-    same with flat_optimizer, where the engine's AdamW and clipping run on one flat buffer of weights and gradients.
+    same with flat_optimizer, where the engine's AdamW and clipping run on one flat buffer of weights and gradients,
+    and with its convolution weights channels-last inside that buffer (channels_last).
     The first DeepSpeed engine on a machine builds DeepSpeed's CPU communication op (~50 s, kept for later runs)."""
     import socket
 
@@ -147,7 +148,9 @@ def test_a_zero0_engine_steps_as_torch_adamw_and_drops_its_gradients(monkeypatch
     try:
         teacher = build_tiny_teacher()
         cfg = DistillConfig(zero_stage=0, precision="fp32", compile="false", fused_adamw="false", lr=1e-3, warmup_steps=2, grad_clip=0.05)
-        engines = [distill_worker.engine(dataclasses.replace(cfg, flat_optimizer=flat), teacher.unet, cfg.lr, 2, torch.device("cpu")) for flat in (False, True)]
+        settings = [(False, "false"), (True, "false"), (True, "true")]  # flat_optimizer, channels_last
+        engines = [distill_worker.engine(dataclasses.replace(cfg, flat_optimizer=flat, channels_last=layout), teacher.unet, cfg.lr, 2, torch.device("cpu"))
+                   for flat, layout in settings]
         plain = UNetDenoiser(copy.deepcopy(teacher.unet).float().train().requires_grad_(True))
         optimizer, schedule = adamw(plain.parameters(), cfg.lr, cfg.warmup_steps, weight_decay=cfg.weight_decay)
         updates = [(distill_worker.engine_update(e, cfg.grad_clip), e) for e in engines] + [(optimizer_update(optimizer, plain.parameters(), cfg.grad_clip, schedule), plain)]
@@ -155,9 +158,9 @@ def test_a_zero0_engine_steps_as_torch_adamw_and_drops_its_gradients(monkeypatch
         for _ in range(3):
             x_t, t, cond = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([100, 700]), torch.randn(2, 77, 32, generator=g)
             norms = [update(net(x_t, t, cond).square().mean()) for update, net in updates]
-            for norm in norms[:2]:
-                torch.testing.assert_close(norm, norms[2])
-            assert norms[2] > cfg.grad_clip and all(p.grad is None for e in engines for p in e.module.parameters())
+            for norm in norms[:-1]:
+                torch.testing.assert_close(norm, norms[-1])
+            assert norms[-1] > cfg.grad_clip and all(p.grad is None for e in engines for p in e.module.parameters())
         for engine in engines:
             for a, b in zip(engine.module.parameters(), plain.parameters(), strict=True):
                 torch.testing.assert_close(a, b)
@@ -166,6 +169,10 @@ def test_a_zero0_engine_steps_as_torch_adamw_and_drops_its_gradients(monkeypatch
         assert flat.flat.grad is None and engines[1].optimizer.param_groups[0]["params"] == [flat.flat]
         assert all(p.untyped_storage().data_ptr() == flat.flat.untyped_storage().data_ptr() for p in engines[1].module.parameters())
         assert all(p.storage_offset() % flat.ALIGN == 0 for p in engines[1].module.parameters())  # aligned for compiled kernels
+        # channels-last: the convolution weights keep that layout as views of the buffer, the rest stay contiguous
+        weights = [p for p in engines[2].module.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+        assert weights and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in weights)
+        assert all(p.untyped_storage().data_ptr() == engines[2].flat_parameters.flat.untyped_storage().data_ptr() for p in engines[2].module.parameters())
     finally:
         torch.distributed.destroy_process_group()
 

@@ -92,6 +92,13 @@ def engine(cfg: DistillConfig, unet, lr: float, micro_batch: int, device: torch.
         ds_engine.flat_parameters = flat  # engine_update gathers and clips the flat gradient
         if world_size == 1:
             ds_engine.enable_backward_allreduce = False  # one rank: DeepSpeed would still flatten, "reduce" and copy back every gradient
+        if cfg.channels_last_on(device.type):  # after DeepSpeed's set-up (see relayout); ZeRO 1-3 keep their own flat contiguous views
+            if flat:
+                flat.relayout(torch.channels_last)
+            else:
+                for p in model.parameters():
+                    if p.dim() == 4:
+                        p.data = p.data.contiguous(memory_format=torch.channels_last)
     compile_network(unet, cfg.compile_mode(device.type))
     model.compile_classifier(cfg.compile_mode(device.type))  # DMD2's GAN head reads the bottleneck through its own graph
     return ds_engine
@@ -173,13 +180,17 @@ def step_guards(cfg: DistillConfig, warm: bool):
     return contextlib.nullcontext()
 
 
-def compile_frozen(teacher, objective, mode: str | None) -> None:
-    """The frozen networks of the step compiled: the teacher's UNet (real score) and, for the pixel regression
-    loss, the VAE decoder and the LPIPS network that the generator's gradient flows back through."""
-    compile_network(teacher.unet, mode)
+def compile_frozen(teacher, objective, mode: str | None, channels_last: bool = False) -> None:
+    """The frozen networks of the step compiled (and their weights channels-last, where asked): the teacher's UNet
+    (real score) and, for the pixel regression loss, the VAE decoder and the LPIPS network that the generator's
+    gradient flows back through."""
+    networks = [teacher.unet]
     if objective.regression is not None and isinstance(objective.regression.distance, torch.nn.Module):
-        compile_network(teacher.vae.decoder, mode)
-        compile_network(objective.regression.distance, mode)
+        networks += [teacher.vae.decoder, objective.regression.distance]
+    for network in networks:
+        if channels_last:
+            network.to(memory_format=torch.channels_last)
+        compile_network(network, mode)
 
 
 def compile_cache_uri(cfg: DistillConfig) -> str:
@@ -269,7 +280,7 @@ def train_loop_per_worker(config: dict) -> None:
             if cfg.gan_weight and cfg.gan_real == "renders" else None)
     step_fn = build_step(cfg, teacher, conditions, gen_engine, fake_engine, engine_update(gen_engine, cfg.grad_clip), engine_update(fake_engine, cfg.grad_clip),
                          rng, cfg.local_dm_batch, device, bare_module(fake_engine, cfg, device), real.draw if real else None)
-    compile_frozen(teacher, step_fn.objective, cfg.compile_mode(device.type))
+    compile_frozen(teacher, step_fn.objective, cfg.compile_mode(device.type), cfg.channels_last_on(device.type))
     compiled = cfg.compile_mode(device.type) is not None
     cache_uri = compile_cache_uri(cfg) if compiled else ""
     cache_loaded = compile_cache.load(cache_uri)

@@ -122,7 +122,7 @@ class RunRecords:
             fake_engine.save_checkpoint(os.path.join(d, "fake"), tag=f"step{step}")
             save_file({"rng": rng.get_state()}, os.path.join(d, f"rng_rank{self.rank}.safetensors"))
             if average is not None and self.rank == 0:  # the same on every rank (ZeRO 0-2 replicate the weights)
-                save_file({k: v.cpu() for k, v in average.shadow.items()}, os.path.join(d, AVERAGE_FILE))
+                save_file({k: v.cpu().contiguous() for k, v in average.shadow.items()}, os.path.join(d, AVERAGE_FILE))
             # every rank's stream position, gathered so that rank 0 can write one trainer_state.json
             states = [None] * self.world
             torch.distributed.all_gather_object(states, stream.state())

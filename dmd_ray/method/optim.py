@@ -101,7 +101,8 @@ class FlatParameters:
     parameters they run multi-tensor loops whose host time per parameter dominates a small network's step on a GPU
     (BENCHMARKS.md, issue 14). The network's parameters stay what the module, its checkpoints and exports see. Each
     view starts at a multiple of `ALIGN` elements: compiled kernels assume aligned inputs and copy the ones that are
-    not; the gaps hold zeros, with zero gradients."""
+    not; the gaps hold zeros, with zero gradients. Each view keeps its parameter's memory format (a channels-last
+    convolution weight stays channels-last), and gradients are gathered in that memory order."""
 
     ALIGN = 32  # elements: 128 bytes of float32
 
@@ -114,17 +115,32 @@ class FlatParameters:
         self.zeros = reference.new_zeros(self.ALIGN)
         offset = 0
         for p, n, gap in zip(self.params, sizes, self.gaps):  # the weights now live in the buffer: an update of `flat` updates the network
-            view = buffer[offset : offset + n].view_as(p)
+            if not (p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)):
+                raise ValueError(f"a parameter of shape {tuple(p.shape)} and strides {p.stride()} is neither contiguous nor channels-last")
+            view = buffer.as_strided(p.shape, p.stride(), offset)
             view.copy_(p.detach())
             p.data = view
             offset += n + gap
         self.flat = torch.nn.Parameter(buffer)
 
+    def relayout(self, memory_format: torch.memory_format) -> None:
+        """Each 4-D weight re-viewed in `memory_format` (torch.channels_last) inside its own slice of the buffer, its
+        values kept: a layout that DeepSpeed's engine set-up does not take (it broadcasts weights as bytes, which needs
+        a unit last stride), so it is applied after."""
+        offset = 0
+        for p, gap in zip(self.params, self.gaps):
+            if p.dim() == 4:
+                value = p.detach().clone()
+                view = self.flat.detach().as_strided(p.shape, value.contiguous(memory_format=memory_format).stride(), offset)
+                view.copy_(value)
+                p.data = view
+            offset += p.numel() + gap
+
     def gather_gradients(self) -> None:
         """`flat.grad` from the parameters' gradients (zeros for a parameter that got none, and in the gaps)."""
         pieces = []
         for p, gap in zip(self.params, self.gaps):
-            pieces.append((p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1))
+            pieces.append(in_memory_order(p.grad if p.grad is not None else torch.zeros_like(p), p))
             if gap:
                 pieces.append(self.zeros[:gap])
         self.flat.grad = torch.cat(pieces)
@@ -141,3 +157,10 @@ class FlatParameters:
         for p in self.params:
             p.grad = None
         self.flat.grad = None
+
+
+def in_memory_order(tensor: Tensor, like: Tensor) -> Tensor:
+    """`tensor`'s elements flattened in the order `like` (of the same shape) keeps its own in memory: a view where
+    the two have the same layout (autograd gives a parameter's gradient its parameter's strides), a copy otherwise."""
+    order = sorted(range(like.dim()), key=lambda d: -like.stride(d))  # stable: dims of size 1 keep their place
+    return tensor.permute(order).reshape(-1)
