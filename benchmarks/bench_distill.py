@@ -94,12 +94,12 @@ def plain_loop(cfg: DistillConfig, pairs_uri: str, steps: int, profile_steps: in
     unets, nets, updates = [], [], []
     for lr in (cfg.lr, cfg.fake_lr or cfg.lr):  # generator, fake score: each a copy of the teacher's UNet
         unet = copy.deepcopy(teacher.unet).train().requires_grad_(True).to(device, weights_dtype)
-        if cfg.zero_stage == 0 and cfg.channels_last_on(device.type):
-            unet.to(memory_format=torch.channels_last)
         # the optimizer of the engines it is compared with: under ZeRO-0 with flat_optimizer, one flat buffer
         flat = FlatParameters(unet.parameters()) if cfg.zero_stage == 0 and cfg.flat_optimizer else None
         params = [flat.flat] if flat else list(unet.parameters())
         optimizer, scheduler = adamw(params, lr, max(1, cfg.warmup_steps), weight_decay=cfg.weight_decay, fused=cfg.fused_adamw_on(device.type))
+        if flat and cfg.channels_last_on(device.type):  # as the engines
+            flat.relayout(torch.channels_last, optimizer)
         unets.append(unet)
         nets.append(Autocast(UNetDenoiser(unet), device.type) if autocast else UNetDenoiser(unet))
         updates.append(flat_update(optimizer, flat, cfg.grad_clip, scheduler) if flat else optimizer_update(optimizer, params, cfg.grad_clip, scheduler))

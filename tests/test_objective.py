@@ -372,3 +372,41 @@ def test_a_weight_average_follows_the_trained_weights_and_swaps_in_and_out():
         average.load({k: v for k, v in average.shadow.items() if k != "0.bias"})
     with pytest.raises(ValueError, match="decay must be in"):
         WeightAverage(net, 1.0)
+
+
+@pytest.mark.parametrize("saved_channels_last, resumed_channels_last", [(True, False), (False, True), (True, True)])
+def test_flat_optimizer_state_resumes_across_memory_formats(saved_channels_last, resumed_channels_last):
+    """AdamW's moments over a flat buffer follow the buffer's memory order, which channels-last weights change; the
+    optimizer's state dict holds them in the standard order, so that a run checkpointed under one layout continues
+    under the other exactly as it would have continued under its own."""
+    from dmd_ray.method.optim import FlatParameters
+
+    def network_and_optimizer(channels_last: bool):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 5, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(5 * 36, 2))
+        flat = FlatParameters(net.parameters())
+        optimizer = torch.optim.AdamW([flat.flat], lr=1e-2)
+        if channels_last:
+            flat.relayout(torch.channels_last, optimizer)
+        return net, flat, optimizer
+
+    def step(net, flat, optimizer, seed):
+        flat.drop_gradients()
+        net(torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(seed))).square().mean().backward()
+        flat.gather_gradients()
+        optimizer.step()
+
+    straight, saved = network_and_optimizer(saved_channels_last), network_and_optimizer(saved_channels_last)
+    for seed in range(3):
+        step(*straight, seed)
+        step(*saved, seed)
+    weights, state = copy.deepcopy(saved[0].state_dict()), copy.deepcopy(saved[2].state_dict())
+    resumed = network_and_optimizer(resumed_channels_last)
+    assert resumed[0][0].weight.is_contiguous(memory_format=torch.channels_last) == resumed_channels_last
+    resumed[0].load_state_dict(weights)
+    resumed[2].load_state_dict(state)
+    for seed in range(3, 6):
+        step(*straight, seed)
+        step(*resumed, seed)
+    for a, b in zip(straight[0].parameters(), resumed[0].parameters(), strict=True):
+        torch.testing.assert_close(a, b)

@@ -92,13 +92,8 @@ def engine(cfg: DistillConfig, unet, lr: float, micro_batch: int, device: torch.
         ds_engine.flat_parameters = flat  # engine_update gathers and clips the flat gradient
         if world_size == 1:
             ds_engine.enable_backward_allreduce = False  # one rank: DeepSpeed would still flatten, "reduce" and copy back every gradient
-        if cfg.channels_last_on(device.type):  # after DeepSpeed's set-up (see relayout); ZeRO 1-3 keep their own flat contiguous views
-            if flat:
-                flat.relayout(torch.channels_last)
-            else:
-                for p in model.parameters():
-                    if p.dim() == 4:
-                        p.data = p.data.contiguous(memory_format=torch.channels_last)
+        if flat and cfg.channels_last_on(device.type):  # after DeepSpeed's set-up (see relayout)
+            flat.relayout(torch.channels_last, ds_engine.optimizer)
     compile_network(unet, cfg.compile_mode(device.type))
     model.compile_classifier(cfg.compile_mode(device.type))  # DMD2's GAN head reads the bottleneck through its own graph
     return ds_engine

@@ -113,28 +113,48 @@ class FlatParameters:
         reference = self.params[0].detach()
         buffer = reference.new_zeros(sum(sizes) + sum(self.gaps))
         self.zeros = reference.new_zeros(self.ALIGN)
-        offset = 0
-        for p, n, gap in zip(self.params, sizes, self.gaps):  # the weights now live in the buffer: an update of `flat` updates the network
+        self.offsets = [sum(sizes[:i]) + sum(self.gaps[:i]) for i in range(len(sizes))]
+        for p, offset in zip(self.params, self.offsets):  # the weights now live in the buffer: an update of `flat` updates the network
             if not (p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)):
                 raise ValueError(f"a parameter of shape {tuple(p.shape)} and strides {p.stride()} is neither contiguous nor channels-last")
             view = buffer.as_strided(p.shape, p.stride(), offset)
             view.copy_(p.detach())
             p.data = view
-            offset += n + gap
         self.flat = torch.nn.Parameter(buffer)
 
-    def relayout(self, memory_format: torch.memory_format) -> None:
+    def relayout(self, memory_format: torch.memory_format, optimizer: torch.optim.Optimizer) -> None:
         """Each 4-D weight re-viewed in `memory_format` (torch.channels_last) inside its own slice of the buffer, its
         values kept: a layout that DeepSpeed's engine set-up does not take (it broadcasts weights as bytes, which needs
-        a unit last stride), so it is applied after."""
-        offset = 0
-        for p, gap in zip(self.params, self.gaps):
+        a unit last stride), so it is applied after, before the first step. `optimizer`'s per-element state (AdamW's
+        moments over `flat`) follows the buffer's memory order; its state dicts hold it in the standard (contiguous)
+        order, so that a checkpoint resumes under either layout."""
+        for p, offset in zip(self.params, self.offsets):
             if p.dim() == 4:
                 value = p.detach().clone()
                 view = self.flat.detach().as_strided(p.shape, value.contiguous(memory_format=memory_format).stride(), offset)
                 view.copy_(value)
                 p.data = view
-            offset += p.numel() + gap
+        optimizer.register_state_dict_post_hook(lambda _, state: self._reordered(state, to_standard=True))
+        optimizer.register_load_state_dict_pre_hook(lambda _, state: self._reordered(state, to_standard=False))
+
+    def _reordered(self, state_dict: dict, to_standard: bool) -> dict:
+        """A copy of an optimizer state dict whose tensors over `flat` are reordered from the buffer's memory order to
+        the standard one, or back (the live state is never touched)."""
+        def reorder(t):
+            if not isinstance(t, Tensor) or t.shape != self.flat.shape:
+                return t
+            t = t.contiguous()
+            out = t.clone()
+            for p, offset in zip(self.params, self.offsets):
+                if p.is_contiguous():
+                    continue
+                if to_standard:
+                    out[offset : offset + p.numel()] = t.as_strided(p.shape, p.stride(), t.storage_offset() + offset).reshape(-1)
+                else:
+                    out.as_strided(p.shape, p.stride(), offset).copy_(t[offset : offset + p.numel()].view(p.shape))
+            return out
+
+        return {**state_dict, "state": {k: {name: reorder(v) for name, v in entry.items()} for k, entry in state_dict["state"].items()}}
 
     def gather_gradients(self) -> None:
         """`flat.grad` from the parameters' gradients (zeros for a parameter that got none, and in the gaps)."""
