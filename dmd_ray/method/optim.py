@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 
 import torch
@@ -101,8 +102,8 @@ class FlatParameters:
     parameters they run multi-tensor loops whose host time per parameter dominates a small network's step on a GPU
     (BENCHMARKS.md, issue 14). The network's parameters stay what the module, its checkpoints and exports see. Each
     view starts at a multiple of `ALIGN` elements: compiled kernels assume aligned inputs and copy the ones that are
-    not; the gaps hold zeros, with zero gradients. Each view keeps its parameter's memory format (a channels-last
-    convolution weight stays channels-last), and gradients are gathered in that memory order."""
+    not; the gaps hold zeros, with zero gradients. The views are contiguous unless `relayout` makes the convolution
+    weights channels-last; gradients are gathered in each view's memory order."""
 
     ALIGN = 32  # elements: 128 bytes of float32
 
@@ -113,11 +114,9 @@ class FlatParameters:
         reference = self.params[0].detach()
         buffer = reference.new_zeros(sum(sizes) + sum(self.gaps))
         self.zeros = reference.new_zeros(self.ALIGN)
-        self.offsets = [sum(sizes[:i]) + sum(self.gaps[:i]) for i in range(len(sizes))]
-        for p, offset in zip(self.params, self.offsets):  # the weights now live in the buffer: an update of `flat` updates the network
-            if not (p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)):
-                raise ValueError(f"a parameter of shape {tuple(p.shape)} and strides {p.stride()} is neither contiguous nor channels-last")
-            view = buffer.as_strided(p.shape, p.stride(), offset)
+        self.offsets = list(itertools.accumulate((n + gap for n, gap in zip(sizes, self.gaps)), initial=0))[:-1]
+        for p, n, offset in zip(self.params, sizes, self.offsets):  # the weights now live in the buffer: an update of `flat` updates the network
+            view = buffer[offset : offset + n].view(p.shape)  # the standard layout (relayout changes it)
             view.copy_(p.detach())
             p.data = view
         self.flat = torch.nn.Parameter(buffer)
