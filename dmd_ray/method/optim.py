@@ -120,6 +120,9 @@ class FlatParameters:
             view.copy_(p.detach())
             p.data = view
         self.flat = torch.nn.Parameter(buffer)
+        # per parameter, the dimension order its weights have in memory (None: the standard one), taken once here and
+        # in relayout, not per step: gather_gradients runs on the host-bound hot path
+        self.memory_orders: list[tuple[int, ...] | None] = [None] * len(self.params)
 
     def relayout(self, memory_format: torch.memory_format, optimizer: torch.optim.Optimizer) -> None:
         """Each 4-D weight re-viewed in `memory_format` (torch.channels_last) inside its own slice of the buffer, its
@@ -127,12 +130,14 @@ class FlatParameters:
         a unit last stride), so it is applied after, before the first step. `optimizer`'s per-element state (AdamW's
         moments over `flat`) follows the buffer's memory order; its state dicts hold it in the standard (contiguous)
         order, so that a checkpoint resumes under either layout."""
-        for p, offset in zip(self.params, self.offsets):
+        for i, (p, offset) in enumerate(zip(self.params, self.offsets)):
             if p.dim() == 4:
                 value = p.detach().clone()
                 view = self.flat.detach().as_strided(p.shape, value.contiguous(memory_format=memory_format).stride(), offset)
                 view.copy_(value)
                 p.data = view
+                order = tuple(sorted(range(4), key=lambda d: -p.stride(d)))  # stable: dims of size 1 keep their place
+                self.memory_orders[i] = None if order == (0, 1, 2, 3) else order
         optimizer.register_state_dict_post_hook(lambda _, state: self._reordered(state, to_standard=True))
         optimizer.register_load_state_dict_pre_hook(lambda _, state: self._reordered(state, to_standard=False))
 
@@ -158,8 +163,10 @@ class FlatParameters:
     def gather_gradients(self) -> None:
         """`flat.grad` from the parameters' gradients (zeros for a parameter that got none, and in the gaps)."""
         pieces = []
-        for p, gap in zip(self.params, self.gaps):
-            pieces.append(in_memory_order(p.grad if p.grad is not None else torch.zeros_like(p), p))
+        for p, gap, order in zip(self.params, self.gaps, self.memory_orders):
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            # in the weights' memory order: a view, since autograd gives a gradient its parameter's strides
+            pieces.append(grad.reshape(-1) if order is None else grad.permute(order).reshape(-1))
             if gap:
                 pieces.append(self.zeros[:gap])
         self.flat.grad = torch.cat(pieces)
@@ -177,9 +184,3 @@ class FlatParameters:
             p.grad = None
         self.flat.grad = None
 
-
-def in_memory_order(tensor: Tensor, like: Tensor) -> Tensor:
-    """`tensor`'s elements flattened in the order `like` (of the same shape) keeps its own in memory: a view where
-    the two have the same layout (autograd gives a parameter's gradient its parameter's strides), a copy otherwise."""
-    order = sorted(range(like.dim()), key=lambda d: -like.stride(d))  # stable: dims of size 1 keep their place
-    return tensor.permute(order).reshape(-1)
