@@ -3,6 +3,7 @@ simulation and diffusers export), the GAN term (which network each side's gradie
 tiny teacher, and the refusals of combinations that cannot train."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -183,6 +184,22 @@ def test_multi_step_export_runs_in_diffusers_with_that_many_steps(tmp_path):
     torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError, match="2-step generator.*num_inference_steps=2"):
         OneStepImageGenerator(folder)
+
+    # jobs/evaluate.py runs the export in its two steps, each image from its own seed alone: the image diffusers'
+    # pipeline makes from that seed, whatever the batch
+    from dmd_ray.config import EvalConfig
+    from dmd_ray.demos.shapes_eval import ImageMaker
+
+    prompts, seeds = ["a blue triangle", "a small red circle on a green background"], [3, 11]
+    made = ImageMaker(folder, EvalConfig())({"prompt": prompts, "seed": seeds})["image"]
+    alone = ImageMaker(folder, EvalConfig())({"prompt": prompts[1:], "seed": seeds[1:]})["image"]
+    assert np.abs(made[1:].astype(int) - alone.astype(int)).max() <= 1  # a batch's float rounding, not its noise
+    for image, prompt, seed in zip(made, prompts, seeds):
+        expected = pipe(prompt, num_inference_steps=2, guidance_scale=1.0, output_type="np", generator=torch.Generator().manual_seed(seed)).images[0]
+        assert np.abs(image.astype(np.float64) - expected * 255).max() <= 1.0
+    one_step = ImageMaker(folder, EvalConfig())  # the same network in one step is another image: the steps were used
+    one_step.generator = OneStepGenerator(teacher.denoiser(), teacher.schedule, teacher.prediction_type)
+    assert not np.array_equal(one_step({"prompt": prompts, "seed": seeds})["image"], made)
 
 
 @pytest.mark.parametrize("overrides, problem", [

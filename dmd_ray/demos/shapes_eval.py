@@ -2,7 +2,8 @@
 over the evaluation prompts, then FID, KID, prompt accuracy and LPIPS diversity, and a comparison grid (same prompts
 and seeds in every row).
 
-A model is an exported generator (built-in name, local folder or s3://, run in one step), `teacher:SPEC` (the
+A model is an exported generator (built-in name, local folder or s3://, run in its one step or, for DMD2's
+multi-step generator, its steps with each sample's re-noising drawn from its seed as diffusers' pipeline draws it), `teacher:SPEC` (the
 teacher's guided ODE sampler: --sampler, --steps, --guidance-scale) or `teacher-onestep:SPEC` (the teacher's network
 once at t = T-1, read as x0, guided: what DMD starts from). Sample i has prompt i mod 180 of the evaluation set and
 seed --seed + i, whatever the model, so rows of the grid compare like with like.
@@ -29,9 +30,9 @@ from dmd_ray.demos import shapes
 from dmd_ray.distributed.cluster import gpus_per_actor
 from dmd_ray.images import grid, png_bytes, to_uint8
 from dmd_ray.method.denoiser import GuidedDenoiser
-from dmd_ray.method.generator import OneStepGenerator
+from dmd_ray.method.generator import MultiStepGenerator, OneStepGenerator
 from dmd_ray.method.losses import LPIPSDistance
-from dmd_ray.method.sampling import ode_sample, seeded_noise
+from dmd_ray.method.sampling import generate_from_seeds, ode_sample, seeded_noise
 from dmd_ray.sd.resolve import load_teacher, read_generator_info, resolve_generator
 from dmd_ray.sd.teacher_sampler import make_scheduler
 
@@ -44,7 +45,8 @@ class ImageMaker:
         kind, _, source = spec.partition(":") if spec.startswith(("teacher:", "teacher-onestep:")) else ("generator", "", spec)
         if kind == "generator":
             folder = resolve_generator(source)
-            timestep = int(read_generator_info(folder).get("generator_timestep", -1))
+            info = read_generator_info(folder)
+            timestep, timesteps = int(info.get("generator_timestep", -1)), [int(t) for t in info.get("generator_timesteps", [])]
             source = folder
         self.teacher = load_teacher(source).to(device=self.device)
         schedule, prediction_type = self.teacher.schedule, self.teacher.prediction_type
@@ -56,15 +58,21 @@ class ImageMaker:
         else:
             guidance = cfg.guidance_scale if kind == "teacher-onestep" else 1.0
             net = GuidedDenoiser(self.teacher.denoiser(), guidance, self.teacher.uncond_embedding() if guidance != 1.0 else None)
-            self.one_step = OneStepGenerator(net, schedule, prediction_type, None if kind == "teacher-onestep" else (timestep if timestep >= 0 else None))
+            if kind == "generator" and len(timesteps) > 1:  # DMD2's multi-step generator, run as its export runs in diffusers
+                self.generator = MultiStepGenerator(net, schedule, prediction_type, timesteps)
+            else:
+                self.generator = OneStepGenerator(net, schedule, prediction_type, None if kind == "teacher-onestep" else (timestep if timestep >= 0 else None))
         self.kind = kind
 
     def __call__(self, batch: dict) -> dict:
         prompts, seeds = [str(p) for p in batch["prompt"]], [int(s) for s in batch["seed"]]
-        noise = torch.stack([seeded_noise(s, self.latent_shape) for s in seeds]).to(self.device)
         with torch.inference_mode():
             cond = self.teacher.encode_prompts(prompts)
-            latents = ode_sample(self.denoiser, self.scheduler, noise, cond, self.steps) if self.kind == "teacher" else self.one_step(noise, cond)
+            if self.kind == "teacher":
+                noise = torch.stack([seeded_noise(s, self.latent_shape) for s in seeds]).to(self.device)
+                latents = ode_sample(self.denoiser, self.scheduler, noise, cond, self.steps)
+            else:
+                latents = generate_from_seeds(self.generator, seeds, self.latent_shape, cond, self.device)
             images = self.teacher.decode(latents).float().clamp(-1, 1)
         return {"prompt": np.array(prompts), "seed": np.array(seeds), "image": to_uint8(images)}
 

@@ -21,7 +21,7 @@ import torch
 from dmd_ray.data import storage
 from dmd_ray.data.pairs import pair_seed
 from dmd_ray.images import grid, png_bytes, to_uint8
-from dmd_ray.method.sampling import seeded_noise
+from dmd_ray.method.sampling import generate_from_seeds
 
 SAMPLE_SEED_OFFSET = 12345  # sample-grid noise never coincides with a pair's
 AVERAGE_FILE = "generator_average.safetensors"  # a checkpoint's weight average of the generator (ema_decay)
@@ -57,8 +57,8 @@ def generated_images(generator, teacher, prompts: list[str], seeds: list[int], l
     out = []
     with torch.compiler.set_stance("force_eager"):
         for i in range(0, len(prompts), batch_size):
-            noise = torch.stack([seeded_noise(seed, latent_shape) for seed in seeds[i : i + batch_size]]).to(device)
-            out.append(to_uint8(teacher.decode(generator(noise, teacher.encode_prompts(prompts[i : i + batch_size])))))
+            latents = generate_from_seeds(generator, seeds[i : i + batch_size], latent_shape, teacher.encode_prompts(prompts[i : i + batch_size]), device)
+            out.append(to_uint8(teacher.decode(latents)))
     return np.concatenate(out)
 
 

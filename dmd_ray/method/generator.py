@@ -60,18 +60,23 @@ class MultiStepGenerator(nn.Module):
         noise = torch.randn(like.shape, generator=generator, device=like.device if generator is None else generator.device)
         return to_device(noise, like.device, like.dtype)
 
-    def _step(self, x: Tensor, j: int, cond: Any, generator: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
-        """Step j of the chain from x: x0 at timesteps[j], and x0 re-noised to timesteps[j + 1] (None at the last)."""
+    def _step(self, x: Tensor, j: int, cond: Any, generator: torch.Generator | None, noise: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Step j of the chain from x: x0 at timesteps[j], and x0 re-noised to timesteps[j + 1] (None at the last),
+        with `noise` or fresh noise."""
         x0 = self.denoise(x, self._full(self.timesteps[j], x), cond)
         if j + 1 == len(self.timesteps):
             return x0, None
-        return x0, self.schedule.add_noise(x0.to(x.dtype), self._fresh_noise(x, generator), self._full(self.timesteps[j + 1], x))
+        noise = self._fresh_noise(x, generator) if noise is None else noise.to(x.device, x.dtype)
+        return x0, self.schedule.add_noise(x0.to(x.dtype), noise, self._full(self.timesteps[j + 1], x))
 
-    def forward(self, noise: Tensor, cond: Any = None, generator: torch.Generator | None = None) -> Tensor:
-        """Sampling: denoise at each timestep, re-noise to the next one (diffusers' LCMScheduler does the same)."""
+    def forward(self, noise: Tensor, cond: Any = None, generator: torch.Generator | None = None, step_noise: list[Tensor] | None = None) -> Tensor:
+        """Sampling: denoise at each timestep, re-noise to the next one (diffusers' LCMScheduler does the same), with
+        the noises of `step_noise` (one per step after the first) or fresh ones."""
+        if step_noise is not None and len(step_noise) != len(self.timesteps) - 1:
+            raise ValueError(f"a {len(self.timesteps)}-step generator re-noises {len(self.timesteps) - 1} times, got {len(step_noise)} noises")
         x = noise
         for j in range(len(self.timesteps)):
-            x0, x = self._step(x, j, cond, generator)
+            x0, x = self._step(x, j, cond, generator, None if step_noise is None or j + 1 == len(self.timesteps) else step_noise[j])
         return x0
 
     def train_sample(self, noise: Tensor, cond: Any = None, generator: torch.Generator | None = None) -> Tensor:

@@ -22,6 +22,25 @@ def seeded_noise(seed: int, shape: tuple[int, ...]) -> Tensor:
     return torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=torch.float32)
 
 
+def seeded_noise_draws(seed: int, shape: tuple[int, ...], count: int) -> Tensor:
+    """`count` successive draws of `shape` from one CPU generator seeded `seed`, stacked: the first is
+    seeded_noise(seed, shape), the later ones a multi-step generator's re-noising, in the order diffusers' pipelines
+    draw them for one image with `generator=torch.Generator().manual_seed(seed)` (the latents, then one per step)."""
+    cpu = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.stack([torch.randn(tuple(shape), generator=cpu, dtype=torch.float32) for _ in range(count)])
+
+
+def generate_from_seeds(generator: Any, seeds: list[int], latent_shape: tuple[int, ...], cond: Any, device: torch.device | str) -> Tensor:
+    """Latents of a one-step or multi-step generator (`timesteps`), each sample drawn from its own seed alone, so that
+    an image does not depend on the batch it was made in; a multi-step sample is the image diffusers' pipeline of the
+    export makes from that seed."""
+    steps = len(getattr(generator, "timesteps", [0]))
+    draws = torch.stack([seeded_noise_draws(seed, latent_shape, steps) for seed in seeds]).to(device)  # [batch, steps, ...]
+    if steps == 1:
+        return generator(draws[:, 0], cond)
+    return generator(draws[:, 0], cond, step_noise=list(draws[:, 1:].unbind(1)))
+
+
 @torch.no_grad()
 def ode_sample(denoiser: Denoiser, scheduler: Any, noise: Tensor, cond: Any = None, num_steps: int = 50) -> Tensor:
     """Integrates the probability-flow ODE from `noise` (standard normal) with `num_steps` scheduler steps.
