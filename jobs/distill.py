@@ -50,7 +50,7 @@ def run(cfg: DistillConfig):
 
 def compare_with_the_shipped_student(cfg: DistillConfig) -> None:
     """The demo's last picture: rendered scenes, the teacher (50 PNDM steps), the shipped `demo` student (one step,
-    trained on a GPU) and this run's student (one step), on the same prompts and seeds."""
+    trained on a GPU) and this run's student (in its steps), on the same prompts and seeds."""
     from dmd_ray.data import storage
     from dmd_ray.demos.shapes_eval import comparison_grid
     from dmd_ray.images import png_bytes
@@ -58,7 +58,8 @@ def compare_with_the_shipped_student(cfg: DistillConfig) -> None:
     export = storage.join(storage.absolute(cfg.output), "export")
     uri = storage.join(cfg.output, "comparison.png")
     storage.write_bytes(uri, png_bytes(comparison_grid(["teacher:demo", "demo", export]), min_size=256))
-    print(f"[distill] rows of {uri}: rendered scenes; the teacher (50 steps); the shipped demo student (1 step); this run's student (1 step)", flush=True)
+    print(f"[distill] rows of {uri}: rendered scenes; the teacher (50 steps); the shipped demo student (1 step); this run's student "
+          f"({cfg.generator_steps} step{'s' if cfg.generator_steps > 1 else ''})", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
