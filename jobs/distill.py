@@ -49,16 +49,16 @@ def run(cfg: DistillConfig):
 
 
 def compare_with_the_shipped_student(cfg: DistillConfig) -> None:
-    """The demo's last picture: rendered scenes, the teacher (50 PNDM steps), the shipped `demo` student (one step,
-    trained on a GPU) and this run's student (in its steps), on the same prompts and seeds."""
+    """The demo's last picture: rendered scenes, the teacher (50 PNDM steps), the shipped students (`demo-4step` and
+    `demo`, trained on a GPU) and this run's student (in its steps), on the same prompts and seeds."""
     from dmd_ray.data import storage
     from dmd_ray.demos.shapes_eval import comparison_grid
     from dmd_ray.images import png_bytes
 
     export = storage.join(storage.absolute(cfg.output), "export")
     uri = storage.join(cfg.output, "comparison.png")
-    storage.write_bytes(uri, png_bytes(comparison_grid(["teacher:demo", "demo", export]), min_size=256))
-    print(f"[distill] rows of {uri}: rendered scenes; the teacher (50 steps); the shipped demo student (1 step); this run's student "
+    storage.write_bytes(uri, png_bytes(comparison_grid(["teacher:demo", "demo-4step", "demo", export]), min_size=256))
+    print(f"[distill] rows of {uri}: rendered scenes; the teacher (50 steps); the shipped demo-4step (4 steps) and demo (1 step) students; this run's student "
           f"({cfg.generator_steps} step{'s' if cfg.generator_steps > 1 else ''})", flush=True)
 
 

@@ -28,8 +28,10 @@ from dmd_ray.typed_config import ConfigError
 
 # Trained models that ship inside the package (README, "The demo teacher"): name -> local diffusers folder.
 PACKAGED_TEACHERS = {"demo": os.path.join(ASSETS, "demo-teacher")}
-# Exported one-step generators that ship inside the package: name -> local diffusers folder (see export.py).
-BUILT_IN_GENERATORS: dict[str, str] = {"demo": os.path.join(ASSETS, "demo-generator")}
+# Exported generators that ship inside the package: name -> local diffusers folder (see export.py).
+# `demo`: the best one-step student of the demo teacher; `demo-4step`: DMD2's four-step generator of it (evaluated in
+# its four steps; diffusers runs it with num_inference_steps=4; the one-step service refuses it)
+BUILT_IN_GENERATORS: dict[str, str] = {"demo": os.path.join(ASSETS, "demo-generator"), "demo-4step": os.path.join(ASSETS, "demo-4step-generator")}
 # Tiny latent decoders (diffusers AutoencoderTiny, TAESD's architecture) that ship inside the package.
 PACKAGED_DECODERS = {"demo-tiny": os.path.join(ASSETS, "demo-tiny-decoder")}
 
