@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dmd_ray import compile_cache
 from dmd_ray.images import MEDIA_TYPES, encode_image
 from dmd_ray.sd import resolve
-from dmd_ray.sd.one_step import SEED_MODULUS, GenerationJob, ImageSize, OneStepImageGenerator
+from dmd_ray.sd.one_step import SEED_MODULUS, GenerationJob, ImageSize, OneStepImageGenerator, refuse_multi_step
 from serve.config import ServiceConfig
 from serve.requests import RequestError, RequestLimits, openai_error, validate_generation
 
@@ -478,4 +478,6 @@ def build_app(args: dict | None = None):
     """Ray Serve's application builder: `args` are the keys of ServiceConfig (serve/config.yaml's `args:`)."""
     config = ServiceConfig.from_args(args)
     resolve.check_generator_spec(config.model)  # a misspelt built-in name fails here, not in every replica
+    if config.model in resolve.BUILT_IN_GENERATORS:  # and so does a packaged multi-step one (demo-4step)
+        refuse_multi_step(resolve.read_generator_info(resolve.BUILT_IN_GENERATORS[config.model]), config.model)
     return build_deployment(config).bind(config)

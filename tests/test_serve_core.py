@@ -84,6 +84,9 @@ def test_build_app_fails_fast_on_an_unknown_generator_name(monkeypatch):
         build_app({"model": "no-such-model"})
     with pytest.raises(ValueError, match="unknown config key"):
         build_app({"model": "demo", "modle": "x"})
+    monkeypatch.undo()
+    with pytest.raises(resolve.ConfigError, match="demo-4step holds a 4-step generator.*num_inference_steps=4"):
+        build_app({"model": "demo-4step"})  # the packaged four-step student: diffusers runs it, this service does not
 
 
 # --------------------------------------------------------------------------------------------- finding a generator

@@ -72,6 +72,14 @@ def batch_bucket(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def refuse_multi_step(info: dict, name: str) -> None:
+    """The one-step service's check of a generator's dmd_ray.json: a multi-step (DMD2) generator is refused by name."""
+    steps = len(info.get("generator_timesteps", [0]))
+    if steps > 1:
+        raise ConfigError(f"{name} holds a {steps}-step generator; this service runs one-step generators "
+                          f"(run it with diffusers: num_inference_steps={steps}, guidance_scale=1.0)")
+
+
 class OneStepImageGenerator:
     """An exported one-step generator on one device, turning batches of jobs into uint8 images."""
 
@@ -85,9 +93,7 @@ class OneStepImageGenerator:
         graph trees are per thread). `static_shapes` compiles every bucket and size on its own (the kernels
         specialised to each shape; many times the warm-up) instead of once for batch 1 and once for any batch."""
         info = read_generator_info(folder)
-        if len(info.get("generator_timesteps", [0])) > 1:
-            raise ConfigError(f"{folder} holds a {len(info['generator_timesteps'])}-step generator; this service runs one-step generators "
-                              f"(run it with diffusers: num_inference_steps={len(info['generator_timesteps'])}, guidance_scale=1.0)")
+        refuse_multi_step(info, folder)
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.components = load_teacher(folder, torch_dtype=self.dtype).to(device=self.device)
