@@ -2,10 +2,10 @@
 over the evaluation prompts, then FID, KID, prompt accuracy and LPIPS diversity, and a comparison grid (same prompts
 and seeds in every row).
 
-A model is an exported generator (built-in name, local folder or s3://, run in its one step or, for DMD2's
-multi-step generator, its steps with each sample's re-noising drawn from its seed as diffusers' pipeline draws it), `teacher:SPEC` (the
-teacher's guided ODE sampler: --sampler, --steps, --guidance-scale) or `teacher-onestep:SPEC` (the teacher's network
-once at t = T-1, read as x0, guided: what DMD starts from). Sample i has prompt i mod 180 of the evaluation set and
+A model is an exported generator (built-in name, local folder or s3://; run in its one step, or a DMD2 multi-step
+generator in its steps, each sample's re-noising drawn from its seed as diffusers' pipeline draws it), `teacher:SPEC`
+(the teacher's guided ODE sampler: --sampler, --steps, --guidance-scale) or `teacher-onestep:SPEC` (the teacher's
+network once at t = T-1, read as x0, guided: what DMD starts from). Sample i has prompt i mod 180 of the evaluation set and
 seed --seed + i, whatever the model, so rows of the grid compare like with like.
 
 FID and KID are computed in the feature space of the shapes classifier (the domain's judge, shipped in the package)

@@ -312,7 +312,7 @@ def unet_config(spec: str, cache_dir: str | None = None) -> dict:
 
 
 def resolve_generator(spec: str, cache_dir: str | None = None) -> str:
-    """The local folder of the exported one-step generator named by `spec`: a built-in name, an s3:// prefix
+    """The local folder of the exported generator named by `spec`: a built-in name, an s3:// prefix
     (downloaded once into `cache_dir`, safetensors and configs only) or a local folder."""
     folder = locate(spec, "generator", cache_dir)
     if not os.path.isfile(os.path.join(folder, GENERATOR_INFO)):
