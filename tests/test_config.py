@@ -254,9 +254,10 @@ def test_a_resume_under_another_zero_stage_or_worker_count_is_refused(tmp_path):
     check_resume_world_size(DistillConfig(**base, zero_stage=0, flat_optimizer=False))
 
 
-def test_a_generator_can_start_from_an_exported_student_of_the_teachers_architecture(tmp_path):
+def test_a_generator_can_start_from_an_exported_student_of_the_teachers_architecture(tmp_path, capsys):
     """init_generator (regression pre-training, then DMD): the student's weights start the generator; a folder that is
-    no exported student, or one of another architecture, is refused by the driver before any worker starts."""
+    no exported student, or one of another architecture, is refused by the driver before any worker starts; a student
+    of another step count is allowed with a note (a one-step student starts a multi-step run badly)."""
     import torch
 
     from dmd_ray.distributed.distill_driver import prepare
@@ -275,6 +276,11 @@ def test_a_generator_can_start_from_an_exported_student_of_the_teachers_architec
         prepare(dataclasses.replace(cfg, teacher="tiny"))
     with pytest.raises(ConfigError, match="not an exported one-step generator"):
         prepare(dataclasses.replace(cfg, init_generator=str(tmp_path)))
+    assert "note: init_generator" not in capsys.readouterr().out
+    prepare(dataclasses.replace(cfg, generator_steps=4, lambda_reg=0.0))
+    assert "'demo' was trained as a 1-step generator and this run trains a 4-step one" in capsys.readouterr().out
+    prepare(dataclasses.replace(cfg, init_generator="demo-4step", generator_steps=4, lambda_reg=0.0))
+    assert "note: init_generator" not in capsys.readouterr().out
 
 
 def test_the_loop_reports_to_ray_train_only_with_checkpoints_the_last_step_and_report_every():

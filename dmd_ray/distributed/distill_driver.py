@@ -107,7 +107,12 @@ def check_initial_generator(cfg: DistillConfig) -> None:
     from dmd_ray.sd.resolve import read_generator_info, resolve_generator, unet_config
 
     folder = resolve_generator(cfg.init_generator, cfg.cache_dir or None)
-    read_generator_info(folder)
+    steps = len(read_generator_info(folder).get("generator_timesteps", [0]))
+    if steps != cfg.generator_steps:  # allowed, but measured to start badly: say so before any work
+        log(f"note: init_generator {cfg.init_generator!r} was trained as a {steps}-step generator and this run trains a "
+            f"{cfg.generator_steps}-step one. A one-step student no longer denoises at the lower timesteps of a chain (the "
+            "shipped demo's own 4-step chain: FID 91; BENCHMARKS.md, 'Where a multi-step generator starts'): without "
+            "--init-generator the run starts from the teacher")
     # compared as JSON: a built-in teacher's config holds tuples where a saved folder's holds lists
     ours, theirs = (json.loads(json.dumps(c)) for c in (unet_config(cfg.teacher, cfg.cache_dir or None), unet_config(folder)))
     different = {k: (theirs.get(k), ours[k]) for k in ARCHITECTURE_KEYS if k in ours and theirs.get(k) != ours[k]}
