@@ -37,8 +37,7 @@ def main() -> None:
     prompts, seeds = probe.rows()
     rows = []
     for spec in args.models.split(","):
-        teacher_spec = spec.removeprefix("teacher:")
-        network = load_teacher(teacher_spec if spec.startswith("teacher:") else resolve_generator(spec)).to(device=device)
+        network = load_teacher(spec.removeprefix("teacher:") if spec.startswith("teacher:") else resolve_generator(spec)).to(device=device)
         for steps in (int(s) for s in args.steps.split(",")):
             chain = MultiStepGenerator(network.denoiser(), network.schedule, network.prediction_type, generator_timesteps(network.schedule.num_timesteps, steps))
             result = probe(generated_images(chain, network, prompts, seeds, network.latent_shape(network.default_resolution), device), prompts)

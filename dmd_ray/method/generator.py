@@ -74,9 +74,10 @@ class MultiStepGenerator(nn.Module):
         the noises of `step_noise` (one per step after the first) or fresh ones."""
         if step_noise is not None and len(step_noise) != len(self.timesteps) - 1:
             raise ValueError(f"a {len(self.timesteps)}-step generator re-noises {len(self.timesteps) - 1} times, got {len(step_noise)} noises")
+        renoise = [None] * len(self.timesteps) if step_noise is None else [*step_noise, None]  # None: fresh noise, or the last step
         x = noise
-        for j in range(len(self.timesteps)):
-            x0, x = self._step(x, j, cond, generator, None if step_noise is None or j + 1 == len(self.timesteps) else step_noise[j])
+        for j, noise_j in enumerate(renoise):
+            x0, x = self._step(x, j, cond, generator, noise_j)
         return x0
 
     def train_sample(self, noise: Tensor, cond: Any = None, generator: torch.Generator | None = None) -> Tensor:
