@@ -14,7 +14,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repo root, for `ray job submit --working-dir .`
 
 from dmd_ray.config import DistillConfig, cli_main  # noqa: E402
-from dmd_ray.distributed.cluster import init_ray  # noqa: E402
 from dmd_ray.distributed.distill_driver import distill  # noqa: E402
 from dmd_ray.typed_config import ConfigError, load_yaml  # noqa: E402
 
@@ -65,7 +64,7 @@ def compare_with_the_shipped_student(cfg: DistillConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     defaults = load_yaml(DEMO_PRESET) if not argv else None  # no arguments: the demo
-    return cli_main("distill", DistillConfig, run, argv, __doc__.split("\n\n")[0], defaults, setup=init_ray)
+    return cli_main("distill", DistillConfig, run, argv, __doc__.split("\n\n")[0], defaults)
 
 
 if __name__ == "__main__":

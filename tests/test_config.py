@@ -283,6 +283,23 @@ def test_a_generator_can_start_from_an_exported_student_of_the_teachers_architec
     assert "note: init_generator" not in capsys.readouterr().out
 
 
+def test_the_distill_job_refuses_bad_input_before_it_starts_a_cluster(tmp_path, capsys):
+    """`jobs/distill.py` runs every check of the driver before it joins or starts Ray: a refused run exits with code 2
+    and its message, and no cluster was started for it."""
+    import importlib.util
+
+    import ray
+
+    spec = importlib.util.spec_from_file_location("distill_job", os.path.join(REPO, "jobs", "distill.py"))
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    code = job.main(["--teacher", "demo", "--init-generator", str(tmp_path), "--regression-space", "latent", "--eval-every", "0",
+                     "--output", str(tmp_path / "run")])
+    assert code == 2
+    assert "not an exported one-step generator" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
 def test_the_loop_reports_to_ray_train_only_with_checkpoints_the_last_step_and_report_every():
     """ray.train.report waits for Ray Train's controller (a 2 s poll): log steps read the losses and write
     metrics.jsonl, but report only when a checkpoint, the last step or report_every asks for it."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from dmd_ray.config import DistillConfig, PairsConfig
 from dmd_ray.data import pairs, storage
 from dmd_ray.data.prompts import BUILTIN_PROMPTS, read_prompts
-from dmd_ray.distributed.cluster import fit, run_config, wants_gpu
+from dmd_ray.distributed.cluster import fit, init_ray, run_config, wants_gpu
 from dmd_ray.sd.resolve import describe_teacher
 from dmd_ray.typed_config import ConfigError
 
@@ -203,6 +203,7 @@ def distill(cfg: DistillConfig, probe=None, real_images=None):
                               teacher=storage.absolute(cfg.teacher, only_if_exists=True), cache_dir=storage.absolute(cfg.cache_dir),
                               init_generator=storage.absolute(cfg.init_generator, only_if_exists=True), init_fake_score=storage.absolute(cfg.init_fake_score))
     plan = prepare(cfg, real_images)
+    init_ray()  # after the checks: a refused run starts no cluster
     if not cfg.prompts:  # the built-in prompts, where the pair actors can read them (an s3:// output on a cluster)
         storage.write_bytes(plan.prompts_uri, ("\n".join(plan.prompts) + "\n").encode())
     if not cfg.pairs:
