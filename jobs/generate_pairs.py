@@ -13,12 +13,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for `ray job submit --working-dir .`
 
 from dmd_ray.config import PairsConfig, cli_main  # noqa: E402
-from dmd_ray.distributed.cluster import init_ray  # noqa: E402
 from dmd_ray.distributed.pair_job import generate_pairs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main("generate_pairs", PairsConfig, generate_pairs, argv, __doc__.split("\n\n")[0], setup=init_ray)
+    return cli_main("generate_pairs", PairsConfig, generate_pairs, argv, __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

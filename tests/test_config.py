@@ -283,20 +283,25 @@ def test_a_generator_can_start_from_an_exported_student_of_the_teachers_architec
     assert "note: init_generator" not in capsys.readouterr().out
 
 
-def test_the_distill_job_refuses_bad_input_before_it_starts_a_cluster(tmp_path, capsys):
-    """`jobs/distill.py` runs every check of the driver before it joins or starts Ray: a refused run exits with code 2
-    and its message, and no cluster was started for it."""
+def test_the_jobs_refuse_bad_input_before_they_start_a_cluster(tmp_path, capsys):
+    """`jobs/distill.py` and `jobs/generate_pairs.py` run every check before they join or start Ray: a refused run
+    exits with code 2 and its message, and no cluster was started for it."""
     import importlib.util
 
     import ray
 
-    spec = importlib.util.spec_from_file_location("distill_job", os.path.join(REPO, "jobs", "distill.py"))
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    code = job.main(["--teacher", "demo", "--init-generator", str(tmp_path), "--regression-space", "latent", "--eval-every", "0",
-                     "--output", str(tmp_path / "run")])
-    assert code == 2
+    def job(name):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "jobs", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.main
+
+    assert job("distill")(["--teacher", "demo", "--init-generator", str(tmp_path), "--regression-space", "latent", "--eval-every", "0",
+                           "--output", str(tmp_path / "run")]) == 2
     assert "not an exported one-step generator" in capsys.readouterr().err
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    assert job("generate_pairs")(["--teacher", str(tmp_path / "no-teacher"), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "pairs")]) == 2
+    assert "no-teacher" in capsys.readouterr().err
     assert not ray.is_initialized()
 
 

@@ -17,7 +17,7 @@ import torch
 from dmd_ray.config import PairsConfig
 from dmd_ray.data import pairs, storage
 from dmd_ray.data.prompts import read_prompts
-from dmd_ray.distributed.cluster import cluster_gpus, gpus_per_actor
+from dmd_ray.distributed.cluster import cluster_gpus, gpus_per_actor, init_ray
 from dmd_ray.sd.resolve import describe_teacher, load_teacher
 from dmd_ray.sd.teacher import resolve_dtype
 from dmd_ray.sd.teacher_sampler import PairSampler
@@ -48,8 +48,8 @@ def manifest_config(cfg: PairsConfig, latent_shape, resolution: int, dtype: torc
 
 
 def generate_pairs(cfg: PairsConfig) -> dict:
-    """Generates the missing shards of `cfg.out` with a Ray Data actor pool; returns a summary. Ray must be
-    initialised."""
+    """Generates the missing shards of `cfg.out` with a Ray Data actor pool; returns a summary. Joins or starts Ray
+    (cluster.init_ray) once the config, teacher, prompts and output have passed their checks."""
     import ray
 
     started = time.time()
@@ -57,6 +57,7 @@ def generate_pairs(cfg: PairsConfig) -> dict:
     cfg = dataclasses.replace(cfg, out=storage.absolute(cfg.out), prompts=storage.absolute(cfg.prompts),
                               teacher=storage.absolute(cfg.teacher, only_if_exists=True), cache_dir=storage.absolute(cfg.cache_dir))
     prompts, config, done = prepare(cfg)
+    init_ray()
     layout = cfg.layout
     missing = [k for k in range(layout.num_shards) if k not in set(done)]
     pairs.write_manifest(cfg.out, config, done, {"status": "running"})
