@@ -15,11 +15,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from dmd_ray.config import EvalConfig, cli_main  # noqa: E402
 from dmd_ray.demos.shapes_eval import evaluate  # noqa: E402
-from dmd_ray.distributed.cluster import init_ray  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main("evaluate", EvalConfig, evaluate, argv, __doc__.split("\n\n")[0], setup=init_ray)
+    return cli_main("evaluate", EvalConfig, evaluate, argv, __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

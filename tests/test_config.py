@@ -284,8 +284,8 @@ def test_a_generator_can_start_from_an_exported_student_of_the_teachers_architec
 
 
 def test_the_jobs_refuse_bad_input_before_they_start_a_cluster(tmp_path, capsys):
-    """`jobs/distill.py` and `jobs/generate_pairs.py` run every check before they join or start Ray: a refused run
-    exits with code 2 and its message, and no cluster was started for it."""
+    """`jobs/distill.py`, `jobs/generate_pairs.py` and `jobs/evaluate.py` run every check before they join or start
+    Ray: a refused run exits with code 2 and its message, and no cluster was started for it."""
     import importlib.util
 
     import ray
@@ -302,6 +302,9 @@ def test_the_jobs_refuse_bad_input_before_they_start_a_cluster(tmp_path, capsys)
     (tmp_path / "prompts.txt").write_text("a red circle\n")
     assert job("generate_pairs")(["--teacher", str(tmp_path / "no-teacher"), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "pairs")]) == 2
     assert "no-teacher" in capsys.readouterr().err
+    # an evaluation whose last model is missing: refused before the first is sampled
+    assert job("evaluate")(["--model", f"teacher:demo,demo,{tmp_path / 'no-export'}", "--output", str(tmp_path / "eval")]) == 2
+    assert "no-export" in capsys.readouterr().err
     assert not ray.is_initialized()
 
 

@@ -27,14 +27,28 @@ import torch
 from dmd_ray.config import EvalConfig
 from dmd_ray.data import storage
 from dmd_ray.demos import shapes
-from dmd_ray.distributed.cluster import gpus_per_actor
+from dmd_ray.distributed.cluster import gpus_per_actor, init_ray
 from dmd_ray.images import grid, png_bytes, to_uint8
 from dmd_ray.method.denoiser import GuidedDenoiser
 from dmd_ray.method.generator import MultiStepGenerator, OneStepGenerator
 from dmd_ray.method.losses import LPIPSDistance
 from dmd_ray.method.sampling import generate_from_seeds, ode_sample, seeded_noise
-from dmd_ray.sd.resolve import load_teacher, read_generator_info, resolve_generator
+from dmd_ray.sd.resolve import describe_teacher, load_teacher, read_generator_info, resolve_generator
 from dmd_ray.sd.teacher_sampler import make_scheduler
+
+
+def model_kind(spec: str) -> tuple[str, str]:
+    """("teacher" | "teacher-onestep" | "generator", what it loads) of one `--model` entry."""
+    kind, _, source = spec.partition(":") if spec.startswith(("teacher:", "teacher-onestep:")) else ("generator", "", spec)
+    return kind, source
+
+
+def check_models(specs: list[str]) -> None:
+    """Every model loads (weights present, or reachable for a hub id): a bad last entry must not cost the minutes of
+    sampling the ones before it. Raises ModelNotFoundError naming the spec."""
+    for spec in specs:
+        kind, source = model_kind(spec)
+        resolve_generator(source) if kind == "generator" else describe_teacher(source)
 
 
 class ImageMaker:
@@ -42,7 +56,7 @@ class ImageMaker:
 
     def __init__(self, spec: str, cfg: EvalConfig):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        kind, _, source = spec.partition(":") if spec.startswith(("teacher:", "teacher-onestep:")) else ("generator", "", spec)
+        kind, source = model_kind(spec)
         if kind == "generator":
             folder = resolve_generator(source)
             info = read_generator_info(folder)
@@ -251,6 +265,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     cfg = dataclasses.replace(cfg, model=",".join(map(absolute, cfg.models())), output=storage.absolute(cfg.output),
                               paired_against=absolute(cfg.paired_against) if cfg.paired_against else "")
     storage.check_access(cfg.output)
+    check_models(cfg.models())
+    init_ray()  # after the checks: a refused evaluation starts no cluster
     judge = shapes.load_classifier()
     rows = sample_rows(cfg)
     real = ((shapes.render([shapes.parse_prompt(r["prompt"]) for r in rows], seed=cfg.seed + 10**6) + 1) * 127.5).round().to(torch.uint8)
