@@ -28,13 +28,15 @@ def log(msg: str) -> None:
 
 
 def prepare(cfg: PairsConfig) -> tuple[list[str], dict, list[int]]:
-    """Every check that can fail before sampling: config values, prompts, teacher, output location and contents."""
+    """Every check that can fail before sampling: config values, prompts, teacher, output location and contents.
+    Joins or starts Ray (cluster.init_ray) before the output's contents, whose sampling dtype depends on the cluster."""
     cfg.check()
     prompts = read_prompts(cfg.prompts)
     info = describe_teacher(cfg.teacher, cfg.cache_dir or None)
     resolution = cfg.resolution or info.default_resolution
     latent_shape = info.latent_shape(resolution)
     storage.check_access(cfg.out, write=True)
+    init_ray()  # after the checks above (a refused job starts no cluster): the workers' device kind is the cluster's
     # the sampling dtype is part of what makes pairs interchangeable; "auto" resolves on the workers' device kind
     device = "cuda" if gpus_per_actor(cfg.gpus_per_actor) > 0 else "cpu"
     config = manifest_config(cfg, latent_shape, resolution, resolve_dtype(cfg.dtype, device), prompts)
@@ -48,8 +50,7 @@ def manifest_config(cfg: PairsConfig, latent_shape, resolution: int, dtype: torc
 
 
 def generate_pairs(cfg: PairsConfig) -> dict:
-    """Generates the missing shards of `cfg.out` with a Ray Data actor pool; returns a summary. Joins or starts Ray
-    (cluster.init_ray) once the config, teacher, prompts and output have passed their checks."""
+    """Generates the missing shards of `cfg.out` with a Ray Data actor pool; returns a summary."""
     import ray
 
     started = time.time()
@@ -57,7 +58,6 @@ def generate_pairs(cfg: PairsConfig) -> dict:
     cfg = dataclasses.replace(cfg, out=storage.absolute(cfg.out), prompts=storage.absolute(cfg.prompts),
                               teacher=storage.absolute(cfg.teacher, only_if_exists=True), cache_dir=storage.absolute(cfg.cache_dir))
     prompts, config, done = prepare(cfg)
-    init_ray()
     layout = cfg.layout
     missing = [k for k in range(layout.num_shards) if k not in set(done)]
     pairs.write_manifest(cfg.out, config, done, {"status": "running"})
