@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 
 import numpy as np
@@ -259,8 +258,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     cfg.check()
     # the actors run in another directory: local model folders become absolute paths here
     def absolute(spec: str) -> str:
-        kind, rest = re.match(r"^((?:teacher|teacher-onestep):)?(.*)$", spec).groups("")
-        return kind + storage.absolute(rest, only_if_exists=True)
+        kind, source = model_kind(spec)
+        return ("" if kind == "generator" else f"{kind}:") + storage.absolute(source, only_if_exists=True)
 
     cfg = dataclasses.replace(cfg, model=",".join(map(absolute, cfg.models())), output=storage.absolute(cfg.output),
                               paired_against=absolute(cfg.paired_against) if cfg.paired_against else "")

@@ -36,8 +36,9 @@ def prepare(cfg: PairsConfig) -> tuple[list[str], dict, list[int]]:
     resolution = cfg.resolution or info.default_resolution
     latent_shape = info.latent_shape(resolution)
     storage.check_access(cfg.out, write=True)
-    init_ray()  # after the checks above (a refused job starts no cluster): the workers' device kind is the cluster's
-    # the sampling dtype is part of what makes pairs interchangeable; "auto" resolves on the workers' device kind
+    # Ray only now (a refused job starts no cluster): the sampling dtype, part of what makes pairs interchangeable,
+    # resolves "auto" on the workers' device kind, which is the cluster's
+    init_ray()
     device = "cuda" if gpus_per_actor(cfg.gpus_per_actor) > 0 else "cpu"
     config = manifest_config(cfg, latent_shape, resolution, resolve_dtype(cfg.dtype, device), prompts)
     done = pairs.check_output(cfg.out, config)
