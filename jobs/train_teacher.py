@@ -19,11 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from dmd_ray.config import TeacherConfig, cli_main  # noqa: E402
 from dmd_ray.demos.teacher_training import train_teacher  # noqa: E402
-from dmd_ray.distributed.cluster import init_ray  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main("train_teacher", TeacherConfig, train_teacher, argv, __doc__.split("\n\n")[0], setup=init_ray)
+    return cli_main("train_teacher", TeacherConfig, train_teacher, argv, __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

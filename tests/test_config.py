@@ -284,8 +284,8 @@ def test_a_generator_can_start_from_an_exported_student_of_the_teachers_architec
 
 
 def test_the_jobs_refuse_bad_input_before_they_start_a_cluster(tmp_path, capsys):
-    """`jobs/distill.py`, `jobs/generate_pairs.py` and `jobs/evaluate.py` run every check before they join or start
-    Ray: a refused run exits with code 2 and its message, and no cluster was started for it."""
+    """`jobs/distill.py`, `jobs/generate_pairs.py`, `jobs/evaluate.py` and `jobs/train_teacher.py` run every check
+    before they join or start Ray: a refused run exits with code 2 and its message, and no cluster was started for it."""
     import importlib.util
 
     import ray
@@ -305,6 +305,10 @@ def test_the_jobs_refuse_bad_input_before_they_start_a_cluster(tmp_path, capsys)
     # an evaluation whose last model is missing: refused before the first is sampled
     assert job("evaluate")(["--model", f"teacher:demo,demo,{tmp_path / 'no-export'}", "--output", str(tmp_path / "eval")]) == 2
     assert "no-export" in capsys.readouterr().err
+    assert job("train_teacher")(["--init-from", str(tmp_path / "no-teacher"), "--output", str(tmp_path / "teacher")]) == 2
+    assert "no-teacher" in capsys.readouterr().err
+    assert job("train_teacher")(["--init-from", "demo", "--prediction-type", "v_prediction", "--output", str(tmp_path / "teacher")]) == 2
+    assert "predicts epsilon" in capsys.readouterr().err
     assert not ray.is_initialized()
 
 

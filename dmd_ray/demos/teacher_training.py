@@ -263,12 +263,18 @@ def train_teacher(cfg: TeacherConfig):
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from dmd_ray.distributed.cluster import fit, run_config
+    from dmd_ray.distributed.cluster import fit, init_ray, run_config
+    from dmd_ray.sd.resolve import describe_teacher
 
     cfg.check()
     # the workers run in another directory: local paths become absolute
     cfg = dataclasses.replace(cfg, output=storage.absolute(cfg.output), init_from=storage.absolute(cfg.init_from, only_if_exists=True))
+    if cfg.init_from:  # a missing or mismatched teacher is named here, not in a worker's traceback
+        info = describe_teacher(cfg.init_from)
+        if info.prediction_type != cfg.prediction_type:
+            raise ConfigError(f"init_from {cfg.init_from!r} predicts {info.prediction_type}, the config says {cfg.prediction_type}")
     storage.check_access(cfg.output)
+    init_ray()  # after the checks: a refused run starts no cluster
     use_gpu = wants_gpu(cfg.use_gpu)
     vae = f"VAE from {cfg.init_from}" if cfg.init_from else f"VAE {cfg.vae_steps} steps"
     log(f"training on {cfg.num_workers} worker(s) ({'GPU' if use_gpu else 'CPU'}): {vae}, UNet {cfg.unet_steps} steps, batch {cfg.batch_size}")
