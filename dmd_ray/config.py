@@ -197,7 +197,9 @@ class DistillConfig:
     # with their weights in channels-last memory format, so that their activations follow: bf16 convolutions on a
     # GPU run in NHWC, and in NCHW cuDNN converts every input and output (Inductor leaves UNet training graphs NCHW:
     # their decoder's convolutions narrow the channels). auto: on GPU. The trained networks follow under ZeRO-0 with
-    # flat_optimizer (ZeRO 1-3 keep DeepSpeed's contiguous flat views). Checkpoints and exports are the same either way
+    # flat_optimizer (ZeRO 1-3 keep DeepSpeed's contiguous flat views). Checkpoints and exports are the same either way.
+    # Off by default: on the demo teacher (H100) it cut GPU work 13% at the same wall time (BENCHMARKS.md); GPU-bound
+    # steps, where that would show, are not measured yet
     channels_last: str = "false"
     # after the first compiled steps, check only the guards that tell torch.compile's cached graphs apart (not under
     # ZeRO-3): ~1 ms less host time per compiled network call. A step that needs a graph the first steps did not
