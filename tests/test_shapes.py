@@ -72,11 +72,11 @@ def test_demo_teacher_loads_offline_and_follows_prompts():
 
 
 def test_demo_generators_are_built_in_and_beat_the_teacher_in_one_step():
-    """The packaged students as the evaluation job loads them (BENCHMARKS.md, 2026-12-06, 1,440 samples): `demo`, the
-    best one-step student (DMD2's DM + GAN on real renders, continued from the earlier students; accuracy 0.684), and
-    `demo-4step`, DMD2's four-step generator trained from the teacher with backward simulation (0.775), run in its four
-    steps. Both follow prompts far above chance (1/180; on these 90 prompts they read 0.67 and 0.73) and far better
-    than the teacher's own network in one step (0.09), where distillation started; four steps beat one."""
+    """The packaged students as the evaluation job loads them (BENCHMARKS.md, 1,440 samples): `demo`, the best one-step
+    student (DMD2's DM + GAN on real renders, continued from the earlier students; accuracy 0.684), and `demo-4step`,
+    DMD2's four-step generator trained from the teacher with backward simulation, then continued (0.804), run in its
+    four steps. Both follow prompts far above chance (1/180; on these 90 prompts they read 0.67 and 0.74) and far
+    better than the teacher's own network in one step (0.09), where distillation started; four steps beat one."""
     import numpy as np
 
     from dmd_ray.config import EvalConfig
@@ -94,7 +94,7 @@ def test_demo_generators_are_built_in_and_beat_the_teacher_in_one_step():
         accuracy[spec] = shapes.prompt_accuracy(judge, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, prompts)
     assert accuracy["demo"] >= 0.6, accuracy
     assert accuracy["demo"] >= accuracy["teacher-onestep:demo"] + 0.1, accuracy
-    assert accuracy["demo-4step"] >= max(0.65, accuracy["demo"]), accuracy
+    assert accuracy["demo-4step"] >= max(0.7, accuracy["demo"] + 0.05), accuracy
 
 
 @pytest.mark.slow
