@@ -142,6 +142,19 @@ def test_attribute_accuracy_counts_only_prompts_that_name_the_attribute():
     assert np.isnan(attribute_accuracy(said[1:2], seen[1:2], "background"))
 
 
+def test_shape_read_as_splits_each_prompted_shape_and_size_by_what_the_judge_saw():
+    """metrics.json's shape_read_as: per prompted shape and size, the fractions read as each shape (the demo teacher
+    turns most small squares into circles: BENCHMARKS.md)."""
+    from dmd_ray.demos import shapes
+    from dmd_ray.demos.shapes_eval import shape_read_as
+
+    said = [shapes.parse_prompt(p) for p in ("a small red square", "a small blue square", "a red square")]
+    seen = [shapes.Scene("circle", "red", "small", "white"), shapes.Scene("square", "blue", "small", "white"),
+            shapes.Scene("triangle", "red", "large", "white")]
+    assert shape_read_as(said, seen) == {"any square": {"circle": 0.0, "square": 0.0, "triangle": 1.0},
+                                         "small square": {"circle": 0.5, "square": 0.5, "triangle": 0.0}}
+
+
 def test_paired_intervals_separate_what_the_models_own_intervals_cannot():
     """Two models on the same prompts and seeds that differ on a few samples: their own accuracy intervals overlap,
     the paired interval of the difference is the exact difference +- a narrow spread and excludes 0."""

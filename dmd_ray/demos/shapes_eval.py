@@ -16,6 +16,7 @@ AlexNet backbone with the package's calibrated heads, offline): 0 is a collapsed
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import time
@@ -119,6 +120,7 @@ def metrics(images: np.ndarray, prompts: list[str], judge, real: torch.Tensor, i
         "prompt_accuracy": float(correct.double().mean()),
         # which attributes a generator gets wrong (of the prompts that name each)
         **{f"{a}_accuracy": attribute_accuracy(scenes, seen, a) for a in ("shape", "colour", "size", "background")},
+        "shape_read_as": shape_read_as(scenes, seen),
         "num_samples": len(prompts),
     }
     if intervals or per_sample is not None:
@@ -140,6 +142,16 @@ def metrics(images: np.ndarray, prompts: list[str], judge, real: torch.Tensor, i
 def attribute_accuracy(scenes: list, seen: list, attribute: str) -> float:
     named = [(getattr(a, attribute), getattr(b, attribute)) for a, b in zip(scenes, seen) if getattr(a, attribute) is not None]
     return sum(x == y for x, y in named) / len(named) if named else float("nan")
+
+
+def shape_read_as(scenes: list, seen: list) -> dict[str, dict[str, float]]:
+    """Per prompted shape and size ("small square"; "any square" when the prompt names no size), the fractions of its
+    images that the judge read as each shape: which shapes a generator (or its teacher, or the VAE they share) turns
+    into others."""
+    counts: dict[str, collections.Counter] = {}
+    for scene, read in zip(scenes, seen):  # every prompt names its shape
+        counts.setdefault(f"{scene.size or 'any'} {scene.shape}", collections.Counter())[read.shape] += 1
+    return {key: {shape: c[shape] / sum(c.values()) for shape in shapes.SHAPES} for key, c in sorted(counts.items())}
 
 
 def frechet_distance(mean_a: torch.Tensor, cov_a: torch.Tensor, mean_b: torch.Tensor, cov_b: torch.Tensor) -> float:
@@ -275,7 +287,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         images, prompts = generate(spec, cfg)
         per_sample[spec] = {}
         results[spec] = {**metrics(images, prompts, judge, real, per_sample=per_sample[spec]), "seconds": round(time.perf_counter() - start, 1)}
-        log(f"{spec}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in results[spec].items() if not k.endswith("ci95"))
+        log(f"{spec}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in results[spec].items()
+                                    if not k.endswith("ci95") and not isinstance(v, dict))
             + ", FID 95% interval [{:.3f}, {:.3f}], accuracy [{:.3f}, {:.3f}]".format(*results[spec]["fid_ci95"], *results[spec]["prompt_accuracy_ci95"]))
         grid_rows.append(images[: cfg.grid_columns])
     if cfg.paired_against:
