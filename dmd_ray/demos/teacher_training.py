@@ -151,9 +151,7 @@ def train_loop_per_worker(config: dict) -> None:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16" and device.type == "cuda")
     local_batch = cfg.batch_size // world
     if cfg.init_from:  # go on training a teacher: its VAE (and latent scale) stay, stage 1 is skipped
-        teacher = load_teacher(cfg.init_from)
-        if teacher.prediction_type != cfg.prediction_type:
-            raise ConfigError(f"init_from {cfg.init_from!r} predicts {teacher.prediction_type}, the config says {cfg.prediction_type}")
+        teacher = load_teacher(cfg.init_from)  # its prediction type was checked by train_teacher
         state = {"stage": "unet", "step": 0, "scaling_factor": float(teacher.vae.config.scaling_factor), "config": recipe}
     else:
         teacher = build_demo_architecture(cfg.seed, cfg.prediction_type)
