@@ -18,8 +18,8 @@ import torch  # noqa: E402
 
 from dmd_ray.config import EvalConfig  # noqa: E402
 from dmd_ray.demos import shapes  # noqa: E402
-from dmd_ray.demos.shapes_eval import metrics, sample_rows  # noqa: E402
-from dmd_ray.images import to_uint8, to_uint8_tensor  # noqa: E402
+from dmd_ray.demos.shapes_eval import metrics, reference_renders, sample_rows  # noqa: E402
+from dmd_ray.images import to_uint8  # noqa: E402
 from dmd_ray.sd.resolve import load_teacher  # noqa: E402
 
 
@@ -33,13 +33,13 @@ def main() -> None:
     vae = load_teacher(args.teacher).vae.eval()
     cfg = EvalConfig(num_samples=args.samples, seed=args.seed)
     rows = sample_rows(cfg)
-    scenes = [shapes.parse_prompt(r["prompt"]) for r in rows]
+    prompts = [r["prompt"] for r in rows]
     # the reference renders as jobs/evaluate.py draws them; the renders sent through the VAE are other draws of the
     # same prompts, so that the renders' own row measures what two independent draws differ by
-    real = to_uint8_tensor(shapes.render(scenes, seed=cfg.seed + 10**6))
-    renders = shapes.render(scenes, seed=cfg.seed + 2 * 10**6)
+    real = reference_renders(prompts, cfg.seed)
+    renders = shapes.render([shapes.parse_prompt(p) for p in prompts], seed=cfg.seed + 2 * 10**6)
     decoded = torch.cat([vae.decode(vae.encode(renders[i : i + 256]).latent_dist.mean).sample for i in range(0, len(renders), 256)])
-    judge, prompts = shapes.load_classifier(), [r["prompt"] for r in rows]
+    judge = shapes.load_classifier()
     print(f"{args.teacher}'s VAE, {len(rows)} evaluation prompts and seeds")
     print("| images | FID (judge features) | prompt accuracy | shape | colour | size | background |")
     print("|---|---|---|---|---|---|---|")

@@ -28,7 +28,7 @@ from dmd_ray.config import EvalConfig
 from dmd_ray.data import storage
 from dmd_ray.demos import shapes
 from dmd_ray.distributed.cluster import gpus_per_actor, init_ray
-from dmd_ray.images import grid, png_bytes, to_uint8
+from dmd_ray.images import grid, png_bytes, to_uint8, to_uint8_tensor
 from dmd_ray.method.denoiser import GuidedDenoiser
 from dmd_ray.method.generator import MultiStepGenerator, OneStepGenerator
 from dmd_ray.method.losses import LPIPSDistance
@@ -139,6 +139,12 @@ def metrics(images: np.ndarray, prompts: list[str], judge, real: torch.Tensor, i
     return result
 
 
+def reference_renders(prompts: list[str], seed: int) -> torch.Tensor:
+    """The real images a model's samples are scored against: renders of the same prompts, uint8 NCHW, drawn from
+    their own seed (the evaluation's and the probe's `seed` + 10**6), so they are never the images a model copies."""
+    return to_uint8_tensor(shapes.render([shapes.parse_prompt(p) for p in prompts], seed=seed + 10**6))
+
+
 def attribute_accuracy(scenes: list, seen: list, attribute: str) -> float:
     named = [(getattr(a, attribute), getattr(b, attribute)) for a, b in zip(scenes, seen) if getattr(a, attribute) is not None]
     return sum(x == y for x, y in named) / len(named) if named else float("nan")
@@ -223,7 +229,7 @@ class TrainingProbe:
     def __call__(self, images: np.ndarray, prompts: list[str]) -> dict:
         if self._judge is None:  # once per worker: the judge and the rendered reference images
             self._judge = shapes.load_classifier()
-            self._real = ((shapes.render([shapes.parse_prompt(p) for p in prompts], seed=self.seed + 10**6) + 1) * 127.5).round().to(torch.uint8)
+            self._real = reference_renders(prompts, self.seed)
         result = metrics(images, prompts, self._judge, self._real, intervals=False)
         return {k: result[k] for k in ("fid", "prompt_accuracy", *(["lpips_diversity"] if "lpips_diversity" in result else []))}
 
@@ -234,8 +240,8 @@ def comparison_grid(specs: list[str], columns: int = 8, seed: int = 0) -> np.nda
     cfg = EvalConfig(num_samples=columns, seed=seed)
     rows = sample_rows(cfg)
     batch = {"prompt": [r["prompt"] for r in rows], "seed": [r["seed"] for r in rows]}
-    real = shapes.render([shapes.parse_prompt(p) for p in batch["prompt"]], seed=seed + 10**6)
-    return grid(np.concatenate([to_uint8(real), *(ImageMaker(spec, cfg)(batch)["image"] for spec in specs)]), columns)
+    real = reference_renders(batch["prompt"], seed).permute(0, 2, 3, 1).numpy()
+    return grid(np.concatenate([real, *(ImageMaker(spec, cfg)(batch)["image"] for spec in specs)]), columns)
 
 
 # --------------------------------------------------------------------------------------------- the job
@@ -280,7 +286,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     init_ray()  # after the checks: a refused evaluation starts no cluster
     judge = shapes.load_classifier()
     rows = sample_rows(cfg)
-    real = ((shapes.render([shapes.parse_prompt(r["prompt"]) for r in rows], seed=cfg.seed + 10**6) + 1) * 127.5).round().to(torch.uint8)
+    real = reference_renders([r["prompt"] for r in rows], cfg.seed)
     results, grid_rows, per_sample = {}, [], {}
     for spec in cfg.models():
         start = time.perf_counter()
