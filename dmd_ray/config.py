@@ -12,7 +12,7 @@ from typing import Any, Callable, TypeVar
 from dmd_ray.data.pairs import ShardLayout
 from dmd_ray.data.storage import StorageError
 from dmd_ray.sd.resolve import ModelNotFoundError
-from dmd_ray.sd.teacher import DTYPES
+from dmd_ray.sd.teacher import DTYPES, FEATURE_LEVELS
 from dmd_ray.sd.teacher_sampler import SAMPLERS
 from dmd_ray.typed_config import ConfigError, parse_args, raise_problems
 
@@ -151,6 +151,10 @@ class DistillConfig:
     # VAE into a bank of gan_real_size latents at the start: DMD2's real data, with which a student can beat its teacher)
     gan_real: str = "pairs"
     gan_real_size: int = 8192
+    # which of the fake score's features the classifier reads: "bottleneck" (DMD2's: the mid block, and the up blocks
+    # skipped) or "decoder" (the last up block's output, at the latent resolution: the demo teacher's bottleneck is 2x2,
+    # where a triangle's corners are hard to see; the classifier then runs the whole UNet)
+    gan_features: str = "bottleneck"
     fake_updates: int = 1  # fake-score updates per generator update (DMD2's TTUR: 5-10)
     regression_space: str = "pixel"  # "pixel": decode both sides with the VAE, LPIPS; "latent": L2 on latents
     lpips_backbone: str = "vgg"  # DMD used VGG
@@ -253,7 +257,7 @@ class DistillConfig:
     def recipe(self) -> dict:
         """What decides a student's quality, recorded with its export (dmd_ray.json): the losses and their weights,
         the update ratio, the rates and the global batches."""
-        keys = ("init_generator", "init_fake_score", "dm_weight", "lambda_reg", "regression_space", "gan_weight", "gan_real", "fake_updates", "generator_steps", "lr", "fake_lr",
+        keys = ("init_generator", "init_fake_score", "dm_weight", "lambda_reg", "regression_space", "gan_weight", "gan_real", "gan_features", "fake_updates", "generator_steps", "lr", "fake_lr",
                 "dm_batch_size", "reg_batch_size", "t_min", "t_max", "ema_decay")
         recipe = {k: getattr(self, k) for k in keys}
         if self.regression_space == "pixel" and self.lambda_reg:
@@ -297,6 +301,8 @@ class DistillConfig:
             problems.append("init_fake_score is given to a run without a fake score (dm_weight 0 and gan_weight 0)")
         if self.gan_real not in ("pairs", "renders"):
             problems.append(f"gan_real must be pairs or renders, got {self.gan_real!r}")
+        if self.gan_features not in FEATURE_LEVELS:
+            problems.append(f"gan_features must be one of {', '.join(FEATURE_LEVELS)}, got {self.gan_features!r}")
         if self.gan_real_size < 1:
             problems.append(f"gan_real_size must be >= 1, got {self.gan_real_size}")
         if self.regression_space not in ("pixel", "latent"):

@@ -29,6 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (dict(max_steps=0, log_every=0), "max_steps must be >= 1"),
     (dict(ema_decay=1.0), r"ema_decay must be in \[0, 1\)"),
     (dict(ema_decay=0.999, zero_stage=3), "ema_decay needs the generator's whole weights"),
+    (dict(gan_weight=1e-3, gan_features="up"), "gan_features must be one of bottleneck, decoder, got 'up'"),
 ])
 def test_distill_config_values_are_checked(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -9,7 +9,7 @@ import torch
 
 from dmd_ray.config import DistillConfig
 from dmd_ray.demos.toy2d import MLPDenoiser
-from dmd_ray.method.gan import BottleneckClassifier, GANLoss
+from dmd_ray.method.gan import FeatureClassifier, GANLoss
 from dmd_ray.method.generator import MultiStepGenerator, OneStepGenerator
 from dmd_ray.method.objective import read_logs
 from dmd_ray.method.optim import optimizer_update
@@ -17,7 +17,7 @@ from dmd_ray.method.schedule import NoiseSchedule
 from dmd_ray.sd.architectures import build_tiny_teacher
 from dmd_ray.sd.conditioning import PromptConditions
 from dmd_ray.sd.dmd import build_step, gan_classifier, generator_timesteps
-from dmd_ray.sd.teacher import UNetDenoiser, unet_bottleneck
+from dmd_ray.sd.teacher import UNetDenoiser, unet_features
 from dmd_ray.typed_config import ConfigError
 
 SCHEDULE = NoiseSchedule.from_betas("scaled_linear", 0.00085, 0.012, 1000)
@@ -77,8 +77,8 @@ def test_backward_simulation_feeds_the_generators_own_chain_and_differentiates_o
     assert all(p.grad is not None for p in net.parameters())
 
 
-def tiny_nets(teacher, gan=True):
-    cfg = DistillConfig(gan_weight=1e-3 if gan else 0.0)
+def tiny_nets(teacher, gan=True, features="bottleneck"):
+    cfg = DistillConfig(gan_weight=1e-3 if gan else 0.0, gan_features=features)
     gen = UNetDenoiser(copy.deepcopy(teacher.unet).requires_grad_(True))
     fake = UNetDenoiser(copy.deepcopy(teacher.unet).requires_grad_(True), gan_classifier(cfg, teacher.unet))
     return gen, fake
@@ -87,7 +87,7 @@ def tiny_nets(teacher, gan=True):
 def test_gan_generator_side_reaches_only_the_generator_and_classifier_side_only_the_fake_score():
     teacher = build_tiny_teacher()
     gen_net, fake_net = tiny_nets(teacher)
-    assert isinstance(fake_net.classifier, BottleneckClassifier)
+    assert isinstance(fake_net.classifier, FeatureClassifier)
     gan = GANLoss(fake_net, teacher.schedule)
     cond = teacher.encode_prompts(["a red circle", "a blue square"])
     generator = OneStepGenerator(gen_net, teacher.schedule, teacher.prediction_type)
@@ -128,31 +128,37 @@ def test_the_discriminator_loss_classifies_both_batches_in_one_pass_with_the_log
     torch.testing.assert_close(loss, two_pass, rtol=1e-5, atol=1e-6)
 
 
-def test_the_classifier_reads_the_bottleneck_a_full_forward_computes():
-    """The classify path runs the UNet only up to its mid block: the features are those of the full forward (its mid
-    block's output, captured by a hook), so skipping the up blocks changes the cost, not the logits."""
+@pytest.mark.parametrize("level", ["bottleneck", "decoder"])
+def test_the_classifier_reads_the_features_a_full_forward_computes(level):
+    """The classify path runs the UNet up to its mid block ("bottleneck") or its last up block ("decoder"): the
+    features are those of the full forward (that block's output, captured by a hook), so skipping the rest changes
+    the cost, not the logits."""
     teacher = build_tiny_teacher()
-    _, fake_net = tiny_nets(teacher)
+    _, fake_net = tiny_nets(teacher, features=level)
+    assert fake_net.classifier.features == level
     x_t, t = torch.randn(3, 4, 8, 8), torch.tensor([5, 500, 999])
     cond = teacher.encode_prompts(["a red circle", "a blue square", ""])
     seen = []
-    hook = fake_net.unet.mid_block.register_forward_hook(lambda module, args, output: seen.append(output))
+    block = fake_net.unet.mid_block if level == "bottleneck" else fake_net.unet.up_blocks[-1]
+    hook = block.register_forward_hook(lambda module, args, output: seen.append(output))
     fake_net.unet(x_t, t, encoder_hidden_states=cond)
     hook.remove()
-    features = unet_bottleneck(fake_net.unet, x_t, t, cond)
+    features = unet_features(fake_net.unet, x_t, t, cond, level)
+    assert (features.shape[-1] == 8) == (level == "decoder")  # the latent resolution, or the bottleneck's lower one
     torch.testing.assert_close(features, seen[0], rtol=0, atol=0)
     torch.testing.assert_close(fake_net(x_t, t, cond, classify=True), fake_net.classifier(seen[0]), rtol=0, atol=0)
     with pytest.raises(ValueError, match="classifier head"):
         tiny_nets(teacher)[0](x_t, t, cond, classify=True)  # the generator has no head
 
 
-@pytest.mark.parametrize("generator_steps", [1, 2])
-def test_one_dmd2_iteration_on_the_tiny_teacher(generator_steps):
-    """GAN + TTUR + no regression (+ the 2-step generator with backward simulation), as the worker builds it."""
+@pytest.mark.parametrize("generator_steps, features", [(1, "bottleneck"), (2, "bottleneck"), (1, "decoder")])
+def test_one_dmd2_iteration_on_the_tiny_teacher(generator_steps, features):
+    """GAN + TTUR + no regression (+ the 2-step generator with backward simulation, + the head on the decoder's
+    features), as the worker builds it."""
     teacher = build_tiny_teacher()
-    cfg = DistillConfig(gan_weight=1e-3, lambda_reg=0.0, fake_updates=2, generator_steps=generator_steps, regression_space="latent")
+    cfg = DistillConfig(gan_weight=1e-3, lambda_reg=0.0, fake_updates=2, generator_steps=generator_steps, regression_space="latent", gan_features=features)
     cfg.check()
-    gen_net, fake_net = tiny_nets(teacher)
+    gen_net, fake_net = tiny_nets(teacher, features=features)
     opts = [torch.optim.AdamW(n.parameters(), lr=1e-4) for n in (gen_net, fake_net)]
     conditions = PromptConditions(teacher, ["a red circle", "a blue square"], (4, 8, 8), "cpu")
     step = build_step(cfg, teacher, conditions, gen_net, fake_net, optimizer_update(opts[0], gen_net.parameters(), 10.0),

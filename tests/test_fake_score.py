@@ -13,9 +13,10 @@ from dmd_ray.sd.teacher import UNetDenoiser
 from dmd_ray.typed_config import ConfigError
 
 
-def fake_score(gan: bool, seed: int = 0) -> UNetDenoiser:
+def fake_score(gan: bool, seed: int = 0, features: str = "bottleneck") -> UNetDenoiser:
     teacher = build_tiny_teacher(seed)
-    return UNetDenoiser(copy.deepcopy(teacher.unet), gan_classifier(DistillConfig(gan_weight=1e-2 if gan else 0.0), teacher.unet))
+    cfg = DistillConfig(gan_weight=1e-2 if gan else 0.0, gan_features=features)
+    return UNetDenoiser(copy.deepcopy(teacher.unet), gan_classifier(cfg, teacher.unet))
 
 
 def shapes(unet) -> dict:
@@ -55,6 +56,24 @@ def test_a_gan_head_is_optional_on_either_side(tmp_path):
     assert load_fake_score(model, without) == "UNet"
     assert all(torch.equal(v, model.classifier.state_dict()[k]) for k, v in head.items())
     assert "left out" in load_fake_score(fake_score(gan=False), with_head)
+
+
+def test_a_head_on_other_features_starts_afresh_and_one_on_the_same_features_loads(tmp_path):
+    """The file records which features its head read: a run that moves the head to the decoder's features keeps the
+    UNet and starts a fresh head (the shapes differ here, but need not); files written before the choice read the
+    bottleneck."""
+    old, decoder = str(tmp_path / "old.safetensors"), str(tmp_path / "decoder.safetensors")
+    save_fake_score(fake_score(gan=True, seed=1).state_dict(), old, torch.float32)  # no metadata, as before the choice
+    trained = fake_score(gan=True, seed=1, features="decoder")
+    save_fake_score(trained.state_dict(), decoder, torch.float32, "decoder")
+    model = fake_score(gan=True, features="decoder")
+    head = copy.deepcopy(model.classifier.state_dict())
+    assert load_fake_score(model, old) == "UNet (its GAN head, on bottleneck features, left out: this run's reads decoder)"
+    assert all(torch.equal(v, model.classifier.state_dict()[k]) for k, v in head.items())
+    assert load_fake_score(model, decoder) == "UNet and GAN head"
+    for (k, a), b in zip(trained.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert "left out" in load_fake_score(fake_score(gan=True), decoder)
 
 
 def test_another_architecture_or_a_broken_file_is_refused_before_any_work(tmp_path):

@@ -369,7 +369,7 @@ def train_loop_per_worker(config: dict) -> None:
         fake_state = gathered_state_dict(fake_engine, cfg.zero_stage) if step_fn.objective.needs_fake_score else None
         if rank == 0 and fake_state is not None:
             uri = storage.join(cfg.output, FAKE_SCORE_FILE)
-            size = save_fake_score(fake_state, uri, getattr(torch, cfg.export_dtype))
+            size = save_fake_score(fake_state, uri, getattr(torch, cfg.export_dtype), cfg.gan_features if cfg.gan_weight else "")
             worker_print(f"[distill] fake score written to {uri} ({size / 2**20:.1f} MiB; --init-fake-score continues from it)")
         if rank == 0:
             from dmd_ray.sd.export import export_generator

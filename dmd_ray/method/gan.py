@@ -1,8 +1,8 @@
-"""DMD2's GAN term (Yin et al. 2024b, Sec. 4.3): a classifier on the fake score's bottleneck, diffusion-GAN style.
+"""DMD2's GAN term (Yin et al. 2024b, Sec. 4.3): a classifier on the fake score's features, diffusion-GAN style.
 
 Real and generated samples are both diffused to a random t before the classifier sees them (the fake score is a
 denoiser: its features are defined on noisy inputs). The classifier is a small head on the fake score network's
-bottleneck features, trained with the fake score on the non-saturating loss
+features (DMD2: its bottleneck), trained with the fake score on the non-saturating loss
 
     loss_D = softplus(D(fake_t)) + softplus(-D(real_t))
 
@@ -22,14 +22,16 @@ from dmd_ray.method.denoiser import concat_conditions
 from dmd_ray.method.schedule import NoiseSchedule
 
 
-class BottleneckClassifier(nn.Module):
-    """[B, C, H, W] bottleneck features -> [B] logits. DMD2's head is a stack of stride-2 4x4 convolutions down to 4x4
-    (an 8x8 SD bottleneck); this one pools after two convolutions, so it fits any bottleneck size (the demo
-    teacher's is 2x2)."""
+class FeatureClassifier(nn.Module):
+    """[B, C, H, W] features of the fake score network -> [B] logits. `features` names the level it reads, which the
+    network that holds it computes (sd/teacher.py: "bottleneck", DMD2's choice, or "decoder"). DMD2's head is a
+    stack of stride-2 4x4 convolutions down to 4x4 (an 8x8 SD bottleneck); this one pools after two convolutions, so
+    it fits any feature size (the demo teacher's bottleneck is 2x2, its decoder's output 8x8)."""
 
-    def __init__(self, channels: int, hidden: int = 0, groups: int = 8):
+    def __init__(self, channels: int, features: str = "bottleneck", hidden: int = 0, groups: int = 8):
         super().__init__()
         hidden = hidden or channels
+        self.features = features
         self.body = nn.Sequential(
             nn.Conv2d(channels, hidden, 3, padding=1), nn.GroupNorm(min(groups, hidden), hidden), nn.SiLU(),
             nn.Conv2d(hidden, hidden, 3, padding=1), nn.GroupNorm(min(groups, hidden), hidden), nn.SiLU(),
@@ -57,7 +59,7 @@ def frozen(module: nn.Module):
 
 class GANLoss:
     """Both sides of the non-saturating diffusion-GAN loss. `network` is the fake score network, which also
-    classifies: network(x_t, t, cond, classify=True) -> [B] logits from its bottleneck. `frozen_network`, when
+    classifies: network(x_t, t, cond, classify=True) -> [B] logits from its features. `frozen_network`, when
     given, is the same network for the generator's side, where gradients pass through it to the samples: the bare
     module when `network` is wrapped by a trainer (a DeepSpeed engine claims every backward through its forward)."""
 

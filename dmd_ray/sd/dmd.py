@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from dmd_ray.method.denoiser import GuidedDenoiser, X0Denoiser
-from dmd_ray.method.gan import BottleneckClassifier, GANLoss
+from dmd_ray.method.gan import FeatureClassifier, GANLoss
 from dmd_ray.method.generator import MultiStepGenerator, OneStepGenerator
 from dmd_ray.method.losses import DenoisingLoss, DistributionMatchingLoss, LPIPSDistance, RegressionLoss, squared_l2
 from dmd_ray.method.objective import DMDObjective, DMDStep, Update
 from dmd_ray.sd.conditioning import PromptConditions
-from dmd_ray.sd.teacher import Teacher
+from dmd_ray.sd.teacher import Teacher, feature_channels
 
 if TYPE_CHECKING:
     from dmd_ray.config import DistillConfig
@@ -63,8 +63,8 @@ def generator_timesteps(num_timesteps: int, steps: int) -> list[int]:
 
 
 def gan_classifier(cfg: DistillConfig, unet: nn.Module) -> nn.Module | None:
-    """DMD2's classification head for the fake score's bottleneck (None without the GAN)."""
-    return BottleneckClassifier(unet.config.block_out_channels[-1]) if cfg.gan_weight > 0 else None
+    """DMD2's classification head for the fake score's `gan_features` (None without the GAN)."""
+    return FeatureClassifier(feature_channels(unet, cfg.gan_features), cfg.gan_features) if cfg.gan_weight > 0 else None
 
 
 def build_step(cfg: DistillConfig, teacher: Teacher, conditions: PromptConditions, generator_net: nn.Module, fake_net: nn.Module,

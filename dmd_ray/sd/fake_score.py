@@ -1,7 +1,7 @@
 """The fake score's weights from one run to the next, so that DMD continues where a run stopped.
 
 A run writes `<output>/fake_score.safetensors` beside its export: the fake score's UNet (`unet.*`) and, with the GAN
-term, its classifier head (`classifier.*`). A later run given `--init-generator <that export>` and `--init-fake-score
+term, its classifier head (`classifier.*`, the features it reads in the header's metadata). A later run given `--init-generator <that export>` and `--init-fake-score
 <that file>` starts both networks where the first one stopped, on another machine if need be (the demo's pair is
 about 15 MB in float16: small enough to carry between GPU jobs). Optimiser moments and the step count start afresh,
 under the new run's warm-up. DMD needs the fake score to track the generator's distribution: restarting it from
@@ -20,11 +20,13 @@ from dmd_ray.typed_config import ConfigError
 FILE = "fake_score.safetensors"
 
 
-def save_fake_score(state: dict[str, Tensor], uri: str, dtype: torch.dtype) -> int:
-    """Writes the fake score's state dict (keys as the engine's module names them) in `dtype`; returns its bytes."""
+def save_fake_score(state: dict[str, Tensor], uri: str, dtype: torch.dtype, gan_features: str = "") -> int:
+    """Writes the fake score's state dict (keys as the engine's module names them) in `dtype`, and which features its
+    GAN head reads (`gan_features`, where it has one); returns its bytes."""
     from safetensors.torch import save
 
-    data = save({k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()})
+    metadata = {"gan_features": gan_features} if gan_features else None
+    data = save({k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}, metadata=metadata)
     storage.write_bytes(uri, data)
     return len(data)
 
@@ -56,15 +58,23 @@ def check_fake_score(uri: str, unet_shapes: dict[str, list[int]]) -> None:
 
 
 def load_fake_score(model: nn.Module, uri: str) -> str:
-    """Loads the file into `model` (a UNetDenoiser): the UNet exactly; the classifier head when both have one (a
-    run that adds the GAN term starts a fresh head). Returns what was loaded, for the log."""
+    """Loads the file into `model` (a UNetDenoiser): the UNet exactly; the classifier head when both have one and it
+    read the same features (a run that adds the GAN term, or moves it to other features, starts a fresh head).
+    Returns what was loaded, for the log."""
     from safetensors.torch import load
 
-    state = load(storage.read_bytes(uri))
+    data = storage.read_bytes(uri)
+    state = load(data)
     unet = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
     model.unet.load_state_dict(unet, strict=True)
     head = {k.removeprefix("classifier."): v for k, v in state.items() if k.startswith("classifier.")}
-    if getattr(model, "classifier", None) is not None and head:
-        model.classifier.load_state_dict(head, strict=True)
-        return "UNet and GAN head"
-    return "UNet" + (" (its GAN head left out: this run has none)" if head else "")
+    if not head:
+        return "UNet"
+    if getattr(model, "classifier", None) is None:
+        return "UNet (its GAN head left out: this run has none)"
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    theirs = (header.get("__metadata__") or {}).get("gan_features", "bottleneck")  # files from before the choice: bottleneck
+    if theirs != model.classifier.features:
+        return f"UNet (its GAN head, on {theirs} features, left out: this run's reads {model.classifier.features})"
+    model.classifier.load_state_dict(head, strict=True)
+    return "UNet and GAN head"

@@ -50,11 +50,24 @@ def freeze(*modules: nn.Module) -> None:
         m.requires_grad_(False)
 
 
-def unet_bottleneck(unet: nn.Module, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor) -> Tensor:
-    """The mid block's output of a diffusers UNet2DConditionModel: its forward up to the bottleneck, without the up
-    blocks, which DMD2's classifier never reads (about half of the network's work). The same modules in the same
-    order as the UNet's own forward, so the features are the ones a full forward computes."""
+FEATURE_LEVELS = ("bottleneck", "decoder")
+
+
+def feature_channels(unet: nn.Module, level: str) -> int:
+    """Channels of `unet_features(..., level)`: the mid block keeps the deepest width, the last up block the first."""
+    widths = unet.config.block_out_channels
+    return int(widths[-1] if level == "bottleneck" else widths[0])
+
+
+def unet_features(unet: nn.Module, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, level: str = "bottleneck") -> Tensor:
+    """Features of a diffusers UNet2DConditionModel for the GAN's classifier: "bottleneck", the mid block's output
+    (DMD2's choice; the up blocks, about half the network's work, are skipped), or "decoder", the last up block's
+    output at the latent resolution (before the output convolution), where a small shape's corners are still
+    resolved: the demo teacher's bottleneck is 2x2 for 8x8 latents. The same modules in the same order as the UNet's
+    own forward, so the features are the ones a full forward computes."""
     config = unet.config
+    if level not in FEATURE_LEVELS:
+        raise ValueError(f"the GAN's classifier reads one of {FEATURE_LEVELS}, not {level!r}")
     if getattr(unet, "mid_block", None) is None:
         raise ValueError("the GAN's classifier reads the UNet's mid block, and this UNet has none")
     if config.class_embed_type is not None or config.addition_embed_type is not None:
@@ -65,15 +78,25 @@ def unet_bottleneck(unet: nn.Module, sample: Tensor, timestep: Tensor, encoder_h
     if unet.time_embed_act is not None:
         emb = unet.time_embed_act(emb)
     encoder_hidden_states = unet.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=None)
+    text = {"encoder_hidden_states": encoder_hidden_states}
     hidden = unet.conv_in(sample)
+    skips = (hidden,)
     for block in unet.down_blocks:
-        if getattr(block, "has_cross_attention", False):
-            hidden, _ = block(hidden_states=hidden, temb=emb, encoder_hidden_states=encoder_hidden_states)
-        else:
-            hidden, _ = block(hidden_states=hidden, temb=emb)
-    if getattr(unet.mid_block, "has_cross_attention", False):
-        return unet.mid_block(hidden, emb, encoder_hidden_states=encoder_hidden_states)
-    return unet.mid_block(hidden, emb)
+        hidden, block_skips = block(hidden_states=hidden, temb=emb, **(text if getattr(block, "has_cross_attention", False) else {}))
+        skips += block_skips
+    hidden = unet.mid_block(hidden, emb, **(text if getattr(unet.mid_block, "has_cross_attention", False) else {}))
+    if level == "bottleneck":
+        return hidden
+    # the forward passes each up block its output size only where the latents do not halve evenly at every level
+    uneven = any(size % 2**unet.num_upsamplers for size in sample.shape[-2:])
+    upsample_size = None
+    for i, block in enumerate(unet.up_blocks):
+        block_skips, skips = skips[-len(block.resnets):], skips[:-len(block.resnets)]
+        if uneven and i < len(unet.up_blocks) - 1:
+            upsample_size = skips[-1].shape[2:]
+        hidden = block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=block_skips, upsample_size=upsample_size,
+                       **(text if getattr(block, "has_cross_attention", False) else {}))
+    return hidden
 
 
 class UNetDenoiser(nn.Module):
@@ -86,11 +109,11 @@ class UNetDenoiser(nn.Module):
     def __init__(self, unet: nn.Module, classifier: nn.Module | None = None):
         super().__init__()
         self.unet = unet
-        self.classifier = classifier  # DMD2's GAN head on the bottleneck (the fake score's; method/gan.py)
+        self.classifier = classifier  # DMD2's GAN head (the fake score's; method/gan.py), on its `features` level
         self._compiled_logits = None  # compile_classifier's
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor, classify: bool = False) -> Tensor:
-        """The UNet's prediction; with `classify`, the classifier's [B] logits on the UNet's bottleneck instead. One
+        """The UNet's prediction; with `classify`, the classifier's [B] logits on the UNet's features instead. One
         call (not a separate method) so that a DeepSpeed engine wrapping this module runs both under its autocast
         and parameter hooks."""
         if not isinstance(cond, Tensor):
@@ -104,10 +127,10 @@ class UNetDenoiser(nn.Module):
     def logits(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         if self.classifier is None:
             raise ValueError("classify=True needs a classifier head (gan_weight > 0)")
-        return self.classifier(unet_bottleneck(self.unet, x_t, t, cond))
+        return self.classifier(unet_features(self.unet, x_t, t, cond, self.classifier.features))
 
     def compile_classifier(self, mode: str | None) -> None:
-        """torch.compile the classify path (bottleneck and head) as its own graph: the UNet's compiled graph covers
+        """torch.compile the classify path (features and head) as its own graph: the UNet's compiled graph covers
         the full forward only. The discriminator's loss calls it twice (generated and real samples) before one
         backward, so it compiles without CUDA graphs, whose replays reuse their output buffers: fused kernels, the
         host still launching them."""
