@@ -51,6 +51,7 @@ def main() -> None:
     p.add_argument("--t-min", type=float, default=0.02, help="DM timesteps, fractions of T")
     p.add_argument("--dm-weight", type=float, default=1.0, help="0: the GAN alone (with --gan-weight)")
     p.add_argument("--gan-weight", type=float, default=0.0)
+    p.add_argument("--gan-features", default="bottleneck", help="the fake score's features the GAN head reads: bottleneck or decoder")
     p.add_argument("--real-size", type=int, default=2048, help="renders in the GAN's bank of real latents")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=25)
@@ -65,7 +66,8 @@ def main() -> None:
     teacher = load_teacher(args.teacher)
     cfg = DistillConfig(teacher=args.teacher, init_generator=args.student, lambda_reg=0.0, dm_batch_size=args.batch, lr=args.lr,
                         fake_lr=args.fake_lr, guidance_scale=args.guidance_scale, fake_updates=args.fake_updates, precision="fp32", t_min=args.t_min,
-                        dm_weight=args.dm_weight, gan_weight=args.gan_weight, gan_real="renders")
+                        dm_weight=args.dm_weight, gan_weight=args.gan_weight, gan_real="renders",
+                        gan_features=args.gan_features)
     cfg.check()
     student = load_teacher(resolve_generator(args.student)).unet
     nets = [UNetDenoiser(copy.deepcopy(unet).float().train().requires_grad_(True), head).to(device)
