@@ -89,11 +89,13 @@ def main() -> None:
 
     rows = [("student", 0, score(), {})]
     started = time.perf_counter()
+    warmup_logs = []
     for _ in range(args.fake_warmup):  # the fake score first learns the student's samples
         noise, cond = conditions.draw(args.batch, rng)
         real_latents, real_cond = real.draw(args.batch, rng) if real else (None, None)
         loss, logs = step.objective.fake_score_loss(nets[1], noise, cond, generator=rng, real=real_latents, real_cond=real_cond)
         updates[1](loss)
+        warmup_logs.append(read_logs(logs))
     rows.append(("fake score warmed up", 0, score(), read_logs(logs)))
     stage = "DM" + (" + GAN" if args.gan_weight else "") if args.dm_weight else "GAN"
     for i in range(1, args.steps + 1):
@@ -101,6 +103,11 @@ def main() -> None:
         if i % args.probe_every == 0 or i == args.steps:
             rows.append((stage, i, score(), read_logs(logs)))
     print(f"\n{args}\n{time.perf_counter() - started:.0f} s\n")
+    if args.gan_weight and warmup_logs:  # how well the head tells the student's samples from renders (chance: 2 ln 2)
+        quarters = [warmup_logs[i * len(warmup_logs) // 4:(i + 1) * len(warmup_logs) // 4] or warmup_logs for i in range(4)]
+        means = [sum(logs["loss_gan_discriminator"] for logs in q) / len(q) for q in quarters]
+        print(f"the classifier's loss over the warm-up's quarters ({args.gan_features} features; chance 1.386): "
+              + " / ".join(f"{m:.3f}" for m in means) + "\n")
     print("| stage | steps | probe FID | probe accuracy | loss_dm | loss_fake | loss_gan G / D | grad norm G |")
     print("|---|---|---|---|---|---|---|---|")
     for stage, i, metrics, logs in rows:
