@@ -4,8 +4,9 @@ A run writes `<output>/fake_score.safetensors` beside its export: the fake score
 term, its classifier head (`classifier.*`; the header's metadata names the features it reads). A later run given
 `--init-generator <that export>` and `--init-fake-score <that file>` starts both networks where the first one
 stopped, on another machine if need be (the demo's pair is about 15 MB in float16: small enough to carry between GPU
-jobs). Optimiser moments and the step count start afresh, under the new run's warm-up. DMD needs the fake score to track the generator's distribution: restarting it from
-the teacher would cost the generator its first few hundred steps' worth of a lagging fake score.
+jobs). Optimiser moments and the step count start afresh, under the new run's warm-up. DMD needs the fake score to
+track the generator's distribution: restarting it from the teacher would cost the generator its first few hundred
+steps' worth of a lagging fake score.
 """
 from __future__ import annotations
 
