@@ -32,8 +32,9 @@ def save_fake_score(state: dict[str, Tensor], uri: str, dtype: torch.dtype, gan_
     return len(data)
 
 
-def read_shapes(uri: str) -> dict[str, list[int]]:
-    """Each tensor's shape from a safetensors file's header, without reading the weights (local or s3://)."""
+def read_header(uri: str) -> dict:
+    """A safetensors file's JSON header (each tensor's dtype and shape, and `__metadata__`), without reading the
+    weights (local or s3://)."""
     fs, path = storage.resolve(uri)
     try:
         with fs.open_input_file(path) as f:
@@ -45,7 +46,12 @@ def read_shapes(uri: str) -> dict[str, list[int]]:
         raise ConfigError(f"init_fake_score {uri!r} cannot be read: {e}") from e
     except ValueError as e:  # a header that is not JSON
         raise ConfigError(f"init_fake_score {uri!r} is not a safetensors file ({e})") from e
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    return header
+
+
+def read_shapes(uri: str) -> dict[str, list[int]]:
+    """Each tensor's shape, from the file's header."""
+    return {k: v["shape"] for k, v in read_header(uri).items() if k != "__metadata__"}
 
 
 def check_fake_score(uri: str, unet_shapes: dict[str, list[int]]) -> None:
@@ -64,8 +70,7 @@ def load_fake_score(model: nn.Module, uri: str) -> str:
     Returns what was loaded, for the log."""
     from safetensors.torch import load
 
-    data = storage.read_bytes(uri)
-    state = load(data)
+    state = load(storage.read_bytes(uri))
     unet = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
     model.unet.load_state_dict(unet, strict=True)
     head = {k.removeprefix("classifier."): v for k, v in state.items() if k.startswith("classifier.")}
@@ -73,8 +78,7 @@ def load_fake_score(model: nn.Module, uri: str) -> str:
         return "UNet"
     if getattr(model, "classifier", None) is None:
         return "UNet (its GAN head left out: this run has none)"
-    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
-    theirs = (header.get("__metadata__") or {}).get("gan_features", "bottleneck")  # files from before the choice: bottleneck
+    theirs = (read_header(uri).get("__metadata__") or {}).get("gan_features", "bottleneck")  # older files: bottleneck
     if theirs != model.classifier.features:
         return f"UNet (its GAN head, on {theirs} features, left out: this run's reads {model.classifier.features})"
     model.classifier.load_state_dict(head, strict=True)
