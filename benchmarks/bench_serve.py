@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -96,9 +97,10 @@ async def closed_loop(send, concurrency: int, seconds: float, warmup_per_client:
 
 
 def report(path: str, row: dict) -> None:
+    size = f"  response {row['response_kib']:.0f} KiB" if "response_kib" in row else ""
     outside = "  p50 ms: " + ", ".join(f"{phase} {ms:.1f}" for phase, ms in row["server_p50_ms"].items()) if "server_p50_ms" in row else ""
     print(f"{path:5} c={row['concurrency']:<3} {row['req_per_s']:8.1f} req/s  p50 {row['p50_ms']:7.1f} ms  "
-          f"p99 {row['p99_ms']:7.1f} ms  mean batch {row['mean_batch']:.1f}{outside}", flush=True)
+          f"p99 {row['p99_ms']:7.1f} ms  mean batch {row['mean_batch']:.1f}{size}{outside}", flush=True)
 
 
 def outside_serve_replica(max_ongoing_requests: int) -> None:
@@ -173,7 +175,7 @@ async def run_http(url: str, args, concurrencies: list[int], formats: list[str],
             if args.size:
                 body["size"] = args.size
             async with session.post(f"{url}/v1/images/generations", json=body) as response:
-                await response.read()
+                response_bytes.append(len(await response.read()))
                 if response.status != 200:
                     raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:300]}")
                 return ServerTiming.parse(response.headers["Server-Timing"])
@@ -186,10 +188,12 @@ async def run_http(url: str, args, concurrencies: list[int], formats: list[str],
         for output_format in formats:
             rows[output_format] = []
             for c in concurrencies:
+                response_bytes: list[int] = []  # the JSON bodies' sizes (the base64 images), warm-up requests included
                 before = await batch_counts()
                 rows[output_format].append(await closed_loop(lambda seed: post(seed, output_format), c, args.seconds, args.warmup_requests))
                 after = await batch_counts()
                 rows[output_format][-1]["mean_batch"] = (after[1] - before[1]) / max(1, after[0] - before[0])
+                rows[output_format][-1]["response_kib"] = statistics.median(response_bytes) / 1024
                 report(f"http {output_format}", rows[output_format][-1])
                 save()
 

@@ -13,7 +13,7 @@
 # sd15-sweep: the plain loop eager in ZeRO-2's numerics at growing per-GPU batches until one runs out of memory:
 #          the batch with the most samples/s, its memory
 # serve:   the one-step service at the SD 1.5 architecture: bare generator and HTTP, 1/8/32 clients, three formats
-# serve-http, serve-http-optimized: the HTTP path alone (JPEG), with Ray Serve's default flags, then with
+# serve-http, serve-http-optimized: the HTTP path alone (JPEG and WebP, then JPEG), with Ray Serve's default flags, then with
 #          RAY_SERVE_THROUGHPUT_OPTIMIZED=1; the second replica finds the first one's kernels (a shared cache folder)
 # onestep: the service's generator without HTTP, SD 1.5 architecture: eager against CUDA graphs, the VAE against a
 #          tiny decoder, fp16 against bf16
@@ -54,7 +54,7 @@ stage sd15-sweep "${SD15_SWEEP_S:-540}" python benchmarks/batch_sweep.py --teach
 stage serve "${SERVE_S:-540}" python benchmarks/bench_serve.py --model sd15-architecture --concurrency 1,8,32 \
     --output-format jpeg,png,webp --max-batch-size 8 --seconds 4 --json "$OUT/serve.json"
 stage serve-http "${SERVE_HTTP_S:-330}" python benchmarks/bench_serve.py --model sd15-architecture --paths http --concurrency 1,8,32 \
-    --output-format jpeg --max-batch-size 8 --seconds 4 --replica-cache-dir /tmp/dmd-serve-http-caches --json "$OUT/serve-http.json"
+    --output-format jpeg,webp --max-batch-size 8 --seconds 4 --replica-cache-dir /tmp/dmd-serve-http-caches --json "$OUT/serve-http.json"
 stage serve-http-optimized "${SERVE_HTTP_OPTIMIZED_S:-240}" python benchmarks/bench_serve.py --model sd15-architecture --paths http \
     --concurrency 1,8,32 --output-format jpeg --max-batch-size 8 --seconds 4 --replica-cache-dir /tmp/dmd-serve-http-caches \
     --serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=1 --json "$OUT/serve-http-optimized.json"
