@@ -30,6 +30,9 @@ from dmd_ray.sd.resolve import check_tiny_decoder, load_teacher, load_tiny_decod
 from dmd_ray.sd.teacher import pad_rows, resolve_dtype
 
 SEED_MODULUS = 2**32  # seeds are uint32: exact in a browser's JSON numbers (up to 2**53), easy to type and share
+# Inductor options of the tuned generator: a 1x1 convolution in channels-last is a matmul, and cuBLAS runs it faster
+# than a convolution kernel (diffusers' and PyTorch's published SD inference recipe).
+TUNED_INDUCTOR_OPTIONS = {"conv_1x1_as_mm": True}
 
 
 @dataclass(frozen=True, order=True)
@@ -84,14 +87,16 @@ class OneStepImageGenerator:
     """An exported one-step generator on one device, turning batches of jobs into uint8 images."""
 
     def __init__(self, folder: str, device: str | torch.device = "cpu", dtype: str = "auto", decoder: str = "", cache_dir: str | None = None,
-                 compile_mode: str = "", static_shapes: bool = False):
+                 compile_mode: str = "", static_shapes: bool = False, tuned: bool = False):
         """`decoder`: "" decodes with the generator's own VAE; else a tiny latent decoder (resolve.load_tiny_decoder:
         demo-tiny, a folder, s3:// or a hub id such as madebyollin/taesd), several times cheaper at some quality cost.
         `compile_mode`: "" runs eager; else the text encoder, the UNet and the decoder are torch.compile'd in that
         mode: "reduce-overhead" replays CUDA graphs, one per power-of-two batch (of distinct prompts for the text
         encoder, of images for the others) and image size, recorded by `warmup` (call generate from one thread: CUDA
         graph trees are per thread). `static_shapes` compiles every bucket and size on its own (the kernels
-        specialised to each shape; many times the warm-up) instead of once for batch 1 and once for any batch."""
+        specialised to each shape; many times the warm-up) instead of once for batch 1 and once for any batch.
+        `tuned`: the UNet and the decoder in channels-last (what cuDNN's fp16 convolutions read without transposing),
+        attention's projections fused into one matmul, and TUNED_INDUCTOR_OPTIONS when compiled; same maths."""
         info = read_generator_info(folder)
         refuse_multi_step(info, folder)
         self.device = torch.device(device)
@@ -109,13 +114,24 @@ class OneStepImageGenerator:
             self.decode = lambda latents: tiny.decode(latents.to(self.dtype) / tiny.config.scaling_factor, return_dict=False)[0]
             decoder_network = tiny.decoder
         self.compile_mode = compile_mode
+        self.tuned = tuned
+        if tuned:
+            for network in (c.unet, decoder_network):
+                network.to(memory_format=torch.channels_last)
+            for model in (c.unet, None if decoder else c.vae):
+                if hasattr(model, "fuse_qkv_projections"):
+                    model.fuse_qkv_projections()
         if compile_mode:
             compile_cache.stable_keys()  # a replica finds the kernels another process compiled
             # Dynamo's automatic dynamic shapes: batch 1 compiles for its own shape, the next bucket once for any
             # batch, and every later bucket (or image size) reuses those kernels and only records its CUDA graph. With
             # static shapes each bucket compiles again (about 85 s each at SD 1.5 on an H200; 350 s for batches 1-8).
+            # torch.compile takes a mode or options, not both: the tuned options go on top of the mode's own
+            from torch._inductor import list_mode_options
+
+            settings = {"options": {**list_mode_options(compile_mode), **TUNED_INDUCTOR_OPTIONS}} if tuned else {"mode": compile_mode}
             for network in (c.text_encoder, c.unet, decoder_network):
-                network.compile(mode=compile_mode, dynamic=False if static_shapes else None)
+                network.compile(**settings, dynamic=False if static_shapes else None)
         self.native_size = ImageSize(c.default_resolution, c.default_resolution)
         # A latent side must survive the UNet's downsamplings (2 per down block but the last) exactly.
         self.size_multiple = c.vae_scale_factor * 2 ** (len(c.unet.config.down_block_types) - 1)
