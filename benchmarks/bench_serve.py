@@ -246,6 +246,7 @@ def main() -> int:
                    "e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Ray's flag for direct ingress and user code on the replica's loop)")
     p.add_argument("--replica-cache-dir", default="", help="the replica's Inductor and Triton caches; default: empty ones in a temporary folder, "
                    "as on a fresh node. A folder that an earlier run filled lets a second run (say, other --serve-env flags) skip the compilation")
+    p.add_argument("--inline-response-kib", type=int, help="the service's inline_response_kib (0: Ray's 100 KiB); default: the service's")
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -268,6 +269,7 @@ def main() -> int:
         "max_images": 1, "max_queued_requests": -1,
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "request_timeout_s": 120,
         "sizes": [args.size] if args.size else [], "compile": args.compile, "decoder": args.decoder,
+        **({"inline_response_kib": args.inline_response_kib} if args.inline_response_kib is not None else {}),
     }
     config = ServiceConfig.from_args({**service_args, "model": "unused"})
     if device == "cpu":

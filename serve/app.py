@@ -461,6 +461,8 @@ def build_deployment(config: ServiceConfig):
 
     use_gpu = config.accelerator == "gpu" or (config.accelerator == "auto" and cluster_has_gpus())
     actor_options = {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus if use_gpu else 0}
+    if config.inline_response_kib:  # read by the replica's Ray core worker at start; merged with the app's runtime_env
+        actor_options["runtime_env"] = {"env_vars": {"RAY_max_direct_call_object_size": str(config.inline_response_kib * 1024)}}
     return OneStepImageService.options(
         ray_actor_options=actor_options,
         max_ongoing_requests=config.max_ongoing_requests,

@@ -13,6 +13,7 @@ from dmd_ray.sd.teacher import DTYPES
 from dmd_ray.typed_config import from_dict, raise_problems
 
 ACCELERATORS = ("auto", "gpu", "cpu")
+MAX_INLINE_RESPONSE_KIB = 8192  # below Ray's cap on the bytes one RPC inlines (task_rpc_inlined_bytes_limit, 10 MiB)
 
 
 def default_autoscaling() -> dict:
@@ -67,6 +68,10 @@ class ServiceConfig:
     max_images: int = 4  # the most images one request may ask for (`n`)
     sizes: tuple[str, ...] = ()  # "WxH" sizes served, the first one the default; () means the model's own size
     api_key_env: str = "DMD_SERVE_API_KEY"  # the environment variable holding the API key; unset or empty: no auth
+    # responses up to this size go from the replica to the HTTP proxy inside Ray's RPC message instead of through the
+    # object store (Ray's own limit, 100 KiB, sends every 512x512 image the slow way: measured, docs/serving.md); 0
+    # keeps Ray's limit. The replica's RAY_max_direct_call_object_size.
+    inline_response_kib: int = 4096
 
     @classmethod
     def from_args(cls, args: dict | None) -> "ServiceConfig":
@@ -93,6 +98,8 @@ class ServiceConfig:
         for name in ("max_batch_size", "max_ongoing_requests", "max_prompt_chars", "max_images"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
+        if not 0 <= self.inline_response_kib <= MAX_INLINE_RESPONSE_KIB:
+            problems.append(f"inline_response_kib must be in [0, {MAX_INLINE_RESPONSE_KIB}] (0: Ray's own limit), not {self.inline_response_kib}")
         for name in ("num_cpus", "batch_wait_timeout_s", "retry_after_s", "encode_threads"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")

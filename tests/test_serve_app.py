@@ -62,7 +62,9 @@ def deploy(name: str, route_prefix: str, args: dict, env: dict | None = None) ->
     config = ServiceConfig.from_args(args)
     deployment = build_deployment(config)
     if env:
-        deployment = deployment.options(ray_actor_options={**deployment.ray_actor_options, "runtime_env": {"env_vars": env}})
+        options = deployment.ray_actor_options
+        env_vars = {**options.get("runtime_env", {}).get("env_vars", {}), **env}
+        deployment = deployment.options(ray_actor_options={**options, "runtime_env": {"env_vars": env_vars}})
     serve.run(deployment.bind(config), name=name, route_prefix=route_prefix)
 
 
