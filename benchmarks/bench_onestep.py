@@ -54,7 +54,7 @@ def random_tiny_decoder(folder: str) -> str:
 
 
 def measure(folder: str, device, dtype: str, decoder: str, mode: str, shapes: str, batch: int, iters: int, cudnn_benchmark: bool = False,
-            tuned: bool = False, profile: bool = False) -> dict:
+            tuned: bool = False, profile: bool = False, skip_guards: bool = True) -> dict:
     from torch._dynamo.utils import counters
 
     from dmd_ray.images import encode_image
@@ -65,7 +65,7 @@ def measure(folder: str, device, dtype: str, decoder: str, mode: str, shapes: st
     benchmark_before, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, cudnn_benchmark
     graphs_before = counters["stats"]["unique_graphs"]
     generator = OneStepImageGenerator(folder, device, dtype, decoder=decoder, compile_mode="" if mode == "eager" else mode,
-                                      static_shapes=shapes == "static", tuned=tuned)
+                                      static_shapes=shapes == "static", tuned=tuned, skip_guards=skip_guards)
     size = generator.native_size
     one = [GenerationJob("a small red circle on a blue background", (0,), size)]
     many = [GenerationJob("a large green square", tuple(range(batch)), size)]
@@ -81,7 +81,7 @@ def measure(folder: str, device, dtype: str, decoder: str, mode: str, shapes: st
     latency = timed(lambda: generator.generate(one, on_device=True), iters, device)
     batch_s = timed(lambda: generator.generate(many, on_device=True), iters, device)
     row = {"decoder": decoder or "vae", "mode": mode, "shapes": "-" if mode == "eager" else shapes, "dtype": str(generator.dtype).removeprefix("torch."),
-           "cudnn_benchmark": cudnn_benchmark, "tuned": tuned, "size": str(size), "batch": batch, "warmup_s": warmup_s, "graphs": graphs,
+           "cudnn_benchmark": cudnn_benchmark, "tuned": tuned, "skip_guards": skip_guards, "size": str(size), "batch": batch, "warmup_s": warmup_s, "graphs": graphs,
            "latency_ms": latency * 1e3, "latents_ms": latents_ms, "images_per_s": batch / batch_s}
     if profile:  # GPU time per batch-1 call against its wall time, and the kernels that take it
         from dmd_ray.distributed.profiling import profile_iterations
@@ -115,10 +115,12 @@ def main() -> int:
     p.add_argument("--cudnn-benchmark", default="false", help="torch.backends.cudnn.benchmark: false, true; comma-separated: rows for each")
     p.add_argument("--tuned", default="false", help="the generator's `tuned` (channels-last, fused attention projections, 1x1 "
                    "convolutions as matmuls): false, true; comma-separated: rows for each")
+    p.add_argument("--skip-guards", default="true", help="the generator's `skip_guards` after the warm-up: false, true; comma-separated: "
+                   "rows for each (compiled rows only)")
     p.add_argument("--profile", action="store_true", help="torch.profiler over 5 batch-1 calls per row: GPU time, launches, top kernels")
     p.add_argument("--json", help="rows are written here as they end")
     args = p.parse_args()
-    for name in ("cudnn_benchmark", "tuned"):
+    for name in ("cudnn_benchmark", "tuned", "skip_guards"):
         if not set(getattr(args, name).split(",")) <= {"false", "true"}:
             p.error(f"--{name.replace('_', '-')} takes false and true, got {getattr(args, name)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -135,11 +137,12 @@ def main() -> int:
             decoders.append(random_tiny_decoder(os.path.join(tmp, "taesd")) if args.tiny_decoder == "random" else args.tiny_decoder)
         benchmark_settings = [v == "true" for v in args.cudnn_benchmark.split(",")]
         tuned_settings = [v == "true" for v in args.tuned.split(",")]
-        for dtype, decoder, cudnn_benchmark, tuned, mode, shapes in itertools.product(args.dtype.split(","), decoders, benchmark_settings, tuned_settings,
-                                                                                      args.modes.split(","), args.shapes.split(",")):
-            if mode == "eager" and shapes != args.shapes.split(",")[0]:
-                continue  # eager has no shapes to choose
-            row = measure(folder, device, dtype, decoder, mode, shapes, args.batch, args.iters, cudnn_benchmark, tuned, args.profile)
+        guard_settings = [v == "true" for v in args.skip_guards.split(",")]
+        for dtype, decoder, cudnn_benchmark, tuned, mode, shapes, skip_guards in itertools.product(
+                args.dtype.split(","), decoders, benchmark_settings, tuned_settings, args.modes.split(","), args.shapes.split(","), guard_settings):
+            if mode == "eager" and (shapes != args.shapes.split(",")[0] or skip_guards != guard_settings[0]):
+                continue  # eager has no shapes to choose and no guards to check
+            row = measure(folder, device, dtype, decoder, mode, shapes, args.batch, args.iters, cudnn_benchmark, tuned, args.profile, skip_guards)
             row["decoder"] = "tiny (TAESD layout)" if decoder and args.tiny_decoder == "random" else row["decoder"]
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -148,11 +151,11 @@ def main() -> int:
                     json.dump({"device": device_name(device), "torch": torch.__version__, "model": args.model, "dtype": args.dtype,
                                "date": str(datetime.date.today()), "rows": rows}, f, indent=1)
     print(f"\n{device_name(device)}, {args.model}, dtype {args.dtype}, {datetime.date.today()}")
-    print(f"| dtype | decoder | cuDNN autotune | tuned | mode | shapes | batch-1 latency ms | of which text + UNet ms | images/s at batch {args.batch} | "
+    print(f"| dtype | decoder | cuDNN autotune | tuned | mode | shapes | skip guards | batch-1 latency ms | of which text + UNet ms | images/s at batch {args.batch} | "
           "warm-up (compile) s | graphs | nvJPEG ms/image | PNG CPU ms | JPEG CPU ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['dtype']} | {r['decoder']} | {r['cudnn_benchmark']} | {r['tuned']} | {r['mode']} | {r['shapes']} | {r['latency_ms']:.2f} | {r['latents_ms']:.2f} | "
+        print(f"| {r['dtype']} | {r['decoder']} | {r['cudnn_benchmark']} | {r['tuned']} | {r['mode']} | {r['shapes']} | {r['skip_guards'] if r['mode'] != 'eager' else '-'} | {r['latency_ms']:.2f} | {r['latents_ms']:.2f} | "
               f"{r['images_per_s']:.1f} | {r['warmup_s']:.1f} | {r['graphs']} | "
               f"{r.get('nvjpeg_ms_per_image', float('nan')):.2f} | {r['png_cpu_ms']:.1f} | {r['jpeg_cpu_ms']:.1f} |")
     return 0

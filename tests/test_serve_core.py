@@ -321,7 +321,8 @@ def test_the_compiled_generator_gives_the_eager_images():
     mode on CPU, the same jobs give the eager images within a pixel level, with the full VAE and the tiny decoder;
     a batch of 3 runs padded to the 4-image graph and comes back as 3 images; the warm-up compiled every graph the
     jobs need (the text encoder's for 2 distinct prompts too), so a request compiles nothing, and it compiled each
-    network twice (batch 1, then any batch), not once per bucket (1, 2 and 4)."""
+    network twice (batch 1, then any batch), not once per bucket (1, 2 and 4). After the warm-up a request checks only
+    the guards that tell the graphs apart (skip_guards), unless it brings a size or batch the warm-up did not compile."""
     from torch._dynamo.utils import counters
 
     from dmd_ray.sd.one_step import batch_bucket
@@ -342,6 +343,13 @@ def test_the_compiled_generator_gives_the_eager_images():
         assert a.shape == b.shape == (3, 32, 32, 3)
         assert np.abs(a - b).max() <= 1, decoder
         assert compiled.latents(jobs).shape[0] == 3
+        # skip_guards: warmed jobs check only the differentiating guards; a size or batch the warm-up did not compile
+        # checks them all (torch's private stance: no public getter)
+        stance = torch._dynamo.eval_frame
+        for checked_jobs, skipped in ((jobs, True), ([GenerationJob("a", (1,), ImageSize(64, 64))], False), (jobs * 2, False)):
+            with compiled._guards(checked_jobs):
+                assert stance._stance.skip_guard_eval_unsafe is skipped, (decoder, checked_jobs)
+        assert not stance._stance.skip_guard_eval_unsafe
 
 
 def test_the_batcher_waits_for_a_batch_to_fill_only_under_load(generator, monkeypatch):
