@@ -178,6 +178,10 @@ class DistillConfig:
     # it. The one-step generator's DM gradient is noisy (BENCHMARKS.md: the in-training probe's accuracy moves by
     # 0.02-0.07 between evaluations); the average smooths what ships. ZeRO 0-2 (ZeRO-3 shards the weights it would average)
     ema_decay: float = 0.0
+    # the average warmed up (WeightAverage.update's count): for its first 1/(1 - ema_decay) steps the plain mean of the
+    # weights so far, so that the starting weights weigh no more than any step's (without: 13% of the export after
+    # 2,000 steps at 0.999). The step number counts from the run's first step, across resumes.
+    ema_warmup: bool = True
     precision: str = "bf16"  # bf16 (fp16 diverges, DMD2) or fp32
     zero_stage: int = 2
     gradient_checkpointing: bool = False

@@ -374,6 +374,28 @@ def test_a_weight_average_follows_the_trained_weights_and_swaps_in_and_out():
         WeightAverage(net, 1.0)
 
 
+def test_a_warmed_up_weight_average_is_the_mean_of_the_weights_until_its_decay_takes_over():
+    """update(count): for the first 1/(1 - decay) updates the average is the plain mean of the weights after each
+    update (the starting weights weigh nothing), then the exponential average at `decay` as without a count."""
+    from dmd_ray.method.optim import WeightAverage
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    average = WeightAverage(net, 0.75)  # the mean for the first 4 updates, then decay 0.75
+    iterates = []
+    for count in range(1, 7):
+        with torch.no_grad():
+            net.weight.add_(torch.randn_like(net.weight))
+        iterates.append(net.weight.detach().clone())
+        average.update(count)
+        if count <= 4:
+            torch.testing.assert_close(average.shadow["weight"], torch.stack(iterates).mean(0))
+    expected = torch.stack(iterates[:4]).mean(0)
+    for w in iterates[4:]:
+        expected = 0.75 * expected + 0.25 * w
+    torch.testing.assert_close(average.shadow["weight"], expected)
+
+
 @pytest.mark.parametrize("saved_channels_last, resumed_channels_last", [(True, False), (False, True), (True, True)])
 def test_flat_optimizer_state_resumes_across_memory_formats(saved_channels_last, resumed_channels_last):
     """AdamW's moments over a flat buffer follow the buffer's memory order, which channels-last weights change; the

@@ -310,7 +310,7 @@ def train_loop_per_worker(config: dict) -> None:
             logs = step_fn(to_device(batch["noise"], device, torch.float32), pair_cond, to_device(batch["target"], device, torch.float32))
         window.add(logs)
         if average:
-            average.update()
+            average.update(step + 1 if cfg.ema_warmup else None)
         if profiler and (profile := profiler.after(step)):
             write_profile(cfg, profile, step + 1)
         step, window_steps = step + 1, window_steps + 1
