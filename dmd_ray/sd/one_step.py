@@ -120,7 +120,6 @@ class OneStepImageGenerator:
         self.compile_mode = compile_mode
         self.skip_guards = skip_guards
         self.warmed: tuple[set[ImageSize], int] = (set(), 0)  # the sizes and the largest batch `warmup` compiled
-        self.tuned = tuned
         if tuned:
             for network in (c.unet, decoder_network):
                 network.to(memory_format=torch.channels_last)
@@ -153,7 +152,14 @@ class OneStepImageGenerator:
         device (for an encoder there: nvJPEG). Jobs of one size run as one batch; equal prompts are encoded once."""
         results: list = [None] * len(jobs)
         with self._guards(jobs):
-            self._generate_jobs(jobs, on_device, results)
+            for size in sorted({job.size for job in jobs}):
+                indices = [i for i, job in enumerate(jobs) if job.size == size]
+                images = self._generate_same_size([jobs[i] for i in indices], size)
+                images = images if on_device else images.permute(0, 2, 3, 1).cpu().numpy()
+                start = 0
+                for i in indices:
+                    results[i] = images[start : start + jobs[i].num_images]
+                    start += jobs[i].num_images
         return results  # type: ignore[return-value]
 
     def _guards(self, jobs: Sequence[GenerationJob]):
@@ -166,23 +172,14 @@ class OneStepImageGenerator:
             return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
         return contextlib.nullcontext()
 
-    def _generate_jobs(self, jobs: Sequence[GenerationJob], on_device: bool, results: list) -> None:
-        for size in sorted({job.size for job in jobs}):
-            indices = [i for i, job in enumerate(jobs) if job.size == size]
-            images = self._generate_same_size([jobs[i] for i in indices], size)
-            images = images if on_device else images.permute(0, 2, 3, 1).cpu().numpy()
-            start = 0
-            for i in indices:
-                results[i] = images[start : start + jobs[i].num_images]
-                start += jobs[i].num_images
-
     @torch.inference_mode()  # as generate: compiled graphs and their guards see one dispatch state (see skip_guards)
     def latents(self, jobs: Sequence[GenerationJob]) -> torch.Tensor:
         """The generator's x0 latents for jobs of one size, before decoding."""
         sizes = {job.size for job in jobs}
         if len(sizes) != 1:
             raise ValueError(f"latents() takes jobs of one size, got {sorted(map(str, sizes))}")
-        return self._latents(jobs, sizes.pop())[: sum(job.num_images for job in jobs)]
+        with self._guards(jobs):
+            return self._latents(jobs, sizes.pop())[: sum(job.num_images for job in jobs)]
 
     def _latents(self, jobs: Sequence[GenerationJob], size: ImageSize) -> torch.Tensor:
         c = self.components
