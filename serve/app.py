@@ -23,7 +23,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
@@ -193,6 +193,29 @@ def _count_images(jobs: list[GenerationJob]) -> int:
     return sum(job.num_images for job in jobs)
 
 
+class DeviceImages(NamedTuple):
+    """A job's images still on the GPU ([n, 3, H, W] uint8), with the event recorded on the generator's stream after
+    them. The generator thread returns before the GPU has drawn them (it goes on to queue the next batch), so whoever
+    reads them on another stream or thread waits for `ready` first."""
+
+    tensor: "torch.Tensor"
+    ready: "torch.cuda.Event"
+
+    def to_host(self) -> np.ndarray:
+        self.ready.synchronize()
+        return self.tensor.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _own_cuda_stream(device: str) -> None:
+    """The generate thread's initializer: its CUDA work goes to a stream of its own. On the legacy default stream,
+    nvJPEG's last copy (torchvision runs it there) and the encoder's copies to the host would queue behind the next
+    batch's networks."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_stream(torch.cuda.Stream(device))
+
+
 class BatchedGenerator:
     """A generator behind Serve's dynamic batching, run one batch at a time in a worker thread.
 
@@ -211,7 +234,8 @@ class BatchedGenerator:
         self.generator = generator
         self.on_device = on_device  # images stay on the generator's device as uint8 tensors (for ImageEncoder)
         # one thread runs every batch (and the warm-up): CUDA graphs recorded in one thread replay in that thread only
-        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate", initializer=_own_cuda_stream,
+                                         initargs=(str(generator.device),))
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self._gather.set_max_batch_size(max_batch_size)
@@ -223,9 +247,9 @@ class BatchedGenerator:
         self.images_generated = 0
         self.generation_seconds = 0.0
 
-    async def generate(self, job: GenerationJob) -> np.ndarray:
-        """[n, H, W, 3] uint8 images for one job. Cancelling the caller (a timeout) drops the job if it has not
-        started: the cancellation reaches the awaited future, which the worker then skips."""
+    async def generate(self, job: GenerationJob) -> np.ndarray | DeviceImages:
+        """[n, H, W, 3] uint8 images for one job (DeviceImages with `on_device`). Cancelling the caller (a timeout)
+        drops the job if it has not started: the cancellation reaches the awaited future, which the worker skips."""
         result = await self._gather(job)
         return await result
 
@@ -253,7 +277,7 @@ class BatchedGenerator:
     async def _run(self, jobs: list[GenerationJob], futures: list[asyncio.Future]) -> None:
         started = time.perf_counter()
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self.thread, self.generator.generate, jobs, self.on_device)
+            results = await asyncio.get_running_loop().run_in_executor(self.thread, self._generate_batch, jobs)
         except Exception as e:
             self.consecutive_failures += 1
             for future in futures:
@@ -272,6 +296,16 @@ class BatchedGenerator:
             if not future.done():
                 future.set_result(result)
 
+    def _generate_batch(self, jobs: list[GenerationJob]) -> list:
+        results = self.generator.generate(jobs, self.on_device)
+        if self.on_device:
+            import torch
+
+            ready = torch.cuda.Event()
+            ready.record()  # on this thread's stream, after the batch
+            results = [DeviceImages(images, ready) for images in results]
+        return results
+
 
 class ImageEncoder:
     """Encodes a job's images off the event loop and off the generator's path: JPEG of images still on a GPU with
@@ -282,11 +316,13 @@ class ImageEncoder:
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="encode")
 
     async def encode(self, images, output_format: str, quality: int) -> list[bytes]:
-        """`images`: [n, H, W, 3] uint8 array, or [n, 3, H, W] uint8 tensor (on a GPU: the generator's output)."""
-        if not isinstance(images, np.ndarray):
-            if output_format == "jpeg" and images.is_cuda:
+        """`images`: [n, H, W, 3] uint8 array, [n, 3, H, W] uint8 CPU tensor, or DeviceImages (a GPU replica's)."""
+        if isinstance(images, DeviceImages):
+            if output_format == "jpeg":
                 return await asyncio.to_thread(_nvjpeg, images, quality)
-            images = await asyncio.to_thread(lambda: images.permute(0, 2, 3, 1).cpu().numpy())
+            images = await asyncio.to_thread(images.to_host)
+        elif not isinstance(images, np.ndarray):
+            images = images.permute(0, 2, 3, 1).numpy()
         loop = asyncio.get_running_loop()
         return list(await asyncio.gather(*(loop.run_in_executor(self.pool, encode_image, image, output_format, quality) for image in images)))
 
@@ -318,10 +354,12 @@ class ServerTiming:
         return {fields[0].strip(): float(param.split("=", 1)[1]) for fields in entries for param in fields[1:] if param.strip().startswith("dur=")}
 
 
-def _nvjpeg(images, quality: int) -> list[bytes]:
+def _nvjpeg(images: DeviceImages, quality: int) -> list[bytes]:
     from torchvision.io import encode_jpeg
 
-    return [bytes(data.cpu().numpy()) for data in encode_jpeg(list(images), quality=max(1, quality))]
+    # torchvision encodes on a stream of its own that does not wait for the one the images were drawn on
+    images.ready.synchronize()
+    return [bytes(data.cpu().numpy()) for data in encode_jpeg(list(images.tensor), quality=max(1, quality))]
 
 
 # --------------------------------------------------------------------------------------------- the deployment

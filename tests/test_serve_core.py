@@ -378,6 +378,49 @@ def test_the_batcher_waits_for_a_batch_to_fill_only_under_load(generator, monkey
     assert asyncio.run(scenario()) == [0.05, 0.0, 0.05]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the generator's CUDA stream and nvJPEG need a GPU")
+@pytest.mark.parametrize("output_format, tolerance", [("jpeg", 6), ("png", 0)])
+def test_gpu_images_are_encoded_only_once_the_generator_has_drawn_them(output_format, tolerance, monkeypatch):
+    # The generator thread hands a batch's images over before the GPU has drawn them and goes on to queue the next
+    # batch. A spin kernel queued before every batch holds the GPU for ~20 ms, so an encoder that did not wait for
+    # the images would read unfinished ones (or an earlier batch's, left in the same memory).
+    import asyncio
+    import io
+    import types
+
+    from PIL import Image
+    from ray import serve
+
+    from serve.app import BatchedGenerator, ImageEncoder
+
+    context = types.SimpleNamespace(_deployment_config=types.SimpleNamespace(max_ongoing_requests=8))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+    gpu = OneStepImageGenerator(resolve.resolve_generator("demo"), "cuda")
+    size, seeds = gpu.native_size, range(12)
+    expected = {seed: gpu.generate([GenerationJob(f"a red circle {seed}", (seed,), size)])[0][0].astype(int) for seed in seeds}
+    generate = gpu.generate
+
+    def slow_generate(jobs, on_device=False):
+        torch.cuda._sleep(40_000_000)  # on the calling thread's current stream, ahead of the batch
+        return generate(jobs, on_device)
+
+    monkeypatch.setattr(gpu, "generate", slow_generate)
+
+    async def requests() -> list[tuple[int, bytes]]:
+        batcher = BatchedGenerator(gpu, max_batch_size=2, batch_wait_timeout_s=0.001, on_device=True)
+        encoder = ImageEncoder(threads=2)
+
+        async def request(seed: int) -> tuple[int, bytes]:
+            images = await batcher.generate(GenerationJob(f"a red circle {seed}", (seed,), size))
+            return seed, (await encoder.encode(images, output_format, 95))[0]
+
+        return await asyncio.gather(*(request(seed) for seed in seeds))
+
+    errors = {seed: np.abs(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int) - expected[seed]).mean()
+              for seed, data in asyncio.run(requests())}
+    assert max(errors.values()) <= tolerance, errors
+
+
 def test_server_timing_names_each_phase_and_the_handlers_whole_time(monkeypatch):
     from serve.app import ServerTiming
 
