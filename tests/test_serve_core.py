@@ -379,11 +379,11 @@ def test_the_batcher_waits_for_a_batch_to_fill_only_under_load(generator, monkey
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the generator's CUDA stream and nvJPEG need a GPU")
-@pytest.mark.parametrize("output_format, tolerance", [("jpeg", 6), ("png", 0)])
-def test_gpu_images_are_encoded_only_once_the_generator_has_drawn_them(output_format, tolerance, monkeypatch):
+def test_gpu_images_are_encoded_only_once_the_generator_has_drawn_them(monkeypatch):
     # The generator thread hands a batch's images over before the GPU has drawn them and goes on to queue the next
-    # batch. A spin kernel queued before every batch holds the GPU for ~20 ms, so an encoder that did not wait for
-    # the images would read unfinished ones (or an earlier batch's, left in the same memory).
+    # batch, on a stream of its own. A spin kernel queued before every batch holds the GPU for ~20 ms, so an encoder
+    # that did not wait for the images (nvJPEG runs on torchvision's stream) would read unfinished ones, or an
+    # earlier batch's left in the same memory. One batcher for both formats: Serve's batch queue is per process.
     import asyncio
     import io
     import types
@@ -396,7 +396,7 @@ def test_gpu_images_are_encoded_only_once_the_generator_has_drawn_them(output_fo
     context = types.SimpleNamespace(_deployment_config=types.SimpleNamespace(max_ongoing_requests=8))
     monkeypatch.setattr(serve, "get_replica_context", lambda: context)
     gpu = OneStepImageGenerator(resolve.resolve_generator("demo"), "cuda")
-    size, seeds = gpu.native_size, range(12)
+    size, seeds = gpu.native_size, range(8)
     expected = {seed: gpu.generate([GenerationJob(f"a red circle {seed}", (seed,), size)])[0][0].astype(int) for seed in seeds}
     generate = gpu.generate
 
@@ -405,20 +405,23 @@ def test_gpu_images_are_encoded_only_once_the_generator_has_drawn_them(output_fo
         return generate(jobs, on_device)
 
     monkeypatch.setattr(gpu, "generate", slow_generate)
+    batcher = BatchedGenerator(gpu, max_batch_size=2, batch_wait_timeout_s=0.001, on_device=True)
+    encoder = ImageEncoder(threads=2)
 
-    async def requests() -> list[tuple[int, bytes]]:
-        batcher = BatchedGenerator(gpu, max_batch_size=2, batch_wait_timeout_s=0.001, on_device=True)
-        encoder = ImageEncoder(threads=2)
+    async def request(seed: int, output_format: str) -> float:
+        images = await batcher.generate(GenerationJob(f"a red circle {seed}", (seed,), size))
+        data = (await encoder.encode(images, output_format, 95))[0]
+        return np.abs(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int) - expected[seed]).mean()
 
-        async def request(seed: int) -> tuple[int, bytes]:
-            images = await batcher.generate(GenerationJob(f"a red circle {seed}", (seed,), size))
-            return seed, (await encoder.encode(images, output_format, 95))[0]
+    async def requests() -> dict:
+        formats = ("jpeg", "png")
+        errors = await asyncio.gather(*(request(seed, f) for f in formats for seed in seeds))
+        return {f: errors[i * len(seeds):(i + 1) * len(seeds)] for i, f in enumerate(formats)}
 
-        return await asyncio.gather(*(request(seed) for seed in seeds))
-
-    errors = {seed: np.abs(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int) - expected[seed]).mean()
-              for seed, data in asyncio.run(requests())}
-    assert max(errors.values()) <= tolerance, errors
+    errors = asyncio.run(requests())  # mean absolute error per image, 0-255 (another seed's image: tens)
+    # PNG is lossless, but the reference ran at batch 1 and the requests at batch 2: convolutions may pick other
+    # kernels, a few pixels then differ by one step
+    assert max(errors["jpeg"]) <= 6 and max(errors["png"]) <= 0.1, errors
 
 
 def test_server_timing_names_each_phase_and_the_handlers_whole_time(monkeypatch):
