@@ -3,10 +3,12 @@ re-noise to the next timestep with each sample's seeded noise) before any traini
 
     python benchmarks/multi_step_start.py                        # CPU, about ten seconds
     python benchmarks/multi_step_start.py --models teacher:demo,demo,runs/x/export --steps 1,2,4
+    python benchmarks/multi_step_start.py --models demo-4step --steps 4 --samplers lcm,ddim --samples 360
 
 `teacher:SPEC` is the teacher's network (unguided: a generator runs without guidance); any other model is an
-exported generator's network (a built-in name, a folder or s3://). Prints a table: probe FID (judge features,
-`--samples` evaluation prompts and seeds) and prompt accuracy per model and step count.
+exported generator's network (a built-in name, a folder or s3://). `--samplers`: how the chain re-noises, "lcm" (each
+sample's seeded fresh noise, DMD2's) and/or "ddim" (the network's own epsilon, deterministic). Prints a table: probe
+FID (judge features, `--samples` evaluation prompts and seeds) and prompt accuracy per model, step count and sampler.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="teacher:demo,demo")
     p.add_argument("--steps", default="1,2,4")
+    p.add_argument("--samplers", default="lcm")
     p.add_argument("--samples", type=int, default=120)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,13 +42,15 @@ def main() -> None:
     for spec in args.models.split(","):
         network = load_teacher(spec.removeprefix("teacher:") if spec.startswith("teacher:") else resolve_generator(spec)).to(device=device)
         for steps in (int(s) for s in args.steps.split(",")):
-            chain = MultiStepGenerator(network.denoiser(), network.schedule, network.prediction_type, generator_timesteps(network.schedule.num_timesteps, steps))
-            result = probe(generated_images(chain, network, prompts, seeds, network.latent_shape(network.default_resolution), device), prompts)
-            rows.append((spec, steps, result["fid"], result["prompt_accuracy"]))
-            print(f"{spec} {steps} steps: FID {result['fid']:.2f}, accuracy {result['prompt_accuracy']:.3f}", flush=True)
-    print(f"\n| network | steps | probe FID ({args.samples}) | prompt accuracy |\n|---|---|---|---|")
-    for spec, steps, fid, accuracy in rows:
-        print(f"| {spec} | {steps} | {fid:.2f} | {accuracy:.3f} |")
+            for sampler in args.samplers.split(",") if steps > 1 else ["-"]:  # one step does not re-noise
+                chain = MultiStepGenerator(network.denoiser(), network.schedule, network.prediction_type,
+                                           generator_timesteps(network.schedule.num_timesteps, steps), "lcm" if sampler == "-" else sampler)
+                result = probe(generated_images(chain, network, prompts, seeds, network.latent_shape(network.default_resolution), device), prompts)
+                rows.append((spec, steps, sampler, result["fid"], result["prompt_accuracy"]))
+                print(f"{spec} {steps} steps ({sampler}): FID {result['fid']:.2f}, accuracy {result['prompt_accuracy']:.3f}", flush=True)
+    print(f"\n| network | steps | sampler | probe FID ({args.samples}) | prompt accuracy |\n|---|---|---|---|---|")
+    for spec, steps, sampler, fid, accuracy in rows:
+        print(f"| {spec} | {steps} | {sampler} | {fid:.2f} | {accuracy:.3f} |")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from dmd_ray.data.pairs import ShardLayout
 from dmd_ray.data.storage import StorageError
 from dmd_ray.sd.resolve import ModelNotFoundError
 from dmd_ray.sd.teacher import DTYPES, FEATURE_LEVELS
+from dmd_ray.method.generator import SAMPLERS as MULTI_STEP_SAMPLERS
 from dmd_ray.sd.teacher_sampler import SAMPLERS
 from dmd_ray.typed_config import ConfigError, parse_args, raise_problems
 
@@ -143,7 +144,11 @@ class DistillConfig:
     init_fake_score: str = ""
     # DMD2 (Yin et al. 2024b): `fake_updates` is its two time-scale rule; these add its GAN and multi-step generator
     generator_steps: int = 1  # > 1: DMD2's multi-step generator at t_k = (n - k) * (T // n) - 1 (999, 749, 499, 249 for
-    #                           4), trained with backward simulation; needs lambda_reg 0; exported for diffusers' LCMScheduler
+    #                           4), trained with backward simulation; needs lambda_reg 0
+    # how a multi-step generator samples (its export's scheduler, the in-training probe): "ddim" re-noises with the
+    # noise the network read (deterministic; DDIMScheduler), "lcm" with fresh noise (DMD2's; LCMScheduler). Training's
+    # backward simulation re-noises with fresh noise either way. ddim measured better for demo-4step (BENCHMARKS.md)
+    multi_step_sampler: str = "ddim"
     gan_weight: float = 0.0  # > 0: DMD2's GAN term in the generator's loss (DMD2: 3e-3 ImageNet, 1e-3 SD 1.5)
     gan_discriminator_weight: float = 1e-2  # the classifier's loss weight in the fake-score update (DMD2: 1e-2)
     # the classifier's real samples: "pairs" (the pairs' teacher outputs: every teacher has them, but the GAN can then
@@ -294,6 +299,8 @@ class DistillConfig:
             problems.append(f"dm_weight, lambda_reg and gan_weight must be >= 0 and not all 0 (the generator would learn nothing), got {self.dm_weight}, {self.lambda_reg} and {self.gan_weight}")
         if self.generator_steps < 1:
             problems.append(f"generator_steps must be >= 1, got {self.generator_steps}")
+        if self.multi_step_sampler not in MULTI_STEP_SAMPLERS:
+            problems.append(f"multi_step_sampler must be one of {', '.join(MULTI_STEP_SAMPLERS)}, got {self.multi_step_sampler!r}")
         elif self.generator_steps > 1 and (self.lambda_reg != 0 or self.generator_timestep != -1):
             problems.append(f"a {self.generator_steps}-step generator trains without the one-step regression loss and at its own timesteps: "
                             f"set --lambda-reg 0 (got {self.lambda_reg}) and leave --generator-timestep at -1 (got {self.generator_timestep})")

@@ -17,6 +17,7 @@ from dmd_ray.method.schedule import NoiseSchedule
 from dmd_ray.sd.architectures import build_tiny_teacher
 from dmd_ray.sd.conditioning import PromptConditions
 from dmd_ray.sd.dmd import build_step, gan_classifier, generator_timesteps
+from dmd_ray.sd.resolve import read_generator_info
 from dmd_ray.sd.teacher import UNetDenoiser, unet_features
 from dmd_ray.typed_config import ConfigError
 
@@ -57,6 +58,22 @@ def test_sampling_denoises_then_renoises_and_one_step_is_the_one_step_generator(
         expected = SCHEDULE.to_x0(net(x, torch.full((5,), 499), None), x, torch.full((5,), 499), "epsilon")
         torch.testing.assert_close(out, expected)
         torch.testing.assert_close(MultiStepGenerator(net, SCHEDULE, "epsilon", [999])(z), OneStepGenerator(net, SCHEDULE, "epsilon")(z))
+
+
+def test_ddim_sampling_renoises_with_the_networks_own_noise():
+    # DDIM with eta = 0: the image is a function of the starting noise alone (no generator draws, step noises unused)
+    net = Recording()
+    gen = MultiStepGenerator(net, SCHEDULE, "epsilon", [999, 499], sampler="ddim")
+    z = torch.randn(5, 2)
+    with torch.no_grad():
+        out = gen(z, None, torch.Generator().manual_seed(3))
+        torch.testing.assert_close(gen(z, None, torch.Generator().manual_seed(4), step_noise=[torch.randn(5, 2)]), out)
+        t999, t499 = torch.full((5,), 999), torch.full((5,), 499)
+        eps = net(z, t999, None)
+        x = SCHEDULE.add_noise(SCHEDULE.to_x0(eps, z, t999, "epsilon"), eps, t499)
+        torch.testing.assert_close(out, SCHEDULE.to_x0(net(x, t499, None), x, t499, "epsilon"))
+    with pytest.raises(ValueError, match="sampler must be one of lcm, ddim"):
+        MultiStepGenerator(net, SCHEDULE, "epsilon", [999, 499], sampler="euler")
 
 
 def test_backward_simulation_feeds_the_generators_own_chain_and_differentiates_one_forward():
@@ -171,20 +188,22 @@ def test_one_dmd2_iteration_on_the_tiny_teacher(generator_steps, features):
     assert any(not torch.equal(v, fake_net.classifier.state_dict()[k]) for k, v in head_before.items())  # the head trains
 
 
-def test_multi_step_export_runs_in_diffusers_with_that_many_steps(tmp_path):
+@pytest.mark.parametrize("sampler", ["lcm", "ddim"])
+def test_multi_step_export_runs_in_diffusers_with_that_many_steps(tmp_path, sampler):
     from diffusers import DiffusionPipeline
 
-    from dmd_ray.sd.export import export_generator
+    from dmd_ray.sd.export import export_generator, exported_sampler
     from dmd_ray.sd.one_step import OneStepImageGenerator
 
     teacher = build_tiny_teacher()
     timesteps = generator_timesteps(1000, 2)
-    folder = export_generator(teacher, copy.deepcopy(teacher.unet), str(tmp_path / "two-step"), timestep=999, timesteps=timesteps)
+    folder = export_generator(teacher, copy.deepcopy(teacher.unet), str(tmp_path / "two-step"), timestep=999, timesteps=timesteps, sampler=sampler)
+    assert exported_sampler(folder) == sampler and read_generator_info(folder)["multi_step_sampler"] == sampler
     pipe = DiffusionPipeline.from_pretrained(folder)
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     latents = pipe("a blue triangle", num_inference_steps=2, guidance_scale=1.0, latents=z.clone(), output_type="latent",
                    generator=torch.Generator().manual_seed(5)).images
-    gen = MultiStepGenerator(teacher.denoiser(), teacher.schedule, teacher.prediction_type, timesteps)
+    gen = MultiStepGenerator(teacher.denoiser(), teacher.schedule, teacher.prediction_type, timesteps, sampler)
     with torch.no_grad():
         expected = gen(z, teacher.encode_prompts(["a blue triangle"]), torch.Generator().manual_seed(5))
     torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)
@@ -211,6 +230,7 @@ def test_multi_step_export_runs_in_diffusers_with_that_many_steps(tmp_path):
 @pytest.mark.parametrize("overrides, problem", [
     (dict(generator_steps=2), "set --lambda-reg 0"),
     (dict(generator_steps=0), "generator_steps must be >= 1"),
+    (dict(multi_step_sampler="euler"), "multi_step_sampler must be one of lcm, ddim"),
     (dict(gan_weight=-1.0), "must be >= 0"),
     (dict(dm_weight=0.0, lambda_reg=0.0), "not all 0"),
     (dict(gan_weight=1e-3, gan_real="laion"), "gan_real must be pairs or renders"),

@@ -31,6 +31,7 @@ from dmd_ray.distributed.cluster import gpus_per_actor, init_ray
 from dmd_ray.images import grid, png_bytes, to_uint8, to_uint8_tensor
 from dmd_ray.method.denoiser import GuidedDenoiser
 from dmd_ray.method.generator import MultiStepGenerator, OneStepGenerator
+from dmd_ray.sd.export import exported_sampler
 from dmd_ray.method.losses import LPIPSDistance
 from dmd_ray.method.sampling import generate_from_seeds, ode_sample, seeded_noise
 from dmd_ray.sd.resolve import describe_teacher, load_teacher, read_generator_info, resolve_generator
@@ -73,7 +74,7 @@ class ImageMaker:
             guidance = cfg.guidance_scale if kind == "teacher-onestep" else 1.0
             net = GuidedDenoiser(self.teacher.denoiser(), guidance, self.teacher.uncond_embedding() if guidance != 1.0 else None)
             if kind == "generator" and len(timesteps) > 1:  # DMD2's multi-step generator, run as its export runs in diffusers
-                self.generator = MultiStepGenerator(net, schedule, prediction_type, timesteps)
+                self.generator = MultiStepGenerator(net, schedule, prediction_type, timesteps, exported_sampler(source))
             else:
                 self.generator = OneStepGenerator(net, schedule, prediction_type, None if kind == "teacher-onestep" else (timestep if timestep >= 0 else None))
         self.kind = kind

@@ -378,7 +378,7 @@ def train_loop_per_worker(config: dict) -> None:
             unet.load_state_dict({k.removeprefix("unet."): v.float().cpu() for k, v in state.items()})
             uri = export_generator(teacher.to("cpu", torch.float32), unet, storage.join(cfg.output, "export"), generator.timestep,
                                    {"teacher": cfg.teacher, "steps": step, "guidance_scale": cfg.guidance_scale, "recipe": cfg.recipe()}, dtype=getattr(torch, cfg.export_dtype),
-                                   timesteps=getattr(generator, "timesteps", None))
+                                   timesteps=getattr(generator, "timesteps", None), sampler=getattr(generator, "sampler", "lcm"))
             worker_print(f"[distill] export written to {uri}")
     if world > 1:
         torch.distributed.barrier()

@@ -29,7 +29,8 @@ def build_objective(cfg: DistillConfig, teacher: Teacher, generator_net: nn.Modu
     engine's own module, which the generator's GAN term runs)."""
     schedule, prediction_type = teacher.schedule, teacher.prediction_type
     if cfg.generator_steps > 1:
-        generator = MultiStepGenerator(generator_net, schedule, prediction_type, generator_timesteps(schedule.num_timesteps, cfg.generator_steps))
+        generator = MultiStepGenerator(generator_net, schedule, prediction_type, generator_timesteps(schedule.num_timesteps, cfg.generator_steps),
+                                       cfg.multi_step_sampler)
     else:
         timestep = schedule.num_timesteps - 1 if cfg.generator_timestep < 0 else cfg.generator_timestep
         generator = OneStepGenerator(generator_net, schedule, prediction_type, timestep)
@@ -56,7 +57,7 @@ def build_objective(cfg: DistillConfig, teacher: Teacher, generator_net: nn.Modu
 
 def generator_timesteps(num_timesteps: int, steps: int) -> list[int]:
     """DMD2's multi-step schedule, t_k = (n - k) * (T // n) - 1: 999, 749, 499, 249 for 4 steps of a 1000-step
-    teacher. diffusers' LCMScheduler with original_inference_steps = n picks the same ones (export.py)."""
+    teacher. The exports' schedulers pick the same ones (export.py)."""
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"generator steps must be in [1, {num_timesteps}], got {steps}")
     return [(steps - k) * (num_timesteps // steps) - 1 for k in range(steps)]

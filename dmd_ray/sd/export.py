@@ -9,16 +9,19 @@ lands on alpha = 1, i.e. returns the UNet's x0 prediction. That is exactly the O
 
 guidance_scale must be <= 1: the generator was distilled from the guided teacher and runs unguided.
 
-A multi-step generator (DMD2) is exported with diffusers' LCMScheduler, which alternates the same two moves as
-MultiStepGenerator: x0 from the UNet, then re-noise with fresh noise to the next timestep. With
-original_inference_steps = n its set_timesteps(n) gives (n - k) * (T // n) - 1, the timesteps the generator was trained
-at (checked at export); its boundary-condition scalings are 1 and ~1e-8 at those timesteps (timestep_scaling 10):
+A multi-step generator (DMD2) is exported with the scheduler of its sampler (MultiStepGenerator's `sampler`), each
+alternating the same two moves as MultiStepGenerator: x0 from the UNet, then re-noise to the next timestep. "ddim":
+diffusers' DDIMScheduler ("trailing", set_alpha_to_one, eta 0) re-noises with the UNet's own epsilon; set_timesteps(n)
+gives (n - k) * (T // n) - 1, the timesteps the generator was trained at, and its last step lands on alpha = 1. "lcm":
+diffusers' LCMScheduler re-noises with fresh noise; with original_inference_steps = n it picks the same timesteps, and
+its boundary-condition scalings are 1 and ~1e-8 there (timestep_scaling 10). Both are checked at export:
 
     image = pipe(prompt, num_inference_steps=n, guidance_scale=1.0).images[0]
 """
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 from torch import nn
@@ -40,26 +43,38 @@ def one_step_scheduler(teacher_scheduler, timestep: int):
     return DDIMScheduler.from_config(teacher_scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=0, clip_sample=False)
 
 
-def multi_step_scheduler(teacher_scheduler, timesteps: list[int]):
-    from diffusers import LCMScheduler
+def multi_step_scheduler(teacher_scheduler, timesteps: list[int], sampler: str = "lcm"):
+    from diffusers import DDIMScheduler, LCMScheduler
 
     steps = len(timesteps)
-    scheduler = LCMScheduler.from_config(teacher_scheduler.config, original_inference_steps=steps, timestep_scaling=10.0,
-                                         clip_sample=False, thresholding=False, set_alpha_to_one=True)
+    if sampler == "ddim":
+        scheduler = DDIMScheduler.from_config(teacher_scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=0,
+                                              clip_sample=False, thresholding=False)
+    elif sampler == "lcm":
+        scheduler = LCMScheduler.from_config(teacher_scheduler.config, original_inference_steps=steps, timestep_scaling=10.0,
+                                             clip_sample=False, thresholding=False, set_alpha_to_one=True)
+    else:
+        raise ValueError(f"multi-step sampler must be ddim or lcm, got {sampler!r}")
     scheduler.set_timesteps(steps)
     if [int(t) for t in scheduler.timesteps] != list(timesteps):
-        raise ValueError(f"diffusers' LCMScheduler runs {steps} steps at {scheduler.timesteps.tolist()}, not at the generator's {list(timesteps)}")
+        raise ValueError(f"diffusers' {type(scheduler).__name__} runs {steps} steps at {scheduler.timesteps.tolist()}, not at the generator's {list(timesteps)}")
     return scheduler
 
 
+def exported_sampler(folder: str) -> str:
+    """How a multi-step export samples, from its scheduler: "ddim" or "lcm" (the exports before the choice)."""
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
+        return "ddim" if json.load(f).get("_class_name") == "DDIMScheduler" else "lcm"
+
+
 def export_generator(teacher, generator_unet: nn.Module, uri: str, timestep: int, metadata: dict | None = None,
-                     dtype: torch.dtype = torch.float32, timesteps: list[int] | None = None) -> str:
+                     dtype: torch.dtype = torch.float32, timesteps: list[int] | None = None, sampler: str = "lcm") -> str:
     """Writes the pipeline folder at `uri` (a local folder, atomically, or an s3:// prefix) with weights in `dtype`,
-    and returns it: one-step at `timestep`, or, given several `timesteps`, a multi-step generator."""
+    and returns it: one-step at `timestep`, or, given several `timesteps`, a multi-step generator sampled by `sampler`."""
     unet = generator_unet.to(dtype).eval().requires_grad_(False)
     if timesteps and len(timesteps) > 1:
-        scheduler = multi_step_scheduler(teacher.scheduler, timesteps)
-        info = {"generator_timestep": timesteps[0], "generator_timesteps": list(timesteps),
+        scheduler = multi_step_scheduler(teacher.scheduler, timesteps, sampler)
+        info = {"generator_timestep": timesteps[0], "generator_timesteps": list(timesteps), "multi_step_sampler": sampler,
                 "usage": f"Run with num_inference_steps={len(timesteps)} and guidance_scale=1.0: the generator is distilled from the guided teacher."}
     else:
         scheduler = one_step_scheduler(teacher.scheduler, timestep)

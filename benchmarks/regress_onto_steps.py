@@ -1,0 +1,99 @@
+"""Can one network call learn what a few-step student draws? A one-step student regressed (L2 on latents) onto a
+multi-step generator's deterministic samples, drawn fresh every iteration: no pair dataset, no teacher ODE.
+
+    python benchmarks/regress_onto_steps.py --steps 25 --probe-every 25                       # CPU, about a minute
+    python benchmarks/regress_onto_steps.py --steps 1500 --probe-every 250 --out runs/reg4    # CPU, about 20 minutes
+
+The student starts from `--student` (the packaged one-step `demo`), the targets come from `--target` (the packaged
+`demo-4step`) run in its steps with DDIM's deterministic re-noising (`--target-sampler ddim`; with `lcm` each target
+would hold fresh noise the student cannot see). Each iteration draws `--batch` noises and prompts of the shapes
+domain, makes the target latents without gradients and takes one AdamW step (float32) on the mean squared latent
+error. Every `--probe-every` steps the in-training probe scores the student (FID in the judge's features and prompt
+accuracy on `--probe-samples` evaluation prompts and seeds; step 0 is the student as loaded). With `--out` the student
+is exported there at the end (float16, a one-step generator folder that jobs/evaluate.py and diffusers load).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from dmd_ray.data.prompts import read_prompts  # noqa: E402
+from dmd_ray.demos.shapes_eval import TrainingProbe  # noqa: E402
+from dmd_ray.distributed.run_records import generated_images  # noqa: E402
+from dmd_ray.method.generator import MultiStepGenerator, OneStepGenerator  # noqa: E402
+from dmd_ray.sd.export import export_generator  # noqa: E402
+from dmd_ray.sd.resolve import load_teacher, read_generator_info, resolve_generator  # noqa: E402
+
+PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dmd_ray", "assets", "shapes_prompts.txt")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--student", default="demo")
+    p.add_argument("--target", default="demo-4step")
+    p.add_argument("--target-sampler", default="ddim", choices=["ddim", "lcm"])
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--lr", type=float, default=3e-5)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--probe-every", type=int, default=250)
+    p.add_argument("--probe-samples", type=int, default=360)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="", help="export the student here at the end")
+    args = p.parse_args()
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    student_folder, target_folder = resolve_generator(args.student), resolve_generator(args.target)
+    student, target = load_teacher(student_folder).to(dtype=torch.float32), load_teacher(target_folder).to(dtype=torch.float32)
+    timesteps = [int(t) for t in read_generator_info(target_folder)["generator_timesteps"]]
+    make_target = MultiStepGenerator(target.denoiser(), target.schedule, target.prediction_type, timesteps, args.target_sampler)
+    generator = OneStepGenerator(student.denoiser(), student.schedule, student.prediction_type)
+    for network in (target.unet, target.text_encoder, student.text_encoder, student.vae):
+        network.requires_grad_(False)
+    student.unet.requires_grad_(True)
+    optimizer = torch.optim.AdamW(student.unet.parameters(), lr=args.lr, weight_decay=0.01)
+    prompts = read_prompts(PROMPTS)
+    probe = TrainingProbe(args.probe_samples)
+    probe_prompts, probe_seeds = probe.rows()
+    shape = student.latent_shape(student.default_resolution)
+    print(f"| step | mean loss since the last probe | probe FID ({args.probe_samples}) | prompt accuracy | s/it |\n|---|---|---|---|---|")
+
+    def report(step: int, losses: list[float], seconds: float) -> None:
+        with torch.no_grad():
+            result = probe(generated_images(generator, student, probe_prompts, probe_seeds, shape, "cpu"), probe_prompts)
+        loss = f"{sum(losses) / len(losses):.4f}" if losses else "-"
+        print(f"| {step} | {loss} | {result['fid']:.2f} | {result['prompt_accuracy']:.3f} | {seconds:.2f} |", flush=True)
+
+    report(0, [], 0.0)
+    losses, started = [], time.perf_counter()
+    for step in range(1, args.steps + 1):
+        batch_prompts = rng.choices(prompts, k=args.batch)
+        noise = torch.randn(args.batch, *shape)
+        with torch.no_grad():
+            cond = student.encode_prompts(batch_prompts)
+            wanted = make_target(noise, target.encode_prompts(batch_prompts))
+        loss = torch.nn.functional.mse_loss(generator(noise, cond), wanted)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if step % args.probe_every == 0 or step == args.steps:
+            report(step, losses, (time.perf_counter() - started) / step)
+            losses = []
+    if args.out:
+        recipe = {"student": args.student, "target": args.target, "target_sampler": args.target_sampler, "steps": args.steps,
+                  "lr": args.lr, "batch": args.batch, "loss": "latent L2 onto the target's samples", "script": "benchmarks/regress_onto_steps.py"}
+        info = read_generator_info(student_folder)
+        export_generator(student, student.unet, args.out, generator.timestep, {"teacher": info.get("teacher", ""), "recipe": recipe},
+                         dtype=torch.float16)
+        print(f"exported to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
