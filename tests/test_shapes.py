@@ -74,9 +74,10 @@ def test_demo_teacher_loads_offline_and_follows_prompts():
 def test_demo_generators_are_built_in_and_beat_the_teacher_in_one_step():
     """The packaged students as the evaluation job loads them (BENCHMARKS.md, 1,440 samples): `demo`, the best one-step
     student (DMD2's DM + GAN on real renders, continued from the earlier students; accuracy 0.684), and `demo-4step`,
-    DMD2's four-step generator trained from the teacher with backward simulation, then continued (0.804), run in its
-    four steps. Both follow prompts far above chance (1/180; on these 90 prompts they read 0.67 and 0.74) and far
-    better than the teacher's own network in one step (0.09), where distillation started; four steps beat one."""
+    DMD2's four-step generator trained from the teacher with backward simulation, then continued, run in its four
+    steps with DDIM's deterministic re-noising (0.801, FID 2.50 against the teacher's 2.69). Both follow prompts far
+    above chance (1/180; on these 90 prompts they read 0.67 and 0.79) and far better than the teacher's own network in
+    one step (0.09), where distillation started; four steps beat one."""
     import numpy as np
 
     from dmd_ray.config import EvalConfig
@@ -85,7 +86,8 @@ def test_demo_generators_are_built_in_and_beat_the_teacher_in_one_step():
 
     info = read_generator_info(resolve_generator("demo"))
     assert info["teacher"] == "demo" and info["recipe"]["dm_weight"] > 0 and info["recipe"]["regression_space"] == "latent"
-    assert read_generator_info(resolve_generator("demo-4step"))["generator_timesteps"] == [999, 749, 499, 249]
+    four_step = read_generator_info(resolve_generator("demo-4step"))
+    assert four_step["generator_timesteps"] == [999, 749, 499, 249] and four_step["multi_step_sampler"] == "ddim"
     judge, prompts = shapes.load_classifier(), shapes.evaluation_prompts()[:90]
     rows = {"prompt": np.array(prompts), "seed": np.arange(len(prompts))}
     accuracy = {}
@@ -94,7 +96,7 @@ def test_demo_generators_are_built_in_and_beat_the_teacher_in_one_step():
         accuracy[spec] = shapes.prompt_accuracy(judge, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, prompts)
     assert accuracy["demo"] >= 0.6, accuracy
     assert accuracy["demo"] >= accuracy["teacher-onestep:demo"] + 0.1, accuracy
-    assert accuracy["demo-4step"] >= max(0.7, accuracy["demo"] + 0.05), accuracy
+    assert accuracy["demo-4step"] >= max(0.75, accuracy["demo"] + 0.08), accuracy
 
 
 @pytest.mark.slow
