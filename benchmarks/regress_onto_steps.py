@@ -3,6 +3,7 @@ multi-step generator's deterministic samples, drawn fresh every iteration: no pa
 
     python benchmarks/regress_onto_steps.py --steps 25 --probe-every 25                       # CPU, about a minute
     python benchmarks/regress_onto_steps.py --steps 1500 --probe-every 250 --out runs/reg4    # CPU, about 20 minutes
+    python benchmarks/regress_onto_steps.py --steps 20000 --batch 256 --lr 1e-4 --out runs/reg4   # a GPU, if there is one
 
 The student starts from `--student` (the packaged one-step `demo`), the targets come from `--target` (the packaged
 `demo-4step`) run in its steps with DDIM's deterministic re-noising (`--target-sampler ddim`; with `lcm` each target
@@ -50,7 +51,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     student_folder, target_folder = resolve_generator(args.student), resolve_generator(args.target)
-    student, target = load_teacher(student_folder).to(dtype=torch.float32), load_teacher(target_folder).to(dtype=torch.float32)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    student = load_teacher(student_folder).to(device, torch.float32)
+    target = load_teacher(target_folder).to(device, torch.float32)
     timesteps = [int(t) for t in read_generator_info(target_folder)["generator_timesteps"]]
     make_target = MultiStepGenerator(target.denoiser(), target.schedule, target.prediction_type, timesteps, args.target_sampler)
     generator = OneStepGenerator(student.denoiser(), student.schedule, student.prediction_type)
@@ -64,17 +67,17 @@ def main() -> None:
     shape = student.latent_shape(student.default_resolution)
     print(f"| step | mean loss since the last probe | probe FID ({args.probe_samples}) | prompt accuracy | s/it |\n|---|---|---|---|---|")
 
-    def report(step: int, losses: list[float], seconds: float) -> None:
+    def report(step: int, losses: list[torch.Tensor], seconds: float) -> None:
         with torch.no_grad():
-            result = probe(generated_images(generator, student, probe_prompts, probe_seeds, shape, "cpu"), probe_prompts)
-        loss = f"{sum(losses) / len(losses):.4f}" if losses else "-"
+            result = probe(generated_images(generator, student, probe_prompts, probe_seeds, shape, device), probe_prompts)
+        loss = f"{torch.stack(losses).mean().item():.4f}" if losses else "-"
         print(f"| {step} | {loss} | {result['fid']:.2f} | {result['prompt_accuracy']:.3f} | {seconds:.2f} |", flush=True)
 
     report(0, [], 0.0)
     losses, started = [], time.perf_counter()
     for step in range(1, args.steps + 1):
         batch_prompts = rng.choices(prompts, k=args.batch)
-        noise = torch.randn(args.batch, *shape)
+        noise = torch.randn(args.batch, *shape, device=device)
         with torch.no_grad():
             cond = student.encode_prompts(batch_prompts)
             wanted = make_target(noise, target.encode_prompts(batch_prompts))
@@ -82,7 +85,7 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(loss.detach())
         if step % args.probe_every == 0 or step == args.steps:
             report(step, losses, (time.perf_counter() - started) / step)
             losses = []
@@ -90,7 +93,7 @@ def main() -> None:
         recipe = {"student": args.student, "target": args.target, "target_sampler": args.target_sampler, "steps": args.steps,
                   "lr": args.lr, "batch": args.batch, "loss": "latent L2 onto the target's samples", "script": "benchmarks/regress_onto_steps.py"}
         info = read_generator_info(student_folder)
-        export_generator(student, student.unet, args.out, generator.timestep, {"teacher": info.get("teacher", ""), "recipe": recipe},
+        export_generator(student.to("cpu"), student.unet, args.out, generator.timestep, {"teacher": info.get("teacher", ""), "recipe": recipe},
                          dtype=torch.float16)
         print(f"exported to {args.out}")
 
