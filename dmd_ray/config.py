@@ -11,9 +11,9 @@ from typing import Any, Callable, TypeVar
 
 from dmd_ray.data.pairs import ShardLayout
 from dmd_ray.data.storage import StorageError
+from dmd_ray.method.generator import SAMPLERS as MULTI_STEP_SAMPLERS
 from dmd_ray.sd.resolve import ModelNotFoundError
 from dmd_ray.sd.teacher import DTYPES, FEATURE_LEVELS
-from dmd_ray.method.generator import SAMPLERS as MULTI_STEP_SAMPLERS
 from dmd_ray.sd.teacher_sampler import SAMPLERS
 from dmd_ray.typed_config import ConfigError, parse_args, raise_problems
 
@@ -299,11 +299,11 @@ class DistillConfig:
             problems.append(f"dm_weight, lambda_reg and gan_weight must be >= 0 and not all 0 (the generator would learn nothing), got {self.dm_weight}, {self.lambda_reg} and {self.gan_weight}")
         if self.generator_steps < 1:
             problems.append(f"generator_steps must be >= 1, got {self.generator_steps}")
-        if self.multi_step_sampler not in MULTI_STEP_SAMPLERS:
-            problems.append(f"multi_step_sampler must be one of {', '.join(MULTI_STEP_SAMPLERS)}, got {self.multi_step_sampler!r}")
         elif self.generator_steps > 1 and (self.lambda_reg != 0 or self.generator_timestep != -1):
             problems.append(f"a {self.generator_steps}-step generator trains without the one-step regression loss and at its own timesteps: "
                             f"set --lambda-reg 0 (got {self.lambda_reg}) and leave --generator-timestep at -1 (got {self.generator_timestep})")
+        if self.multi_step_sampler not in MULTI_STEP_SAMPLERS:
+            problems.append(f"multi_step_sampler must be one of {', '.join(MULTI_STEP_SAMPLERS)}, got {self.multi_step_sampler!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             problems.append(f"ema_decay must be in [0, 1) (0: no weight average), got {self.ema_decay}")
         elif self.ema_decay and self.zero_stage == 3:

@@ -31,9 +31,9 @@ from dmd_ray.distributed.cluster import gpus_per_actor, init_ray
 from dmd_ray.images import grid, png_bytes, to_uint8, to_uint8_tensor
 from dmd_ray.method.denoiser import GuidedDenoiser
 from dmd_ray.method.generator import MultiStepGenerator, OneStepGenerator
-from dmd_ray.sd.export import exported_sampler
 from dmd_ray.method.losses import LPIPSDistance
 from dmd_ray.method.sampling import generate_from_seeds, ode_sample, seeded_noise
+from dmd_ray.sd.export import exported_sampler
 from dmd_ray.sd.resolve import describe_teacher, load_teacher, read_generator_info, resolve_generator
 from dmd_ray.sd.teacher_sampler import make_scheduler
 
