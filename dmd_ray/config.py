@@ -127,6 +127,12 @@ class DistillConfig:
     # the implied pair generation's torch.compile (PairsConfig.compile): off, since a distillation's own pairs are
     # usually few thousand of a small teacher, made faster than the ~60 s its compilation costs; auto for large sets
     pair_compile: str = "false"
+    # the model whose sampler makes the pairs: "" the teacher (DMD's ODE pairs), or a few-step student of it (an exported
+    # generator: built-in name, folder or s3://) whose deterministic chain gives the targets, a multi-step export with
+    # multi_step_sampler ddim run by --pair-sampler ddim --pair-steps N --pair-guidance-scale 1 (its own N steps, 25x fewer
+    # network calls per pair than PNDM 50 with guidance; BENCHMARKS.md, "Four steps without fresh noise")
+    pair_teacher: str = ""
+    pair_guidance_scale: float = -1.0  # the pair sampler's guidance; -1: guidance_scale, the real score's (DMD's pairs)
     # the method
     guidance_scale: float = 3.0  # real score's classifier-free guidance (DMD: 3 for FID, 8 for visual quality)
     lambda_reg: float = 0.25  # 0: the "without regression" ablation
@@ -263,12 +269,18 @@ class DistillConfig:
     def local_reg_batch(self) -> int:
         return self.reg_batch_size // self.num_workers
 
+    @property
+    def pairs_guidance(self) -> float:
+        return self.guidance_scale if self.pair_guidance_scale == -1 else self.pair_guidance_scale
+
     def recipe(self) -> dict:
         """What decides a student's quality, recorded with its export (dmd_ray.json): the losses and their weights,
         the update ratio, the rates and the global batches."""
         keys = ("init_generator", "init_fake_score", "dm_weight", "lambda_reg", "regression_space", "gan_weight", "gan_real", "gan_features", "fake_updates", "generator_steps", "lr", "fake_lr",
                 "dm_batch_size", "reg_batch_size", "t_min", "t_max", "ema_decay")
         recipe = {k: getattr(self, k) for k in keys}
+        if self.pair_teacher and self.lambda_reg:
+            recipe.update(pair_teacher=self.pair_teacher, pair_sampler=self.pair_sampler, pair_steps=self.pair_steps, pair_guidance_scale=self.pairs_guidance)
         if self.regression_space == "pixel" and self.lambda_reg:
             recipe.update(lpips_backbone=self.lpips_backbone, lpips_pretrained_backbone=self.lpips_pretrained_backbone)
         return recipe
@@ -336,6 +348,8 @@ class DistillConfig:
             problems.append(f"compile must be one of {', '.join(COMPILE_SETTINGS)}, got {self.compile!r}")
         if self.pair_compile not in COMPILE_SETTINGS:
             problems.append(f"pair_compile must be one of {', '.join(COMPILE_SETTINGS)}, got {self.pair_compile!r}")
+        if self.pair_guidance_scale < 0 and self.pair_guidance_scale != -1:
+            problems.append(f"pair_guidance_scale must be >= 0, or -1 for guidance_scale, got {self.pair_guidance_scale}")
         for name in ("fused_adamw", "channels_last"):
             if getattr(self, name) not in USE_GPU:
                 problems.append(f"{name} must be auto, true or false, got {getattr(self, name)!r}")

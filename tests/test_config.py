@@ -119,6 +119,39 @@ def test_pairs_of_another_teacher_guidance_sampler_steps_or_prompts_are_refused(
     assert not os.path.exists(os.path.join(run.output, "train"))
 
 
+def test_pairs_of_a_few_step_student_are_taken_when_it_is_named_the_pair_teacher(tmp_path, prompts_file):
+    # pairs made by a student of the teacher (its deterministic chain) are another distribution than the teacher's ODE
+    # pairs: refused unless --pair-teacher names it, with the guidance they were made at
+    import copy
+
+    from dmd_ray.data.prompts import read_prompts
+    from dmd_ray.distributed.distill_driver import pairs_config, prepare
+    from dmd_ray.sd.architectures import build_tiny_teacher
+    from dmd_ray.sd.export import export_generator
+
+    teacher = build_tiny_teacher()
+    student = export_generator(teacher, copy.deepcopy(teacher.unet), str(tmp_path / "two-step"), 999, timesteps=[999, 499], sampler="ddim")
+    prompts = read_prompts(prompts_file)
+    made = str(tmp_path / "student-pairs")
+    fake_pairs(made, prompts, guidance_scale=1.0, teacher=student, sampler="ddim", steps=2)
+    run = DistillConfig(teacher="tiny", prompts=prompts_file, output=str(tmp_path / "run"), pair_sampler="ddim", pair_steps=2,
+                        regression_space="latent", pairs=made)
+    with pytest.raises(ConfigError, match=r"another teacher or config than this run's \(.*teacher: .* there.*--pair-teacher"):
+        prepare(run)
+    with pytest.raises(ConfigError, match=r"guidance_scale: 1.0 there, 3.0 now"):
+        prepare(dataclasses.replace(run, pair_teacher=student))
+    named = dataclasses.replace(run, pair_teacher=student, pair_guidance_scale=1.0)
+    plan = prepare(named)
+    assert plan.pair_teacher == student and named.recipe()["pair_teacher"] == student
+    implied = pairs_config(dataclasses.replace(named, pairs=""), prepare(dataclasses.replace(named, pairs="")))
+    assert (implied.teacher, implied.guidance_scale, implied.sampler, implied.steps) == (student, 1.0, "ddim", 2)
+    lcm = export_generator(teacher, copy.deepcopy(teacher.unet), str(tmp_path / "lcm"), 999, timesteps=[999, 499], sampler="lcm")
+    with pytest.raises(ConfigError, match="fresh noise between its steps"):
+        prepare(dataclasses.replace(named, pair_teacher=lcm, pairs=""))
+    with pytest.raises(ConfigError, match="pair_guidance_scale must be >= 0, or -1"):
+        dataclasses.replace(named, pair_guidance_scale=-2.0).check()
+
+
 def test_the_same_teacher_under_another_path_is_the_same_teacher(tmp_path):
     """`ray job submit` runs the project from a copy: pairs made from one path match a run that names the other."""
     import shutil

@@ -29,13 +29,14 @@ class DistillPlan:
     pairs: str
     latent_shape: tuple[int, int, int]
     resolution: int
+    pair_teacher: str  # what makes the pairs: the teacher, or the local folder of a student named by pair_teacher
 
 
 def pairs_config(cfg: DistillConfig, plan: DistillPlan) -> PairsConfig:
     """The pair generation a distillation run implies when it is given no --pairs."""
     return PairsConfig(
-        teacher=cfg.teacher, prompts=plan.prompts_uri, num_pairs=cfg.num_pairs, out=plan.pairs, sampler=cfg.pair_sampler, steps=cfg.pair_steps,
-        guidance_scale=cfg.guidance_scale, resolution=cfg.resolution, seed=cfg.seed, shard_size=cfg.pair_shard_size, cache_dir=cfg.cache_dir,
+        teacher=plan.pair_teacher, prompts=plan.prompts_uri, num_pairs=cfg.num_pairs, out=plan.pairs, sampler=cfg.pair_sampler, steps=cfg.pair_steps,
+        guidance_scale=cfg.pairs_guidance, resolution=cfg.resolution, seed=cfg.seed, shard_size=cfg.pair_shard_size, cache_dir=cfg.cache_dir,
         batch_size=cfg.pair_batch_size, gpus_per_actor=cfg.pair_gpus_per_actor, compile=cfg.pair_compile,
     )
 
@@ -57,6 +58,7 @@ def prepare(cfg: DistillConfig, real_images=None) -> DistillPlan:
         check_lpips_backbone(cfg.lpips_backbone)
     if cfg.init_generator:
         check_initial_generator(cfg)
+    pair_teacher = check_pair_teacher(cfg) if cfg.pair_teacher else cfg.teacher
     if cfg.init_fake_score:
         check_initial_fake_score(cfg)
     if cfg.gan_weight and cfg.gan_real == "renders" and real_images is not None:
@@ -67,30 +69,30 @@ def prepare(cfg: DistillConfig, real_images=None) -> DistillPlan:
     storage.check_access(cfg.output, write=True)
     check_resume_world_size(cfg)
     if cfg.pairs:
-        check_given_pairs(cfg, latent_shape, prompts)
+        check_given_pairs(cfg, latent_shape, prompts, pair_teacher)
     return DistillPlan(tuple(prompts), cfg.prompts or storage.join(cfg.output, "prompts.txt"), cfg.pairs or storage.join(cfg.output, "pairs"),
-                       tuple(latent_shape), resolution)
+                       tuple(latent_shape), resolution, pair_teacher)
 
 
-def check_given_pairs(cfg: DistillConfig, latent_shape, prompts: list[str]) -> None:
-    """Pairs made by another teacher, guidance, sampler, step count or prompt set than the run's would train the
-    generator towards another distribution: refuse them, naming each difference."""
+def check_given_pairs(cfg: DistillConfig, latent_shape, prompts: list[str], pair_teacher: str) -> None:
+    """Pairs made by another teacher (or `pair_teacher`), guidance, sampler, step count or prompt set than the run's
+    would train the generator towards another distribution: refuse them, naming each difference."""
     storage.check_access(cfg.pairs, write=False)
     manifest = pairs.load_manifest(cfg.pairs)
     if manifest is None:
         raise ConfigError(f"pairs {cfg.pairs!r} hold no pairs dataset (no {pairs.MANIFEST}); leave pairs empty to generate them")
     expected = {
-        "teacher": cfg.teacher, "guidance_scale": cfg.guidance_scale, "sampler": cfg.pair_sampler, "steps": cfg.pair_steps,
+        "teacher": pair_teacher, "guidance_scale": cfg.pairs_guidance, "sampler": cfg.pair_sampler, "steps": cfg.pair_steps,
         "latent_shape": list(latent_shape), "prompts_sha256": pairs.prompts_fingerprint(prompts),
     }
-    if same_teacher(manifest["config"].get("teacher", ""), cfg.teacher):
+    if same_teacher(manifest["config"].get("teacher", ""), pair_teacher):
         expected["teacher"] = manifest["config"].get("teacher")
     different = pairs.differences(manifest["config"], expected)
     if different:
         raise ConfigError(
             f"pairs {cfg.pairs!r} were made with another teacher or config than this run's ({different}). Pass the settings "
-            "they were made with (--teacher, --guidance-scale, --pair-sampler, --pair-steps, --prompts), or leave --pairs "
-            "empty to generate pairs for this config"
+            "they were made with (--teacher or --pair-teacher, --guidance-scale or --pair-guidance-scale, --pair-sampler, "
+            "--pair-steps, --prompts), or leave --pairs empty to generate pairs for this config"
         )
     pairs.shard_uris(cfg.pairs)  # raises if incomplete
     if manifest["num_shards"] < cfg.num_workers:
@@ -104,7 +106,7 @@ ARCHITECTURE_KEYS = ("in_channels", "out_channels", "block_out_channels", "down_
 def check_initial_generator(cfg: DistillConfig) -> None:
     """`init_generator` must be an exported student of the teacher's architecture (its weights replace the teacher's
     in the generator)."""
-    from dmd_ray.sd.resolve import read_generator_info, resolve_generator, unet_config
+    from dmd_ray.sd.resolve import read_generator_info, resolve_generator
 
     folder = resolve_generator(cfg.init_generator, cfg.cache_dir or None)
     steps = len(read_generator_info(folder).get("generator_timesteps", [0]))
@@ -113,11 +115,31 @@ def check_initial_generator(cfg: DistillConfig) -> None:
             f"{cfg.generator_steps}-step one. A one-step student no longer denoises at the lower timesteps of a chain (the "
             "shipped demo's own 4-step chain: FID 91; BENCHMARKS.md, 'Where a multi-step generator starts'): without "
             "--init-generator the run starts from the teacher")
+    check_teachers_architecture(cfg, folder, "init_generator", cfg.init_generator)
+
+
+def check_pair_teacher(cfg: DistillConfig) -> str:
+    """`pair_teacher` must be an exported student of the teacher's architecture; returns its local folder. A
+    multi-step one with fresh-noise sampling is refused: its samples hold noise the student never sees."""
+    from dmd_ray.sd.export import exported_sampler
+    from dmd_ray.sd.resolve import read_generator_info, resolve_generator
+
+    folder = resolve_generator(cfg.pair_teacher, cfg.cache_dir or None)
+    check_teachers_architecture(cfg, folder, "pair_teacher", cfg.pair_teacher)
+    if len(read_generator_info(folder).get("generator_timesteps", [0])) > 1 and exported_sampler(folder) != "ddim":
+        raise ConfigError(f"pair_teacher {cfg.pair_teacher!r} samples with fresh noise between its steps (LCMScheduler): its outputs are "
+                          "not a function of the pairs' noise. Export it with --multi-step-sampler ddim")
+    return folder
+
+
+def check_teachers_architecture(cfg: DistillConfig, folder: str, key: str, spec: str) -> None:
+    from dmd_ray.sd.resolve import unet_config
+
     # compared as JSON: a built-in teacher's config holds tuples where a saved folder's holds lists
     ours, theirs = (json.loads(json.dumps(c)) for c in (unet_config(cfg.teacher, cfg.cache_dir or None), unet_config(folder)))
     different = {k: (theirs.get(k), ours[k]) for k in ARCHITECTURE_KEYS if k in ours and theirs.get(k) != ours[k]}
     if different:
-        raise ConfigError(f"init_generator {cfg.init_generator!r} has another UNet than the teacher {cfg.teacher!r} "
+        raise ConfigError(f"{key} {spec!r} has another UNet than the teacher {cfg.teacher!r} "
                           f"({', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in different.items())})")
 
 
@@ -201,13 +223,14 @@ def distill(cfg: DistillConfig, probe=None, real_images=None):
     # Ray Train workers and Ray Data actors run in other directories: every local path becomes absolute here
     cfg = dataclasses.replace(cfg, output=storage.absolute(cfg.output), pairs=storage.absolute(cfg.pairs), prompts=storage.absolute(cfg.prompts),
                               teacher=storage.absolute(cfg.teacher, only_if_exists=True), cache_dir=storage.absolute(cfg.cache_dir),
-                              init_generator=storage.absolute(cfg.init_generator, only_if_exists=True), init_fake_score=storage.absolute(cfg.init_fake_score))
+                              init_generator=storage.absolute(cfg.init_generator, only_if_exists=True), init_fake_score=storage.absolute(cfg.init_fake_score),
+                              pair_teacher=storage.absolute(cfg.pair_teacher, only_if_exists=True))
     plan = prepare(cfg, real_images)
     init_ray()  # after the checks: a refused run starts no cluster
     if not cfg.prompts:  # the built-in prompts, where the pair actors can read them (an s3:// output on a cluster)
         storage.write_bytes(plan.prompts_uri, ("\n".join(plan.prompts) + "\n").encode())
     if not cfg.pairs:
-        log(f"generating {cfg.num_pairs} teacher pairs into {plan.pairs}")
+        log(f"generating {cfg.num_pairs} pairs of {cfg.pair_teacher or 'the teacher'} into {plan.pairs}")
         generate_pairs(pairs_config(cfg, plan))
     use_gpu = wants_gpu(cfg.use_gpu)
     log(f"distilling {cfg.teacher} on {cfg.num_workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), ZeRO-{cfg.zero_stage}, {cfg.precision}, {cfg.max_steps} steps")
