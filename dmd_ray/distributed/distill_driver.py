@@ -119,8 +119,9 @@ def check_initial_generator(cfg: DistillConfig) -> None:
 
 
 def check_pair_teacher(cfg: DistillConfig) -> str:
-    """`pair_teacher` must be an exported student of the teacher's architecture; returns its local folder. A
-    multi-step one with fresh-noise sampling is refused: its samples hold noise the student never sees."""
+    """`pair_teacher` must be an exported student of the teacher's architecture; returns what the pair job loads: its
+    s3:// URI (each pair actor fetches it), or its local folder (a built-in name's folder in the package). A multi-step
+    one with fresh-noise sampling is refused: its samples hold noise the student never sees."""
     from dmd_ray.sd.export import exported_sampler
     from dmd_ray.sd.resolve import read_generator_info, resolve_generator
 
@@ -129,7 +130,7 @@ def check_pair_teacher(cfg: DistillConfig) -> str:
     if len(read_generator_info(folder).get("generator_timesteps", [0])) > 1 and exported_sampler(folder) != "ddim":
         raise ConfigError(f"pair_teacher {cfg.pair_teacher!r} samples with fresh noise between its steps (LCMScheduler): its outputs are "
                           "not a function of the pairs' noise. Export it with --multi-step-sampler ddim")
-    return folder
+    return cfg.pair_teacher if storage.is_s3(cfg.pair_teacher) else folder
 
 
 def check_teachers_architecture(cfg: DistillConfig, folder: str, key: str, spec: str) -> None:
