@@ -29,6 +29,7 @@ from dmd_ray.data.prompts import read_prompts  # noqa: E402
 from dmd_ray.demos.shapes_eval import TrainingProbe  # noqa: E402
 from dmd_ray.distributed.run_records import generated_images  # noqa: E402
 from dmd_ray.method.generator import MultiStepGenerator, OneStepGenerator  # noqa: E402
+from dmd_ray.method.losses import RegressionLoss  # noqa: E402
 from dmd_ray.sd.export import export_generator  # noqa: E402
 from dmd_ray.sd.resolve import load_teacher, read_generator_info, resolve_generator  # noqa: E402
 
@@ -61,6 +62,7 @@ def main() -> None:
         network.requires_grad_(False)
     student.unet.requires_grad_(True)
     optimizer = torch.optim.AdamW(student.unet.parameters(), lr=args.lr, weight_decay=0.01)
+    regression = RegressionLoss()  # the job's latent regression (--regression-space latent): squared L2 per sample, meaned
     prompts = read_prompts(PROMPTS)
     probe = TrainingProbe(args.probe_samples)
     probe_prompts, probe_seeds = probe.rows()
@@ -81,7 +83,7 @@ def main() -> None:
         with torch.no_grad():
             cond = student.encode_prompts(batch_prompts)
             wanted = make_target(noise, target.encode_prompts(batch_prompts))
-        loss = torch.nn.functional.mse_loss(generator(noise, cond), wanted)
+        loss = regression(generator(noise, cond), wanted)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
