@@ -4,18 +4,22 @@ multi-step generator's deterministic samples, drawn fresh every iteration: no pa
     python benchmarks/regress_onto_steps.py --steps 25 --probe-every 25                       # CPU, about a minute
     python benchmarks/regress_onto_steps.py --steps 1500 --probe-every 250 --out runs/reg4    # CPU, about 20 minutes
     python benchmarks/regress_onto_steps.py --steps 20000 --batch 256 --lr 1e-4 --out runs/reg4   # a GPU, if there is one
+    python benchmarks/regress_onto_steps.py --student teacher:demo --student-timestep 399 ...   # DMD2's timestep shift
 
-The student starts from `--student` (the packaged one-step `demo`), the targets come from `--target` (the packaged
+The student starts from `--student` (the packaged one-step `demo`, or `teacher:demo`: the teacher's network), read at
+`--student-timestep` (-1: the student's own, 999 for the teacher; DMD2's one-step SDXL reads pure noise at 399, where
+an epsilon network's x0 = (z - sqrt(1 - a) eps) / sqrt(a) amplifies its error 1.5x instead of 14.6x at 999). The targets come from `--target` (the packaged
 `demo-4step`) run in its steps with DDIM's deterministic re-noising (`--target-sampler ddim`; with `lcm` each target
 would hold fresh noise the student cannot see). Each iteration draws `--batch` noises and prompts of the shapes
 domain, makes the target latents without gradients and takes one AdamW step (float32) on the mean squared latent
 error. Every `--probe-every` steps the in-training probe scores the student (FID in the judge's features and prompt
 accuracy on `--probe-samples` evaluation prompts and seeds; step 0 is the student as loaded). With `--out` the student
-is exported there at the end (float16, a one-step generator folder that jobs/evaluate.py and diffusers load).
+is exported there at the end, or when `--minutes` have passed (with `--ema-decay`, the weight average; float16, a one-step generator folder that jobs/evaluate.py and diffusers load).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import sys
@@ -26,10 +30,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from dmd_ray.data.prompts import read_prompts  # noqa: E402
-from dmd_ray.demos.shapes_eval import TrainingProbe  # noqa: E402
+from dmd_ray.demos.shapes_eval import TrainingProbe, model_kind  # noqa: E402
 from dmd_ray.distributed.run_records import generated_images  # noqa: E402
 from dmd_ray.method.generator import MultiStepGenerator, OneStepGenerator  # noqa: E402
 from dmd_ray.method.losses import RegressionLoss  # noqa: E402
+from dmd_ray.method.optim import WeightAverage  # noqa: E402
 from dmd_ray.sd.export import export_generator  # noqa: E402
 from dmd_ray.sd.resolve import load_teacher, read_generator_info, resolve_generator  # noqa: E402
 
@@ -38,7 +43,8 @@ PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--student", default="demo")
+    p.add_argument("--student", default="demo", help="a one-step generator, or teacher:SPEC to start from a teacher's network")
+    p.add_argument("--student-timestep", type=int, default=-1, help="the timestep the student reads pure noise at; -1: its own")
     p.add_argument("--target", default="demo-4step")
     p.add_argument("--target-sampler", default="ddim", choices=["ddim", "lcm"])
     p.add_argument("--steps", type=int, default=1500)
@@ -47,21 +53,30 @@ def main() -> None:
     p.add_argument("--probe-every", type=int, default=250)
     p.add_argument("--probe-samples", type=int, default=360)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ema-decay", type=float, default=0.0, help="probe and export a weight average (warmed up) of the student; 0: none")
+    p.add_argument("--minutes", type=float, default=0.0, help="stop (probe, export) after this long; 0: after --steps")
     p.add_argument("--out", default="", help="export the student here at the end")
     args = p.parse_args()
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    student_folder, target_folder = resolve_generator(args.student), resolve_generator(args.target)
+    kind, source = model_kind(args.student)
+    if kind == "teacher-onestep":
+        raise SystemExit("--student is a one-step generator or teacher:SPEC")
+    student_folder, target_folder = (source if kind == "teacher" else resolve_generator(source)), resolve_generator(args.target)
+    info = {"teacher": source} if kind == "teacher" else read_generator_info(student_folder)
+    timestep = args.student_timestep if args.student_timestep >= 0 else int(info.get("generator_timestep", 999))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
     student = load_teacher(student_folder).to(device, torch.float32)
     target = load_teacher(target_folder).to(device, torch.float32)
     timesteps = [int(t) for t in read_generator_info(target_folder)["generator_timesteps"]]
     make_target = MultiStepGenerator(target.denoiser(), target.schedule, target.prediction_type, timesteps, args.target_sampler)
-    generator = OneStepGenerator(student.denoiser(), student.schedule, student.prediction_type)
+    generator = OneStepGenerator(student.denoiser(), student.schedule, student.prediction_type, timestep)
     for network in (target.unet, target.text_encoder, student.text_encoder, student.vae):
         network.requires_grad_(False)
     student.unet.requires_grad_(True)
     optimizer = torch.optim.AdamW(student.unet.parameters(), lr=args.lr, weight_decay=0.01)
+    average = WeightAverage(student.unet, args.ema_decay) if args.ema_decay > 0 else None
     regression = RegressionLoss()  # the job's latent regression (--regression-space latent): squared L2 per sample, meaned
     prompts = read_prompts(PROMPTS)
     probe = TrainingProbe(args.probe_samples)
@@ -70,13 +85,14 @@ def main() -> None:
     print(f"| step | mean loss since the last probe | probe FID ({args.probe_samples}) | prompt accuracy | s/it |\n|---|---|---|---|---|")
 
     def report(step: int, losses: list[torch.Tensor], seconds: float) -> None:
-        with torch.no_grad():
+        with torch.no_grad(), (average.swapped_in() if average else contextlib.nullcontext()):
             result = probe(generated_images(generator, student, probe_prompts, probe_seeds, shape, device), probe_prompts)
         loss = f"{torch.stack(losses).mean().item():.4f}" if losses else "-"
         print(f"| {step} | {loss} | {result['fid']:.2f} | {result['prompt_accuracy']:.3f} | {seconds:.2f} |", flush=True)
 
     report(0, [], 0.0)
     losses, started = [], time.perf_counter()
+    deadline = started + 60 * args.minutes if args.minutes > 0 else float("inf")
     for step in range(1, args.steps + 1):
         batch_prompts = rng.choices(prompts, k=args.batch)
         noise = torch.randn(args.batch, *shape, device=device)
@@ -87,14 +103,22 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if average:
+            average.update(step)
         losses.append(loss.detach())
-        if step % args.probe_every == 0 or step == args.steps:
+        out_of_time = time.perf_counter() > deadline
+        if step % args.probe_every == 0 or step == args.steps or out_of_time:
             report(step, losses, (time.perf_counter() - started) / step)
             losses = []
+        if out_of_time:
+            print(f"stopped at step {step}: --minutes {args.minutes} passed")
+            break
     if args.out:
-        recipe = {"student": args.student, "target": args.target, "target_sampler": args.target_sampler, "steps": args.steps,
-                  "lr": args.lr, "batch": args.batch, "loss": "latent L2 onto the target's samples", "script": "benchmarks/regress_onto_steps.py"}
-        info = read_generator_info(student_folder)
+        recipe = {"student": args.student, "student_timestep": timestep, "target": args.target, "target_sampler": args.target_sampler, "steps": step,
+                  "lr": args.lr, "batch": args.batch, "ema_decay": args.ema_decay, "loss": "latent L2 onto the target's samples", "script": "benchmarks/regress_onto_steps.py"}
+        if average:
+            for k, v in average.tracked.items():
+                v.detach().copy_(average.shadow[k])
         export_generator(student.to("cpu"), student.unet, args.out, generator.timestep, {"teacher": info.get("teacher", ""), "recipe": recipe},
                          dtype=torch.float16)
         print(f"exported to {args.out}")

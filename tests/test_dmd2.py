@@ -188,6 +188,35 @@ def test_one_dmd2_iteration_on_the_tiny_teacher(generator_steps, features):
     assert any(not torch.equal(v, fake_net.classifier.state_dict()[k]) for k, v in head_before.items())  # the head trains
 
 
+@pytest.mark.parametrize("timestep", [999, 399])
+def test_one_step_export_at_any_timestep_runs_in_diffusers_as_the_generator(tmp_path, timestep):
+    # DMD2's timestep shift (one-step SDXL reads pure noise at t = 399): diffusers' single step is the generator's
+    from diffusers import DiffusionPipeline
+
+    from dmd_ray.sd.export import export_generator
+
+    teacher = build_tiny_teacher()
+    folder = export_generator(teacher, copy.deepcopy(teacher.unet), str(tmp_path / f"t{timestep}"), timestep=timestep)
+    assert read_generator_info(folder)["generator_timestep"] == timestep
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts = ["a blue triangle", "a small red circle"]
+    latents = pipe(prompts, num_inference_steps=1, guidance_scale=1.0, latents=z.clone(), output_type="latent").images
+    with torch.no_grad():
+        expected = OneStepGenerator(teacher.denoiser(), teacher.schedule, teacher.prediction_type, timestep)(z, teacher.encode_prompts(prompts))
+        elsewhere = OneStepGenerator(teacher.denoiser(), teacher.schedule, teacher.prediction_type, 999 if timestep != 999 else 399)(z, teacher.encode_prompts(prompts))
+    torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)
+    assert (latents - elsewhere).abs().max() > 0.1  # the timestep matters: the test can tell them apart
+    from dmd_ray.config import EvalConfig
+    from dmd_ray.demos.shapes_eval import ImageMaker
+
+    made = ImageMaker(folder, EvalConfig())({"prompt": prompts[:1], "seed": [7]})["image"][0]  # evaluation reads the timestep too
+    drawn = pipe(prompts[0], num_inference_steps=1, guidance_scale=1.0, output_type="np", generator=torch.Generator().manual_seed(7)).images[0]
+    assert np.abs(made.astype(np.float64) - drawn * 255).max() <= 1.0
+    with pytest.raises(ValueError, match="outside the teacher's"):
+        export_generator(teacher, teacher.unet, str(tmp_path / "bad"), timestep=1000)
+
+
 @pytest.mark.parametrize("sampler", ["lcm", "ddim"])
 def test_multi_step_export_runs_in_diffusers_with_that_many_steps(tmp_path, sampler):
     from diffusers import DiffusionPipeline

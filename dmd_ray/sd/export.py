@@ -2,7 +2,11 @@
 
 The folder is the teacher's StableDiffusionPipeline with the generator's UNet and a DDIM scheduler with
 "trailing" spacing and set_alpha_to_one: set_timesteps(1) then gives [T-1], and the single DDIM step from T-1
-lands on alpha = 1, i.e. returns the UNet's x0 prediction. That is exactly the OneStepGenerator at t = T-1:
+lands on alpha = 1, i.e. returns the UNet's x0 prediction. That is exactly the OneStepGenerator at t = T-1. A
+generator at another timestep t (DMD2's "timestep shift": pure noise read at t = 399) gets the teacher's first t + 1
+betas as its schedule (`trained_betas`), so that the same "trailing" single step is [t], with the teacher's alpha
+there, and lands on alpha = 1 the same way; the plain call below needs no `timesteps=[t]`. (steps_offset = t with
+"leading" spacing would also pick [t], but diffusers' StableDiffusionPipeline resets steps_offset to 1 on load.)
 
     pipe = DiffusionPipeline.from_pretrained(folder)
     image = pipe(prompt, num_inference_steps=1, guidance_scale=1.0).images[0]
@@ -35,12 +39,16 @@ ONE_STEP_NOTE = "Run with num_inference_steps=1 and guidance_scale=1.0: the gene
 def one_step_scheduler(teacher_scheduler, timestep: int):
     from diffusers import DDIMScheduler
 
-    num_train_timesteps = teacher_scheduler.config.num_train_timesteps
-    if timestep != num_train_timesteps - 1:
-        raise ValueError(
-            f"the exported scheduler reproduces a generator at t = {num_train_timesteps - 1} only; this one runs at t = {timestep}"
-        )
-    return DDIMScheduler.from_config(teacher_scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=0, clip_sample=False)
+    last = teacher_scheduler.config.num_train_timesteps - 1
+    if not 0 <= timestep <= last:
+        raise ValueError(f"generator timestep {timestep} is outside the teacher's [0, {last}]")
+    shifted = {} if timestep == last else {"num_train_timesteps": timestep + 1, "trained_betas": teacher_scheduler.betas[: timestep + 1].tolist()}
+    scheduler = DDIMScheduler.from_config(teacher_scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=0,
+                                          clip_sample=False, thresholding=False, **shifted)
+    scheduler.set_timesteps(1)
+    if [int(t) for t in scheduler.timesteps] != [timestep] or scheduler.alphas_cumprod[timestep] != teacher_scheduler.alphas_cumprod[timestep]:
+        raise ValueError(f"diffusers' DDIMScheduler runs one step at {scheduler.timesteps.tolist()}, not at the generator's {timestep}")
+    return scheduler
 
 
 def multi_step_scheduler(teacher_scheduler, timesteps: list[int], sampler: str = "lcm"):
