@@ -291,7 +291,8 @@ def test_a_resume_under_another_zero_stage_or_worker_count_is_refused(tmp_path):
 def test_a_generator_can_start_from_an_exported_student_of_the_teachers_architecture(tmp_path, capsys):
     """init_generator (regression pre-training, then DMD): the student's weights start the generator; a folder that is
     no exported student, or one of another architecture, is refused by the driver before any worker starts; a student
-    of another step count is allowed with a note (a one-step student starts a multi-step run badly)."""
+    of another step count is allowed with a note (a one-step student starts a multi-step run badly), one of another
+    input timestep only when the run names one."""
     import torch
 
     from dmd_ray.distributed.distill_driver import prepare
@@ -315,6 +316,18 @@ def test_a_generator_can_start_from_an_exported_student_of_the_teachers_architec
     assert "'demo' was trained as a 1-step generator and this run trains a 4-step one" in capsys.readouterr().out
     prepare(dataclasses.replace(cfg, init_generator="demo-4step", generator_steps=4, lambda_reg=0.0))
     assert "note: init_generator" not in capsys.readouterr().out
+    # a one-step student at another input timestep (DMD2's shift) continues there only when the run says so
+    import copy
+
+    from dmd_ray.sd.export import export_generator
+
+    shifted = export_generator(teacher, copy.deepcopy(student.unet), str(tmp_path / "at-399"), timestep=399)
+    with pytest.raises(ConfigError, match="reads pure noise at t = 399 .* pass --generator-timestep 399"):
+        prepare(dataclasses.replace(cfg, init_generator=shifted))
+    prepare(dataclasses.replace(cfg, init_generator=shifted, generator_timestep=399))
+    assert "note: init_generator" not in capsys.readouterr().out
+    prepare(dataclasses.replace(cfg, init_generator=shifted, generator_timestep=599))
+    assert "was trained at t = 399; this run reads pure noise at t = 599" in capsys.readouterr().out
 
 
 def test_the_jobs_refuse_bad_input_before_they_start_a_cluster(tmp_path, capsys):
