@@ -8,18 +8,21 @@ multi-step generator's deterministic samples, drawn fresh every iteration: no pa
 
 The student starts from `--student` (the packaged one-step `demo`, or `teacher:demo`: the teacher's network), read at
 `--student-timestep` (-1: the student's own, 999 for the teacher; DMD2's one-step SDXL reads pure noise at 399, where
-an epsilon network's x0 = (z - sqrt(1 - a) eps) / sqrt(a) amplifies its error 1.5x instead of 14.6x at 999). The targets come from `--target` (the packaged
-`demo-4step`) run in its steps with DDIM's deterministic re-noising (`--target-sampler ddim`; with `lcm` each target
-would hold fresh noise the student cannot see). Each iteration draws `--batch` noises and prompts of the shapes
-domain, makes the target latents without gradients and takes one AdamW step (float32) on the mean squared latent
-error. Every `--probe-every` steps the in-training probe scores the student (FID in the judge's features and prompt
-accuracy on `--probe-samples` evaluation prompts and seeds; step 0 is the student as loaded). With `--out` the student
-is exported there at the end, or when `--minutes` have passed (with `--ema-decay`, the weight average; float16, a one-step generator folder that jobs/evaluate.py and diffusers load).
+an epsilon network's x0 = (z - sqrt(1 - a) eps) / sqrt(a) amplifies its error 1.5x instead of 14.6x at 999). The
+targets come from `--target` (the packaged `demo-4step`) run in its steps with DDIM's deterministic re-noising
+(`--target-sampler ddim`; with `lcm` each target would hold fresh noise the student cannot see). Each iteration draws
+`--batch` noises and prompts of the shapes domain, makes the target latents without gradients and takes one AdamW step
+(float32) on the mean squared latent error. Every `--probe-every` steps the in-training probe scores the student (FID
+in the judge's features and prompt accuracy on `--probe-samples` evaluation prompts and seeds; step 0 is the student
+as loaded). With `--out` the student is exported there at the end, or when `--minutes` have passed (with
+`--ema-decay`, the weight average; float16, a one-step generator folder that jobs/evaluate.py and diffusers load), with the
+probe's history (`metrics.jsonl`, `metrics.png`).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import random
 import sys
@@ -31,7 +34,7 @@ import torch  # noqa: E402
 
 from dmd_ray.data.prompts import read_prompts  # noqa: E402
 from dmd_ray.demos.shapes_eval import TrainingProbe, model_kind  # noqa: E402
-from dmd_ray.distributed.run_records import generated_images  # noqa: E402
+from dmd_ray.distributed.run_records import generated_images, plot_history  # noqa: E402
 from dmd_ray.method.generator import MultiStepGenerator, OneStepGenerator  # noqa: E402
 from dmd_ray.method.losses import RegressionLoss  # noqa: E402
 from dmd_ray.method.optim import WeightAverage  # noqa: E402
@@ -88,8 +91,11 @@ def main() -> None:
         with torch.no_grad(), (average.swapped_in() if average else contextlib.nullcontext()):
             result = probe(generated_images(generator, student, probe_prompts, probe_seeds, shape, device), probe_prompts)
         loss = f"{torch.stack(losses).mean().item():.4f}" if losses else "-"
+        history.append({"step": step, "eval_fid": result["fid"], "eval_prompt_accuracy": result["prompt_accuracy"],
+                        **({"loss_reg": float(loss)} if losses else {})})
         print(f"| {step} | {loss} | {result['fid']:.2f} | {result['prompt_accuracy']:.3f} | {seconds:.2f} |", flush=True)
 
+    history: list[dict] = []
     report(0, [], 0.0)
     losses, started = [], time.perf_counter()
     deadline = started + 60 * args.minutes if args.minutes > 0 else float("inf")
@@ -121,6 +127,10 @@ def main() -> None:
                 v.detach().copy_(average.shadow[k])
         export_generator(student.to("cpu"), student.unet, args.out, generator.timestep, {"teacher": info.get("teacher", ""), "recipe": recipe},
                          dtype=torch.float16)
+        with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:  # the probe's history, and its plot beside it
+            f.writelines(json.dumps(row) + "\n" for row in history)
+        with open(os.path.join(args.out, "metrics.png"), "wb") as f:
+            f.write(plot_history(history))
         print(f"exported to {args.out}")
 
 
