@@ -139,8 +139,8 @@ class DistillConfig:
     dm_weight: float = 1.0  # 0: the "without distribution matching" ablation (regression only; no fake score updates)
     t_min: float = 0.02  # DM-loss timesteps, as fractions of T
     t_max: float = 0.98
-    # the timestep a one-step generator reads its pure noise at. -1: T - 1 (999 for SD), DMD's; DMD2's one-step SDXL reads
-    # it at 399, where an epsilon network's error reaches x0 1.5x instead of 14.6x (the demo's shift: BENCHMARKS.md)
+    # the timestep a one-step generator reads its pure noise at. -1: init_generator's own, else T - 1 (999 for SD, DMD's).
+    # DMD2's one-step SDXL reads it at 399, where an epsilon network's error reaches x0 1.5x instead of 14.6x at 999
     generator_timestep: int = -1
     # an exported student (built-in name, folder or s3://) whose network starts the generator instead of the teacher's:
     # DMD2's recipe for one-step SDXL, regression pre-training then DMD. The fake score starts from the teacher's

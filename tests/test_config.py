@@ -291,13 +291,13 @@ def test_a_resume_under_another_zero_stage_or_worker_count_is_refused(tmp_path):
 def test_a_generator_can_start_from_an_exported_student_of_the_teachers_architecture(tmp_path, capsys):
     """init_generator (regression pre-training, then DMD): the student's weights start the generator; a folder that is
     no exported student, or one of another architecture, is refused by the driver before any worker starts; a student
-    of another step count is allowed with a note (a one-step student starts a multi-step run badly), one of another
-    input timestep only when the run names one."""
+    of another step count is allowed with a note (a one-step student starts a multi-step run badly); a one-step student
+    continues at its own input timestep unless the run names another."""
     import torch
 
     from dmd_ray.distributed.distill_driver import prepare
     from dmd_ray.distributed.distill_worker import initial_generator
-    from dmd_ray.sd.resolve import load_teacher, resolve_generator
+    from dmd_ray.sd.resolve import load_teacher, read_generator_info, resolve_generator
 
     cfg = DistillConfig(teacher="demo", init_generator="demo", regression_space="latent", output=str(tmp_path / "run"))
     prepare(cfg)
@@ -316,18 +316,22 @@ def test_a_generator_can_start_from_an_exported_student_of_the_teachers_architec
     assert "'demo' was trained as a 1-step generator and this run trains a 4-step one" in capsys.readouterr().out
     prepare(dataclasses.replace(cfg, init_generator="demo-4step", generator_steps=4, lambda_reg=0.0))
     assert "note: init_generator" not in capsys.readouterr().out
-    # a one-step student at another input timestep (DMD2's shift) continues there only when the run says so
+    # a one-step student continues at the input timestep it was trained at (the built-in demo: 399, DMD2's shift),
+    # unless the run names another (with a note)
     import copy
 
+    from dmd_ray.sd.dmd import one_step_timestep
     from dmd_ray.sd.export import export_generator
 
-    shifted = export_generator(teacher, copy.deepcopy(student.unet), str(tmp_path / "at-399"), timestep=399)
-    with pytest.raises(ConfigError, match="reads pure noise at t = 399 .* pass --generator-timestep 399"):
-        prepare(dataclasses.replace(cfg, init_generator=shifted))
-    prepare(dataclasses.replace(cfg, init_generator=shifted, generator_timestep=399))
+    assert one_step_timestep(cfg, 1000) == 399 == read_generator_info(resolve_generator("demo"))["generator_timestep"]
+    at_999 = export_generator(teacher, copy.deepcopy(student.unet), str(tmp_path / "at-999"), timestep=999)
+    assert one_step_timestep(dataclasses.replace(cfg, init_generator=at_999), 1000) == 999
+    assert one_step_timestep(dataclasses.replace(cfg, init_generator=""), 1000) == 999
+    assert one_step_timestep(dataclasses.replace(cfg, generator_timestep=599), 1000) == 599
+    prepare(cfg)
     assert "note: init_generator" not in capsys.readouterr().out
-    prepare(dataclasses.replace(cfg, init_generator=shifted, generator_timestep=599))
-    assert "was trained at t = 399; this run reads pure noise at t = 599" in capsys.readouterr().out
+    prepare(dataclasses.replace(cfg, generator_timestep=599))
+    assert "trained reading its pure noise at t = 399; this run moves it to t = 599" in capsys.readouterr().out
 
 
 def test_the_jobs_refuse_bad_input_before_they_start_a_cluster(tmp_path, capsys):

@@ -74,11 +74,11 @@ def test_demo_teacher_loads_offline_and_follows_prompts():
 def test_demo_generators_are_built_in_and_beat_the_teacher_in_one_step():
     """The packaged students as the evaluation job loads them (BENCHMARKS.md, 1,440 samples): `demo`, the best one-step
     student (regression, DMD and DMD2's DM + GAN on real renders, then regressed onto `demo-4step`'s deterministic
-    samples; FID 3.14 against the teacher's 2.69, accuracy 0.692), and `demo-4step`,
-    DMD2's four-step generator trained from the teacher with backward simulation, then continued, run in its four
-    steps with DDIM's deterministic re-noising (0.801, FID 2.50 against the teacher's 2.69). Both follow prompts far
-    above chance (1/180; on these 90 prompts they read 0.63 and 0.79) and far better than the teacher's own network in
-    one step (0.09), where distillation started; four steps beat one."""
+    samples, last with its pure noise read at t = 399, DMD2's timestep shift; FID 2.70 against the teacher's 2.69,
+    accuracy 0.760), and `demo-4step`, DMD2's four-step generator trained from the teacher with backward simulation,
+    then continued, run in its four steps with DDIM's deterministic re-noising (0.801, FID 2.50). Both follow prompts
+    far above chance (1/180) and far better than the teacher's own network in one step (0.09), where distillation
+    started."""
     import numpy as np
 
     from dmd_ray.config import EvalConfig
@@ -86,7 +86,11 @@ def test_demo_generators_are_built_in_and_beat_the_teacher_in_one_step():
     from dmd_ray.sd.resolve import read_generator_info, resolve_generator
 
     info = read_generator_info(resolve_generator("demo"))
-    assert info["teacher"] == "demo" and info["recipe"]["target"] == "demo-4step" and info["previous"]["recipe"]["dm_weight"] > 0
+    lineage = [info]
+    while "previous" in lineage[-1]:
+        lineage.append(lineage[-1]["previous"])
+    assert info["teacher"] == "demo" and info["recipe"]["target"] == "demo-4step" and info["generator_timestep"] == 399
+    assert any(run["recipe"].get("dm_weight", 0) > 0 for run in lineage)  # DMD's term is in its history
     four_step = read_generator_info(resolve_generator("demo-4step"))
     assert four_step["generator_timesteps"] == [999, 749, 499, 249] and four_step["multi_step_sampler"] == "ddim"
     judge, prompts = shapes.load_classifier(), shapes.evaluation_prompts()[:90]
@@ -95,9 +99,10 @@ def test_demo_generators_are_built_in_and_beat_the_teacher_in_one_step():
     for spec in ("demo", "demo-4step", "teacher-onestep:demo"):
         images = ImageMaker(spec, EvalConfig(guidance_scale=3.0))(rows)["image"]
         accuracy[spec] = shapes.prompt_accuracy(judge, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, prompts)
-    assert accuracy["demo"] >= 0.6, accuracy
+    # on these 90 prompts they read 0.70 and 0.79, the teacher's network in one step 0.09
+    assert accuracy["demo"] >= 0.65, accuracy
     assert accuracy["demo"] >= accuracy["teacher-onestep:demo"] + 0.1, accuracy
-    assert accuracy["demo-4step"] >= max(0.75, accuracy["demo"] + 0.08), accuracy
+    assert accuracy["demo-4step"] >= max(0.75, accuracy["demo"] + 0.05), accuracy  # four steps still beat one
 
 
 @pytest.mark.slow

@@ -111,12 +111,10 @@ def check_initial_generator(cfg: DistillConfig) -> None:
     folder = resolve_generator(cfg.init_generator, cfg.cache_dir or None)
     info = read_generator_info(folder)
     steps = len(info.get("generator_timesteps", [0]))
-    own, run = int(info.get("generator_timestep", 999)), (cfg.generator_timestep if cfg.generator_timestep >= 0 else 999)
-    if steps == cfg.generator_steps == 1 and own != run:
-        if cfg.generator_timestep < 0:  # the default would silently move the student to another input timestep
-            raise ConfigError(f"init_generator {cfg.init_generator!r} reads pure noise at t = {own} and this run's generator at t = 999: "
-                              f"pass --generator-timestep {own} to continue it where it was trained (or another value to move it)")
-        log(f"note: init_generator {cfg.init_generator!r} was trained at t = {own}; this run reads pure noise at t = {run}")
+    own = int(info.get("generator_timestep", 999))
+    if steps == cfg.generator_steps == 1 and cfg.generator_timestep >= 0 and cfg.generator_timestep != own:
+        log(f"note: init_generator {cfg.init_generator!r} was trained reading its pure noise at t = {own}; this run moves it to "
+            f"t = {cfg.generator_timestep} (--generator-timestep -1 continues at its own)")
     if steps != cfg.generator_steps:  # allowed, but measured to start badly: say so before any work
         log(f"note: init_generator {cfg.init_generator!r} was trained as a {steps}-step generator and this run trains a "
             f"{cfg.generator_steps}-step one. A one-step student no longer denoises at the lower timesteps of a chain (the "

@@ -22,9 +22,24 @@ if TYPE_CHECKING:
     from dmd_ray.config import DistillConfig
 
 
+def one_step_timestep(cfg: DistillConfig, num_timesteps: int) -> int:
+    """The timestep a one-step generator reads its pure noise at: `generator_timestep`; at -1, the one the exported
+    student of `init_generator` was trained at (a student continues where it was trained: the built-in `demo` reads
+    t = 399), else T - 1 (DMD's)."""
+    if cfg.generator_timestep >= 0:
+        return cfg.generator_timestep
+    if cfg.init_generator:
+        from dmd_ray.sd.resolve import read_generator_info, resolve_generator
+
+        info = read_generator_info(resolve_generator(cfg.init_generator, cfg.cache_dir or None))
+        if len(info.get("generator_timesteps", [0])) == 1:
+            return int(info.get("generator_timestep", num_timesteps - 1))
+    return num_timesteps - 1
+
+
 def build_objective(cfg: DistillConfig, teacher: Teacher, generator_net: nn.Module, fake_net: nn.Module, device,
                     bare_fake_net: nn.Module | None = None) -> DMDObjective:
-    """The generator (the teacher's network at T-1, or `generator_timestep`) and the DMD objective around two
+    """The generator (the teacher's network at `one_step_timestep`) and the DMD objective around two
     trainable denoisers (UNetDenoiser modules, or DeepSpeed engines wrapping them; then `bare_fake_net` is the fake
     engine's own module, which the generator's GAN term runs)."""
     schedule, prediction_type = teacher.schedule, teacher.prediction_type
@@ -32,8 +47,7 @@ def build_objective(cfg: DistillConfig, teacher: Teacher, generator_net: nn.Modu
         generator = MultiStepGenerator(generator_net, schedule, prediction_type, generator_timesteps(schedule.num_timesteps, cfg.generator_steps),
                                        cfg.multi_step_sampler)
     else:
-        timestep = schedule.num_timesteps - 1 if cfg.generator_timestep < 0 else cfg.generator_timestep
-        generator = OneStepGenerator(generator_net, schedule, prediction_type, timestep)
+        generator = OneStepGenerator(generator_net, schedule, prediction_type, one_step_timestep(cfg, schedule.num_timesteps))
     real_x0 = X0Denoiser(GuidedDenoiser(teacher.denoiser(), cfg.guidance_scale, teacher.uncond_embedding()), schedule, prediction_type)
     if cfg.lambda_reg == 0:
         regression = None  # the "without regression" ablation: no LPIPS network to build (or download)
