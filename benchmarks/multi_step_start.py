@@ -24,7 +24,7 @@ from dmd_ray.demos.shapes_eval import TrainingProbe  # noqa: E402
 from dmd_ray.distributed.run_records import generated_images  # noqa: E402
 from dmd_ray.method.generator import MultiStepGenerator  # noqa: E402
 from dmd_ray.sd.dmd import generator_timesteps  # noqa: E402
-from dmd_ray.sd.resolve import load_teacher, resolve_generator  # noqa: E402
+from dmd_ray.sd.resolve import load_teacher, read_generator_info, resolve_generator  # noqa: E402
 
 
 def main() -> None:
@@ -41,10 +41,13 @@ def main() -> None:
     rows = []
     for spec in args.models.split(","):
         network = load_teacher(spec.removeprefix("teacher:") if spec.startswith("teacher:") else resolve_generator(spec)).to(device=device)
+        # a one-step export at a shifted timestep t holds only the teacher's first t + 1 betas (dmd_ray.sd.export): its
+        # chains run on the teacher's whole schedule
+        schedule = network.schedule if spec.startswith("teacher:") else load_teacher(read_generator_info(resolve_generator(spec))["teacher"]).schedule
         for steps in (int(s) for s in args.steps.split(",")):
             for sampler in args.samplers.split(",") if steps > 1 else ["-"]:  # one step does not re-noise
-                chain = MultiStepGenerator(network.denoiser(), network.schedule, network.prediction_type,
-                                           generator_timesteps(network.schedule.num_timesteps, steps), "lcm" if sampler == "-" else sampler)
+                chain = MultiStepGenerator(network.denoiser(), schedule, network.prediction_type,
+                                           generator_timesteps(schedule.num_timesteps, steps), "lcm" if sampler == "-" else sampler)
                 result = probe(generated_images(chain, network, prompts, seeds, network.latent_shape(network.default_resolution), device), prompts)
                 rows.append((spec, steps, sampler, result["fid"], result["prompt_accuracy"]))
                 print(f"{spec} {steps} steps ({sampler}): FID {result['fid']:.2f}, accuracy {result['prompt_accuracy']:.3f}", flush=True)
