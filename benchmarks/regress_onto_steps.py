@@ -60,6 +60,8 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=0.0, help="stop (probe, export) after this long; 0: after --steps")
     p.add_argument("--out", default="", help="export the student here at the end")
     args = p.parse_args()
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     kind, source = model_kind(args.student)
@@ -80,6 +82,7 @@ def main() -> None:
     student.unet.requires_grad_(True)
     optimizer = torch.optim.AdamW(student.unet.parameters(), lr=args.lr, weight_decay=0.01)
     average = WeightAverage(student.unet, args.ema_decay) if args.ema_decay > 0 else None
+    averaged = average.swapped_in if average else contextlib.nullcontext  # the probe and the export see what ships
     regression = RegressionLoss()  # the job's latent regression (--regression-space latent): squared L2 per sample, meaned
     prompts = read_prompts(PROMPTS)
     probe = TrainingProbe(args.probe_samples)
@@ -88,7 +91,7 @@ def main() -> None:
     print(f"| step | mean loss since the last probe | probe FID ({args.probe_samples}) | prompt accuracy | s/it |\n|---|---|---|---|---|")
 
     def report(step: int, losses: list[torch.Tensor], seconds: float) -> None:
-        with torch.no_grad(), (average.swapped_in() if average else contextlib.nullcontext()):
+        with torch.no_grad(), averaged():
             result = probe(generated_images(generator, student, probe_prompts, probe_seeds, shape, device), probe_prompts)
         loss = f"{torch.stack(losses).mean().item():.4f}" if losses else "-"
         history.append({"step": step, "eval_fid": result["fid"], "eval_prompt_accuracy": result["prompt_accuracy"],
@@ -122,11 +125,10 @@ def main() -> None:
     if args.out:
         recipe = {"student": args.student, "student_timestep": timestep, "target": args.target, "target_sampler": args.target_sampler, "steps": step,
                   "lr": args.lr, "batch": args.batch, "ema_decay": args.ema_decay, "loss": "latent L2 onto the target's samples", "script": "benchmarks/regress_onto_steps.py"}
-        if average:
-            for k, v in average.tracked.items():
-                v.detach().copy_(average.shadow[k])
-        export_generator(student.to("cpu"), student.unet, args.out, generator.timestep, {"teacher": info.get("teacher", ""), "recipe": recipe},
-                         dtype=torch.float16)
+        student.to("cpu")
+        with averaged():
+            export_generator(student, student.unet, args.out, generator.timestep, {"teacher": info.get("teacher", ""), "recipe": recipe},
+                             dtype=torch.float16)
         with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:  # the probe's history, and its plot beside it
             f.writelines(json.dumps(row) + "\n" for row in history)
         with open(os.path.join(args.out, "metrics.png"), "wb") as f:
