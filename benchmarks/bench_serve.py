@@ -99,7 +99,8 @@ async def closed_loop(send, concurrency: int, seconds: float, warmup_per_client:
 def report(path: str, row: dict) -> None:
     size = f"  response {row['response_kib']:.0f} KiB" if "response_kib" in row else ""
     outside = "  p50 ms: " + ", ".join(f"{phase} {ms:.1f}" for phase, ms in row["server_p50_ms"].items()) if "server_p50_ms" in row else ""
-    print(f"{path:5} c={row['concurrency']:<3} {row['req_per_s']:8.1f} req/s  p50 {row['p50_ms']:7.1f} ms  "
+    in_flight = f" in flight {row['max_batches_in_flight']}" if "max_batches_in_flight" in row else ""
+    print(f"{path:5}{in_flight} c={row['concurrency']:<3} {row['req_per_s']:8.1f} req/s  p50 {row['p50_ms']:7.1f} ms  "
           f"p99 {row['p99_ms']:7.1f} ms  mean batch {row['mean_batch']:.1f}{size}{outside}", flush=True)
 
 
@@ -113,10 +114,10 @@ def outside_serve_replica(max_ongoing_requests: int) -> None:
 
 
 async def run_bare(folder: str, device: str, args, config, concurrencies: list[int], formats: list[str], rows: dict, save,
-                   replica_started=None) -> None:
-    """Fills `rows` with the bare rows per output format and "warmup_s", the generator's warm-up (compilation) time,
-    calling `save()` after each. With `replica_started` (a future), the rows wait for it after the warm-up, so that no
-    row shares the machine with the replica's warm-up."""
+                   in_flight_values: list[int], replica_started=None) -> None:
+    """Fills `rows` with the bare rows per output format (each concurrency at each bound on the batches in flight) and
+    "warmup_s", the generator's warm-up (compilation) time, calling `save()` after each. With `replica_started` (a
+    future), the rows wait for it after the warm-up, so that no row shares the machine with the replica's warm-up."""
     from dmd_ray.sd.one_step import SEED_MODULUS, GenerationJob, ImageSize, OneStepImageGenerator
     from serve.app import BatchedGenerator, ImageEncoder, ServerTiming
 
@@ -148,10 +149,12 @@ async def run_bare(folder: str, device: str, args, config, concurrencies: list[i
             return timing.durations_ms()
 
         rows[output_format] = []
-        for c in concurrencies:
+        for in_flight, c in itertools.product(in_flight_values, concurrencies):
+            batcher.max_batches_in_flight = in_flight
             before = (batcher.batches_run, batcher.images_generated)
             rows[output_format].append(await closed_loop(send, c, args.seconds, args.warmup_requests))
-            rows[output_format][-1]["mean_batch"] = (batcher.images_generated - before[1]) / max(1, batcher.batches_run - before[0])
+            rows[output_format][-1].update(mean_batch=(batcher.images_generated - before[1]) / max(1, batcher.batches_run - before[0]),
+                                           max_batches_in_flight=in_flight)
             report(f"bare {output_format}", rows[output_format][-1])
             save()
     del batcher, generator
@@ -234,6 +237,8 @@ def main() -> int:
     p.add_argument("--warmup-requests", type=int, default=3, help="unmeasured requests per client before measuring")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
+    p.add_argument("--max-batches-in-flight", default="2", help="the service's max_batches_in_flight (GPU); comma-separated: bare rows "
+                   "for each, the HTTP path with the last (0: no bound)")
     p.add_argument("--max-ongoing-requests", type=int, default=0, help="per replica; default: the service's")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--output-format", default="png", help="comma-separated: png, jpeg, webp (JPEG/WebP at quality 90); rows for each")
@@ -253,6 +258,7 @@ def main() -> int:
     formats = args.output_format.split(",")
     if not set(formats) <= {"png", "jpeg", "webp"}:
         p.error(f"--output-format takes png, jpeg and webp, got {args.output_format}")
+    in_flight_values = [int(v) for v in args.max_batches_in_flight.split(",")]
     paths = set(args.paths.split(","))
     if not paths <= {"bare", "http"}:
         p.error(f"--paths takes bare and http, got {args.paths}")
@@ -266,7 +272,7 @@ def main() -> int:
         "accelerator": "gpu" if device == "cuda" else "cpu", "dtype": args.dtype, "num_cpus": args.num_cpus,
         "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_ms / 1e3,
         "max_ongoing_requests": args.max_ongoing_requests or max(ServiceConfig.max_ongoing_requests, args.max_batch_size),
-        "max_images": 1, "max_queued_requests": -1,
+        "max_images": 1, "max_queued_requests": -1, "max_batches_in_flight": in_flight_values[-1],
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "request_timeout_s": 120,
         "sizes": [args.size] if args.size else [], "compile": args.compile, "decoder": args.decoder,
         **({"inline_response_kib": args.inline_response_kib} if args.inline_response_kib is not None else {}),
@@ -311,7 +317,7 @@ def main() -> int:
             # are measured with the other idle
             replica = concurrent.futures.ThreadPoolExecutor(1).submit(start_service, folder, service_args) if "http" in paths else None
             if "bare" in paths:
-                asyncio.run(run_bare(folder, device, args, config, concurrencies, formats, bare, save, replica))
+                asyncio.run(run_bare(folder, device, args, config, concurrencies, formats, bare, save, in_flight_values, replica))
             if replica:
                 url, results["replica_start_s"] = replica.result()
                 asyncio.run(run_http(url, args, concurrencies, formats, http, floor, save))
@@ -326,18 +332,23 @@ def main() -> int:
           f"decoder {args.decoder or 'VAE'}, {datetime.date.today()}")
     if bare.get("warmup_s") and config.compile_mode(device):
         print(f"(bare warm-up {bare['warmup_s']:.1f} s with this node's compile caches as found, beside the replica's warm-up from empty caches)")
-    if not (bare and http):  # one path: its own rows
-        name, rows = ("bare", bare) if bare else ("HTTP", http)
-        print(f"| format | clients | {name} req/s | p50 ms | p99 ms | outside the handler p50 ms | mean batch |\n|---|---|---|---|---|---|---|")
-        for output_format in formats:
-            for row in rows[output_format]:
-                outside = f"{row['server_p50_ms']['outside the handler']:.1f}" if "server_p50_ms" in row else "-"
-                print(f"| {output_format} | {row['concurrency']} | {row['req_per_s']:.1f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {outside} | {row['mean_batch']:.1f} |")
-    else:
+    if len(in_flight_values) > 1 or not (bare and http):  # each path's own rows
+        for name, rows in (("bare", bare), ("HTTP", http)):
+            if not rows:
+                continue
+            print(f"| format | batches in flight | clients | {name} req/s | p50 ms | p99 ms | outside the handler p50 ms | mean batch |\n"
+                  "|---|---|---|---|---|---|---|---|")
+            for output_format in formats:
+                for row in rows[output_format]:
+                    outside = f"{row['server_p50_ms']['outside the handler']:.1f}" if "server_p50_ms" in row else "-"
+                    print(f"| {output_format} | {row.get('max_batches_in_flight', in_flight_values[-1]) or 'no bound'} | {row['concurrency']} | "
+                          f"{row['req_per_s']:.1f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {outside} | {row['mean_batch']:.1f} |")
+    if bare and http:
         print("| format | clients | bare req/s | bare p50 ms | bare p99 ms | HTTP req/s | HTTP p50 ms | HTTP p99 ms | HTTP/bare req/s "
               "| added p50 ms | outside the handler p50 ms | mean batch bare / HTTP |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for output_format, b, h in ((f, b, h) for f in formats for b, h in zip(bare[f], http[f])):
+        served = in_flight_values[-1]  # the HTTP path's bound: beside the bare rows at the same one
+        for output_format, b, h in ((f, b, h) for f in formats for b, h in zip([r for r in bare[f] if r["max_batches_in_flight"] == served], http[f])):
             print(f"| {output_format} | {b['concurrency']} | {b['req_per_s']:.1f} | {b['p50_ms']:.1f} | {b['p99_ms']:.1f} | {h['req_per_s']:.1f} | "
                   f"{h['p50_ms']:.1f} | {h['p99_ms']:.1f} | {h['req_per_s'] / b['req_per_s']:.2f}x | {h['p50_ms'] - b['p50_ms']:+.1f} | "
                   f"{h['server_p50_ms']['outside the handler']:.1f} | {b['mean_batch']:.1f} / {h['mean_batch']:.1f} |")

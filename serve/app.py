@@ -230,9 +230,12 @@ class BatchedGenerator:
     instance per process.
     """
 
-    def __init__(self, generator: OneStepImageGenerator, max_batch_size: int, batch_wait_timeout_s: float, on_device: bool = False):
+    def __init__(self, generator: OneStepImageGenerator, max_batch_size: int, batch_wait_timeout_s: float, on_device: bool = False,
+                 max_batches_in_flight: int = 0):
         self.generator = generator
         self.on_device = on_device  # images stay on the generator's device as uint8 tensors (for ImageEncoder)
+        self.max_batches_in_flight = max_batches_in_flight  # with on_device; 0: no bound (ServiceConfig says why)
+        self._in_flight: collections.deque = collections.deque()  # the ready events of batches queued on the GPU
         # one thread runs every batch (and the warm-up): CUDA graphs recorded in one thread replay in that thread only
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate", initializer=_own_cuda_stream,
                                          initargs=(str(generator.device),))
@@ -304,6 +307,10 @@ class BatchedGenerator:
             ready = torch.cuda.Event()
             ready.record()  # on this thread's stream, after the batch
             results = [DeviceImages(images, ready) for images in results]
+            if self.max_batches_in_flight:
+                self._in_flight.append(ready)
+                while len(self._in_flight) >= self.max_batches_in_flight:  # leaves this batch and at most the bound - 2 before it queued
+                    self._in_flight.popleft().synchronize()
         return results
 
 
@@ -395,7 +402,8 @@ class OneStepImageService:
         self.limits = RequestLimits(config.max_prompt_chars, config.max_images, sizes)
         self.model_id = served_model_name(config)
         self.model_created = int(os.path.getmtime(os.path.join(folder, "dmd_ray.json")))
-        self.batcher = BatchedGenerator(self.generator, config.max_batch_size, config.batch_wait_timeout_s, on_device=device == "cuda")
+        self.batcher = BatchedGenerator(self.generator, config.max_batch_size, config.batch_wait_timeout_s, on_device=device == "cuda",
+                                        max_batches_in_flight=config.max_batches_in_flight)
         if config.warmup:  # in the batcher's thread, where the compiled graphs will replay
             started = time.perf_counter()
             cached = bool(self.generator.compile_mode) and compile_cache.load(config.compile_cache)

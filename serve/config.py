@@ -51,6 +51,10 @@ class ServiceConfig:
     # dynamic batching (@serve.batch): a batch holds at most max_batch_size images
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.005
+    # batches queued on the GPU at once (GPU replicas): the generator thread queues a batch, then waits until the GPU
+    # has drawn the one before it, so that under load the requests arriving meanwhile fill the next batch instead of
+    # trickling after the last one in batches of one or two. 0: no bound.
+    max_batches_in_flight: int = 2
     # backpressure: requests a replica holds (generating or waiting for the generator), and requests queued at each
     # proxy beyond that before overload answers. A replica turns its backlog into full batches, while Serve re-offers
     # a request queued at the proxy with backoff (25 ms doubling to 0.5 s) and leaves the replica idle meanwhile
@@ -100,7 +104,7 @@ class ServiceConfig:
                 problems.append(f"{name} must be at least 1")
         if not 0 <= self.inline_response_kib <= MAX_INLINE_RESPONSE_KIB:
             problems.append(f"inline_response_kib must be in [0, {MAX_INLINE_RESPONSE_KIB}] (0: Ray's own limit), not {self.inline_response_kib}")
-        for name in ("num_cpus", "batch_wait_timeout_s", "retry_after_s", "encode_threads"):
+        for name in ("num_cpus", "batch_wait_timeout_s", "retry_after_s", "encode_threads", "max_batches_in_flight"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         for name in ("health_check_period_s", "health_check_timeout_s", "request_timeout_s"):

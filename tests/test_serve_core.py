@@ -378,6 +378,40 @@ def test_the_batcher_waits_for_a_batch_to_fill_only_under_load(generator, monkey
     assert asyncio.run(scenario()) == [0.05, 0.0, 0.05]
 
 
+@pytest.mark.parametrize("bound, waited_for", [(0, []), (1, [0, 1, 2, 3]), (2, [0, 1, 2]), (3, [0, 1])])
+def test_the_generator_thread_keeps_at_most_the_bound_of_batches_queued_on_the_gpu(bound, waited_for, monkeypatch):
+    # After queuing a batch the generator thread waits for the GPU to draw earlier ones until fewer than the bound are
+    # left queued, so that the next batch it takes has filled meanwhile. Events stand in for the GPU's: each records
+    # whether the thread waited for it.
+    import types
+
+    from ray import serve
+
+    from serve.app import BatchedGenerator
+
+    class Event:
+        def __init__(self):
+            self.waited = False
+            events.append(self)
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            self.waited = True
+
+    events: list[Event] = []
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    context = types.SimpleNamespace(_deployment_config=types.SimpleNamespace(max_ongoing_requests=8))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+    gpu = types.SimpleNamespace(device=torch.device("cpu"), generate=lambda jobs, on_device: [torch.zeros(1, 3, 2, 2) for _ in jobs])
+    batcher = BatchedGenerator(gpu, max_batch_size=2, batch_wait_timeout_s=0.0, on_device=True, max_batches_in_flight=bound)
+    for seed in range(4):
+        [images] = batcher._generate_batch([GenerationJob("a red circle", (seed,), ImageSize(2, 2))])
+        assert images.ready is events[-1]
+    assert [i for i, event in enumerate(events) if event.waited] == waited_for
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the generator's CUDA stream and nvJPEG need a GPU")
 def test_gpu_images_are_encoded_only_once_the_generator_has_drawn_them(monkeypatch):
     # The generator thread hands a batch's images over before the GPU has drawn them and goes on to queue the next
@@ -405,7 +439,7 @@ def test_gpu_images_are_encoded_only_once_the_generator_has_drawn_them(monkeypat
         return generate(jobs, on_device)
 
     monkeypatch.setattr(gpu, "generate", slow_generate)
-    batcher = BatchedGenerator(gpu, max_batch_size=2, batch_wait_timeout_s=0.001, on_device=True)
+    batcher = BatchedGenerator(gpu, max_batch_size=2, batch_wait_timeout_s=0.001, on_device=True, max_batches_in_flight=2)
     encoder = ImageEncoder(threads=2)
 
     async def request(seed: int, output_format: str) -> float:
