@@ -258,7 +258,10 @@ def main() -> int:
     formats = args.output_format.split(",")
     if not set(formats) <= {"png", "jpeg", "webp"}:
         p.error(f"--output-format takes png, jpeg and webp, got {args.output_format}")
-    in_flight_values = [int(v) for v in args.max_batches_in_flight.split(",")]
+    try:
+        in_flight_values = [int(v) for v in args.max_batches_in_flight.split(",")]
+    except ValueError:
+        p.error(f"--max-batches-in-flight takes comma-separated integers, got {args.max_batches_in_flight!r}")
     paths = set(args.paths.split(","))
     if not paths <= {"bare", "http"}:
         p.error(f"--paths takes bare and http, got {args.paths}")

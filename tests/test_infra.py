@@ -467,6 +467,22 @@ def test_the_batch_sweep_refuses_a_malformed_batch_list_before_any_work():
         assert result.returncode == 2 and "DMxREG pairs of positive integers" in result.stderr, result.stderr[-500:]
 
 
+def test_the_serving_benchmark_measures_the_bare_path_at_each_bound_on_batches_in_flight(tmp_path):
+    # the bare rows only (no Ray cluster): the tiny export, two bounds, a fraction of a second per row
+    out = tmp_path / "serve.json"
+    command = [sys.executable, "benchmarks/bench_serve.py", "--model", "tiny", "--paths", "bare", "--concurrency", "1,2", "--seconds", "0.3",
+               "--warmup-requests", "1", "--output-format", "jpeg,png", "--max-batches-in-flight", "0,2", "--num-cpus", "1", "--json", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["bare"]
+    for output_format in ("jpeg", "png"):
+        assert [(r["max_batches_in_flight"], r["concurrency"]) for r in rows[output_format]] == [(0, 1), (0, 2), (2, 1), (2, 2)]
+        assert all(r["requests"] > 0 and r["p50_ms"] > 0 and r["mean_batch"] >= 1 for r in rows[output_format])
+    assert "| jpeg | no bound | 1 |" in result.stdout and "| png | 2 | 2 |" in result.stdout
+    refused = subprocess.run(command[:-2] + ["--max-batches-in-flight", "two"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--max-batches-in-flight takes comma-separated integers" in refused.stderr
+
+
 def test_the_gpu_suite_runs_the_benchmarks_with_arguments_they_take():
     """benchmarks/gpu_suite.sh (the GPU figures of BENCHMARKS.md) against the benchmarks' own command lines: every
     flag it passes is one the script's --help lists, so a renamed flag fails here, not ten minutes into a GPU
