@@ -309,7 +309,7 @@ class BatchedGenerator:
             results = [DeviceImages(images, ready) for images in results]
             if self.max_batches_in_flight:
                 self._in_flight.append(ready)
-                while len(self._in_flight) >= self.max_batches_in_flight:  # leaves this batch and at most the bound - 2 before it queued
+                while len(self._in_flight) >= self.max_batches_in_flight:  # then at most bound - 1 (this one too): the next makes the bound
                     self._in_flight.popleft().synchronize()
         return results
 
