@@ -10,7 +10,9 @@ The student starts from `--student` (the packaged one-step `demo`, or `teacher:d
 `--student-timestep` (-1: the student's own, 999 for the teacher; DMD2's one-step SDXL reads pure noise at 399, where
 an epsilon network's x0 = (z - sqrt(1 - a) eps) / sqrt(a) amplifies its error 1.5x instead of 14.6x at 999). The
 targets come from `--target` (the packaged `demo-4step`) run in its steps with DDIM's deterministic re-noising
-(`--target-sampler ddim`; with `lcm` each target would hold fresh noise the student cannot see). Each iteration draws
+(`--target-sampler ddim`; with `lcm` each target would hold fresh noise the student cannot see), or with
+`--target teacher:SPEC` from the teacher's guided ODE (DMD's regression targets: `--target-steps` of `--target-sampler`
+pndm at `--target-guidance` 3, as the pairs are made, but fresh for every noise instead of a fixed pair set). Each iteration draws
 `--batch` noises and prompts of the shapes domain, makes the target latents without gradients and takes one AdamW step
 (float32) on the mean squared latent error. Every `--probe-every` steps the in-training probe scores the student (FID
 in the judge's features and prompt accuracy on `--probe-samples` evaluation prompts and seeds; step 0 is the student
@@ -35,11 +37,14 @@ import torch  # noqa: E402
 from dmd_ray.data.prompts import read_prompts  # noqa: E402
 from dmd_ray.demos.shapes_eval import TrainingProbe, model_kind  # noqa: E402
 from dmd_ray.distributed.run_records import generated_images, plot_history  # noqa: E402
+from dmd_ray.method.denoiser import GuidedDenoiser  # noqa: E402
 from dmd_ray.method.generator import MultiStepGenerator, OneStepGenerator  # noqa: E402
 from dmd_ray.method.losses import RegressionLoss  # noqa: E402
 from dmd_ray.method.optim import WeightAverage  # noqa: E402
+from dmd_ray.method.sampling import ode_sample  # noqa: E402
 from dmd_ray.sd.export import export_generator  # noqa: E402
 from dmd_ray.sd.resolve import load_teacher, read_generator_info, resolve_generator  # noqa: E402
+from dmd_ray.sd.teacher_sampler import SAMPLERS, make_scheduler  # noqa: E402
 
 PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dmd_ray", "assets", "shapes_prompts.txt")
 
@@ -48,8 +53,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--student", default="demo", help="a one-step generator, or teacher:SPEC to start from a teacher's network")
     p.add_argument("--student-timestep", type=int, default=-1, help="the timestep the student reads pure noise at; -1: its own")
-    p.add_argument("--target", default="demo-4step")
-    p.add_argument("--target-sampler", default="ddim", choices=["ddim", "lcm"])
+    p.add_argument("--target", default="demo-4step", help="a multi-step generator, or teacher:SPEC for the teacher's guided ODE")
+    p.add_argument("--target-sampler", default="", help="a multi-step generator's: ddim (default) or lcm; a teacher's: a pair "
+                   "sampler (pndm default, ddim, euler, dpmpp, unipc)")
+    p.add_argument("--target-steps", type=int, default=50, help="a teacher target's ODE steps")
+    p.add_argument("--target-guidance", type=float, default=3.0, help="a teacher target's guidance scale")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--lr", type=float, default=3e-5)
     p.add_argument("--batch", type=int, default=64)
@@ -67,15 +75,30 @@ def main() -> None:
     kind, source = model_kind(args.student)
     if kind == "teacher-onestep":
         raise SystemExit("--student is a one-step generator or teacher:SPEC")
-    student_folder, target_folder = (source if kind == "teacher" else resolve_generator(source)), resolve_generator(args.target)
+    target_kind, target_source = model_kind(args.target)
+    if target_kind == "teacher-onestep":
+        raise SystemExit("--target is a multi-step generator or teacher:SPEC")
+    samplers = sorted(SAMPLERS) if target_kind == "teacher" else ["ddim", "lcm"]
+    target_sampler = args.target_sampler or ("pndm" if target_kind == "teacher" else "ddim")
+    if target_sampler not in samplers:
+        p.error(f"--target-sampler for {args.target} is one of {samplers}, got {target_sampler!r}")
+    student_folder = source if kind == "teacher" else resolve_generator(source)
+    target_folder = target_source if target_kind == "teacher" else resolve_generator(target_source)
     info = {"teacher": source} if kind == "teacher" else read_generator_info(student_folder)
     timestep = args.student_timestep if args.student_timestep >= 0 else int(info.get("generator_timestep", 999))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     student = load_teacher(student_folder).to(device, torch.float32)
     target = load_teacher(target_folder).to(device, torch.float32)
-    timesteps = [int(t) for t in read_generator_info(target_folder)["generator_timesteps"]]
-    make_target = MultiStepGenerator(target.denoiser(), target.schedule, target.prediction_type, timesteps, args.target_sampler)
+    if target_kind == "teacher":  # DMD's regression targets, drawn fresh: the teacher's guided ODE from the same noise
+        guided = GuidedDenoiser(target.denoiser(), args.target_guidance, target.uncond_embedding() if args.target_guidance != 1 else None)
+        scheduler = make_scheduler(target_sampler, target.scheduler)
+
+        def make_target(noise, cond):
+            return ode_sample(guided, scheduler, noise, cond, args.target_steps)
+    else:
+        timesteps = [int(t) for t in read_generator_info(target_folder)["generator_timesteps"]]
+        make_target = MultiStepGenerator(target.denoiser(), target.schedule, target.prediction_type, timesteps, target_sampler)
     generator = OneStepGenerator(student.denoiser(), student.schedule, student.prediction_type, timestep)
     for network in (target.unet, target.text_encoder, student.text_encoder, student.vae):
         network.requires_grad_(False)
@@ -123,7 +146,8 @@ def main() -> None:
             print(f"stopped at step {step}: --minutes {args.minutes} passed")
             break
     if args.out:
-        recipe = {"student": args.student, "student_timestep": timestep, "target": args.target, "target_sampler": args.target_sampler, "steps": step,
+        recipe = {"student": args.student, "student_timestep": timestep, "target": args.target, "target_sampler": target_sampler,
+                  **({"target_steps": args.target_steps, "target_guidance": args.target_guidance} if target_kind == "teacher" else {}), "steps": step,
                   "lr": args.lr, "batch": args.batch, "ema_decay": args.ema_decay, "loss": "latent L2 onto the target's samples", "script": "benchmarks/regress_onto_steps.py"}
         student.to("cpu")
         with averaged():

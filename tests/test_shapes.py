@@ -130,3 +130,29 @@ def test_train_teacher_job_runs_resumes_and_refuses_another_recipe(ray_cluster, 
     assert continued.vae.config.scaling_factor == teacher.vae.config.scaling_factor
     assert all(torch.equal(a, b) for a, b in zip(continued.vae.state_dict().values(), teacher.vae.state_dict().values()))
     assert not all(torch.equal(a, b) for a, b in zip(continued.unet.state_dict().values(), teacher.unet.state_dict().values()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, recipe", [("demo-4step", {"target_sampler": "ddim"}),
+                                            ("teacher:demo", {"target_sampler": "pndm", "target_steps": 2, "target_guidance": 3.0})])
+def test_regression_onto_a_few_step_student_or_the_teachers_ode_exports_a_one_step_student(target, recipe, tmp_path):
+    # benchmarks/regress_onto_steps.py for one step of batch 2: the export loads, records its recipe and timestep, and
+    # the probe's history sits beside it
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from dmd_ray.sd.resolve import read_generator_info
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "student"
+    command = [sys.executable, "benchmarks/regress_onto_steps.py", "--target", target, "--target-steps", "2", "--steps", "1", "--batch", "2",
+               "--probe-every", "1", "--probe-samples", "6", "--out", str(out)]
+    result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = read_generator_info(str(out))
+    assert info["generator_timestep"] == 399 and info["recipe"]["target"] == target  # `demo`'s own timestep
+    assert recipe.items() <= info["recipe"].items()
+    history = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [row["step"] for row in history] == [0, 1] and history[1]["loss_reg"] > 0
