@@ -136,7 +136,7 @@ def test_train_teacher_job_runs_resumes_and_refuses_another_recipe(ray_cluster, 
 @pytest.mark.parametrize("target, recipe", [("demo-4step", {"target_sampler": "ddim"}),
                                             ("teacher:demo", {"target_sampler": "pndm", "target_steps": 2, "target_guidance": 3.0})])
 def test_regression_onto_a_few_step_student_or_the_teachers_ode_exports_a_one_step_student(target, recipe, tmp_path):
-    # benchmarks/regress_onto_steps.py for one step of batch 2: the export loads, records its recipe and timestep, and
+    # benchmarks/regress_onto_steps.py for one step of batch 2: the export records its recipe and timestep, and
     # the probe's history sits beside it
     import json
     import os
