@@ -16,7 +16,9 @@ sends its next request when the previous one is answered (closed loop); every re
 replica starts with empty compile caches, as on a fresh node, and warms up beside the bare path's warm-up (a GPU
 replica's compilation takes minutes); each path's rows are measured with the other idle. `--paths bare` or `http`
 measures one. "outside the handler" is an HTTP request's latency minus the replica handler's own time (its
-Server-Timing header): what Serve's proxy, Ray's hops and FastAPI's parsing and JSON add.
+Server-Timing header): what Serve's proxy, Ray's hops and FastAPI's parsing and JSON add. `--max-batches-in-flight
+0,2` measures the bare path at each bound on the batches a GPU replica queues (the service's max_batches_in_flight) in
+one process, and the HTTP path at the last one.
 """
 from __future__ import annotations
 
