@@ -483,6 +483,15 @@ def test_the_serving_benchmark_measures_the_bare_path_at_each_bound_on_batches_i
     assert refused.returncode == 2 and "--max-batches-in-flight takes comma-separated integers" in refused.stderr
 
 
+def test_the_response_benchmark_times_the_images_routes_json_three_ways():
+    result = subprocess.run([sys.executable, "benchmarks/bench_response.py", "--kib", "2", "--requests", "2", "--rounds", "1"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| /")]
+    assert [row[0] for row in rows] == ["| /response-model", "| /pre-serialised", "| /empty"]
+    assert rows[0][1] == rows[1][1] == "3" and rows[2][1] == "0"  # 2 KiB in base64 and JSON; the empty body
+
+
 def test_the_gpu_suite_runs_the_benchmarks_with_arguments_they_take():
     """benchmarks/gpu_suite.sh (the GPU figures of BENCHMARKS.md) against the benchmarks' own command lines: every
     flag it passes is one the script's --help lists, so a renamed flag fails here, not ten minutes into a GPU
