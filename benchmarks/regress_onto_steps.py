@@ -37,14 +37,12 @@ import torch  # noqa: E402
 from dmd_ray.data.prompts import read_prompts  # noqa: E402
 from dmd_ray.demos.shapes_eval import TrainingProbe, model_kind  # noqa: E402
 from dmd_ray.distributed.run_records import generated_images, plot_history  # noqa: E402
-from dmd_ray.method.denoiser import GuidedDenoiser  # noqa: E402
 from dmd_ray.method.generator import MultiStepGenerator, OneStepGenerator  # noqa: E402
 from dmd_ray.method.losses import RegressionLoss  # noqa: E402
 from dmd_ray.method.optim import WeightAverage  # noqa: E402
-from dmd_ray.method.sampling import ode_sample  # noqa: E402
 from dmd_ray.sd.export import export_generator  # noqa: E402
 from dmd_ray.sd.resolve import load_teacher, read_generator_info, resolve_generator  # noqa: E402
-from dmd_ray.sd.teacher_sampler import SAMPLERS, make_scheduler  # noqa: E402
+from dmd_ray.sd.teacher_sampler import SAMPLERS, PairSampler  # noqa: E402
 
 PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dmd_ray", "assets", "shapes_prompts.txt")
 
@@ -90,15 +88,20 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     student = load_teacher(student_folder).to(device, torch.float32)
     target = load_teacher(target_folder).to(device, torch.float32)
-    if target_kind == "teacher":  # DMD's regression targets, drawn fresh: the teacher's guided ODE from the same noise
-        guided = GuidedDenoiser(target.denoiser(), args.target_guidance, target.uncond_embedding() if args.target_guidance != 1 else None)
-        scheduler = make_scheduler(target_sampler, target.scheduler)
+    if target_kind == "teacher":  # DMD's regression targets, drawn fresh: pairs made as the pair job makes them
+        pairs = PairSampler(target, sampler=target_sampler, steps=args.target_steps, guidance_scale=args.target_guidance,
+                            resolution=target.default_resolution, device=device, dtype=torch.float32)
 
-        def make_target(noise, cond):
-            return ode_sample(guided, scheduler, noise, cond, args.target_steps)
+        def noise_and_target(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            noise, wanted = pairs(prompts, [rng.randrange(2**31) for _ in prompts])
+            return noise.to(device).clone(), wanted.to(device).clone()  # plain tensors (the sampler's are inference tensors)
     else:
         timesteps = [int(t) for t in read_generator_info(target_folder)["generator_timesteps"]]
-        make_target = MultiStepGenerator(target.denoiser(), target.schedule, target.prediction_type, timesteps, target_sampler)
+        chain = MultiStepGenerator(target.denoiser(), target.schedule, target.prediction_type, timesteps, target_sampler)
+
+        def noise_and_target(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            noise = torch.randn(len(prompts), *shape, device=device)
+            return noise, chain(noise, target.encode_prompts(prompts))
     generator = OneStepGenerator(student.denoiser(), student.schedule, student.prediction_type, timestep)
     for network in (target.unet, target.text_encoder, student.text_encoder, student.vae):
         network.requires_grad_(False)
@@ -127,10 +130,9 @@ def main() -> None:
     deadline = started + 60 * args.minutes if args.minutes > 0 else float("inf")
     for step in range(1, args.steps + 1):
         batch_prompts = rng.choices(prompts, k=args.batch)
-        noise = torch.randn(args.batch, *shape, device=device)
         with torch.no_grad():
             cond = student.encode_prompts(batch_prompts)
-            wanted = make_target(noise, target.encode_prompts(batch_prompts))
+            noise, wanted = noise_and_target(batch_prompts)
         loss = regression(generator(noise, cond), wanted)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
